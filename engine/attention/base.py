@@ -1,0 +1,25 @@
+"""The interface every attention backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from etr.engine.attention.metadata import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_pages, v_pages), each [num_blocks, block_size, kv_heads, head_dim]
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Derive per-step tensors (shared by all layers) into ``meta.extra``; called once per step."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Write k/v of the new tokens into ``kv_cache`` (when given) and return attention output.
+
+        q: ``[tokens, heads, head_dim]``, k/v: ``[tokens, kv_heads, head_dim]``; returns ``[tokens, heads, head_dim]``.
+        """

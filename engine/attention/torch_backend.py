@@ -1,0 +1,89 @@
+"""Plain-torch paged attention: gather each sequence's pages, then scaled_dot_product_attention.
+
+Runs anywhere torch runs; the reference the Triton and flash-attn backends are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from etr.engine.attention.base import KVCache
+from etr.engine.attention.metadata import AttentionMetadata
+
+
+def page_slots(block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int, block_size: int):
+    """Flat slot of every position < max_len of every sequence, and the validity mask.
+
+    Invalid positions point at the sequence's first slot (always written), so a gather never reads
+    uninitialised memory that could be NaN.
+    """
+    pos = torch.arange(max_len, device=block_tables.device)
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
+    valid = pos[None, :] < lengths[:, None]
+    return torch.where(valid, slots, slots[:, :1]), valid
+
+
+def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new tokens' k/v into their pages; slot -1 means padding and is skipped."""
+    k_pages, v_pages = kv_cache
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_pages.view(-1, *k_pages.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        if meta.block_tables is None:
+            return
+        if not meta.is_prefill:
+            slots, valid = page_slots(meta.block_tables, meta.context_lens, max(meta.context_lens_list), meta.block_size)
+            meta.extra["slots"], meta.extra["mask"] = slots, valid[:, None, None, :]
+        elif meta.has_cached_prefix:
+            meta.extra["prefix_slots"] = [
+                page_slots(meta.block_tables[i:i + 1], meta.context_lens[i:i + 1], n, meta.block_size)[0][0]
+                for i, n in enumerate(meta.context_lens_list)]
+
+    def forward(self, q, k, v, kv_cache: KVCache | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if kv_cache is not None:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.is_prefill:
+            return self._prefill(q, k, v, kv_cache, meta, scale)
+        return self._decode(q, kv_cache, meta, scale)
+
+    def _prefill(self, q, k, v, kv_cache, meta, scale):
+        out = torch.empty_like(q)
+        prefix_slots = meta.extra.get("prefix_slots")
+        start = 0
+        for i, n in enumerate(meta.query_lens):
+            qi = q[start:start + n].transpose(0, 1)
+            if prefix_slots is not None and meta.context_lens_list[i] > n:
+                ki, vi = (pages.view(-1, *pages.shape[2:])[prefix_slots[i]] for pages in kv_cache)
+                mask = _offset_causal_mask(n, meta.context_lens_list[i], q.device)
+                oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
+                                                    scale=scale, enable_gqa=True)
+            else:
+                ki, vi = k[start:start + n].transpose(0, 1), v[start:start + n].transpose(0, 1)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+            out[start:start + n] = oi.transpose(0, 1)
+            start += n
+        return out
+
+    def _decode(self, q, kv_cache, meta, scale):
+        slots = meta.extra["slots"]
+        k_pages, v_pages = kv_cache
+        keys = k_pages.view(-1, *k_pages.shape[2:])[slots].transpose(1, 2)  # [B, kv_heads, L, D]
+        values = v_pages.view(-1, *v_pages.shape[2:])[slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.extra["mask"],
+                                             scale=scale, enable_gqa=True)
+        return out.squeeze(2)
+
+
+def _offset_causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    """Query i (absolute position k_len - q_len + i) sees keys 0..that position."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    return torch.arange(k_len, device=device)[None, :] <= q_pos

@@ -1,0 +1,106 @@
+"""The generation loop of one model: admit requests, schedule, run, sample, stop, free."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from etr.engine.block_manager import BlockManager
+from etr.engine.model_runner import ModelRunner
+from etr.engine.outputs import RequestMetrics, RequestOutput
+from etr.engine.sampler import Sampler
+from etr.engine.sampling_params import SamplingParams
+from etr.engine.scheduler import Scheduler
+from etr.engine.sequence import Sequence
+from etr.engine.stop_checker import StopChecker
+from etr.errors import InvalidPromptError, PromptTooLongError
+from etr.models.tokenizer import load_tokenizer
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: torch.dtype
+    device: torch.device
+    block_size: int = 16
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.config = cfg
+        self.runner = ModelRunner(cfg.model, cfg.dtype, cfg.device, cfg.block_size, cfg.max_model_len,
+                                  cfg.max_num_seqs, cfg.num_kv_blocks, cfg.attention_backend)
+        self.model_config = self.runner.config
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
+                                   max(cfg.max_num_batched_tokens, cfg.max_model_len))
+        eos = self.model_config.eos_token_ids
+        self.sampler = Sampler(eos)
+        self.stop_checker = StopChecker(eos, cfg.max_model_len, self.tokenizer)
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise before anything is allocated if the request cannot be served."""
+        n, vocab, limit = len(prompt_token_ids), self.model_config.vocab_size, self.config.max_model_len
+        if n == 0:
+            raise InvalidPromptError("empty prompt: give at least one token")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidPromptError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+        if n >= limit:
+            raise PromptTooLongError(f"prompt of {n} tokens does not fit max_model_len={limit} "
+                                     f"(prompt plus at least one new token must fit)")
+        blocks = -(-min(n + params.max_tokens, limit) // self.config.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise PromptTooLongError(f"prompt of {n} tokens with max_tokens={params.max_tokens} needs {blocks} "
+                                     f"KV blocks; the pool has {self.block_manager.num_blocks}")
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
+        self.validate_prompt(prompt_token_ids, params)
+        seq = Sequence(prompt_token_ids, params, self.config.block_size, self.config.device, prompt)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self, track_text: bool = False) -> list[Sequence]:
+        """Run one scheduled batch; returns the sequences that received a token."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        logits = self.runner.run(seqs, is_prefill)
+        tokens = self.sampler(logits, seqs)
+        now = time.perf_counter()
+        for seq, token in zip(seqs, tokens):
+            self._append(seq, token, now, track_text)
+        return seqs
+
+    def _append(self, seq: Sequence, token: int, now: float, track_text: bool) -> None:
+        seq.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        reason = self.stop_checker.check(seq, track_text)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            seq.text = self.stop_checker.final_text(seq)
+            seq.finish_time = now
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+
+    def output_of(self, seq: Sequence) -> RequestOutput:
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time,
+                                 seq.num_cached_tokens, seq.num_preemptions)
+        return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
+                             seq.text, seq.finish_reason, metrics)

@@ -1,0 +1,80 @@
+"""One model, its KV pool and its attention backend: turns scheduled sequences into last-position logits."""
+
+from __future__ import annotations
+
+import torch
+
+from etr.engine.attention import AttentionMetadata, get_backend
+from etr.engine.kv_cache import allocate_kv_cache, num_blocks_for
+from etr.engine.sequence import Sequence
+from etr.models.loader import load_model
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, block_size: int,
+                 max_model_len: int, max_num_seqs: int, num_kv_blocks: int | None, attention_backend: str = "auto"):
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.model = load_model(model_dir, dtype, device, max_positions=max_model_len)
+        self.config = self.model.config
+        self.backend = get_backend(attention_backend, device)
+        self.num_blocks = num_kv_blocks or num_blocks_for(self.config, block_size, dtype, device,
+                                                          max_num_seqs, max_model_len)
+        self.kv_caches = allocate_kv_cache(self.config, self.num_blocks, block_size, dtype, device)
+
+    def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        return t if self.device.type == "cpu" else t.pin_memory().to(self.device, non_blocking=True)
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        input_ids, positions, slots, query_lens = [], [], [], []
+        for seq in seqs:
+            start = seq.num_cached_tokens
+            input_ids += seq.token_ids[start:]
+            positions += range(start, len(seq))
+            slots += [self._slot(seq, p) for p in range(start, len(seq))]
+            query_lens.append(len(seq) - start)
+        context_lens = [len(s) for s in seqs]
+        meta = AttentionMetadata(
+            is_prefill=True, query_lens=query_lens, context_lens_list=context_lens,
+            cu_seqlens_q=self._tensor([0] + query_lens, torch.int32).cumsum(0, dtype=torch.int32),
+            slot_mapping=self._tensor(slots), context_lens=self._tensor(context_lens, torch.int32),
+            block_tables=self._block_tables(seqs), block_size=self.block_size)
+        return self._tensor(input_ids), self._tensor(positions), meta
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        context_lens = [len(s) for s in seqs]
+        meta = AttentionMetadata(
+            is_prefill=False, query_lens=[1] * len(seqs), context_lens_list=context_lens,
+            cu_seqlens_q=self._tensor(list(range(len(seqs) + 1)), torch.int32),
+            slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs]),
+            context_lens=self._tensor(context_lens, torch.int32),
+            block_tables=self._block_tables(seqs), block_size=self.block_size)
+        positions = self._tensor([len(s) - 1 for s in seqs])
+        return self._tensor([s.last_token for s in seqs]), positions, meta
+
+    @torch.inference_mode()
+    def hidden_states(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Final hidden state at the last position of every sequence, ``[len(seqs), hidden]``."""
+        input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
+        self.backend.prepare(meta)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
+        if is_prefill:
+            hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]
+        for seq in seqs:
+            seq.num_computed_tokens = len(seq)
+        return hidden
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM-head step, kept apart so it can grow extra (expert) rows."""
+        return self.model.compute_logits(hidden)
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        return self.compute_logits(self.hidden_states(seqs, is_prefill))

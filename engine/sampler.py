@@ -1,0 +1,68 @@
+"""Turns last-position logits into next tokens: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+
+Sampling uses the exponential-race form: ``argmax(p / E)`` with ``E ~ Exp(1)`` drawn per row from the
+request's own generator, which is an exact draw from ``p`` and depends on nothing else in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from etr.engine.sequence import Sequence
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k, top-p and min-p exclude, row by row. ``top_k <= 0`` disables it for a row."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
+    remove = rank >= k
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already cover top_p; the first token always stays.
+    remove |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    remove |= probs < min_p[:, None] * probs[:, :1]
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...] = ()):
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        logits = self._suppress_early_stops(logits.float(), seqs)
+        greedy = [s.params.greedy for s in seqs]
+        if all(greedy):
+            return logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
+        return tokens.tolist()
+
+    def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Until ``min_tokens`` are out, EOS (unless ignored) and stop ids cannot be drawn."""
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                if banned:
+                    logits[i, banned] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        device = logits.device
+        temps = torch.tensor([s.params.temperature for s in seqs], device=device)
+        logits = logits / temps[:, None]
+        if any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):
+            logits = filter_logits(
+                logits,
+                torch.tensor([s.params.top_k for s in seqs], device=device),
+                torch.tensor([s.params.top_p for s in seqs], device=device),
+                torch.tensor([s.params.min_p for s in seqs], device=device))
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        for i, seq in enumerate(seqs):
+            noise[i].exponential_(generator=seq.generator)
+        return (probs / noise).argmax(dim=-1)

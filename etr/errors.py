@@ -1,0 +1,65 @@
+"""Every exception the engine raises on purpose.
+
+All derive from :class:`ETRError`; those caused by a bad argument also derive from :class:`ValueError`,
+so callers that already catch ``ValueError`` keep working.
+"""
+
+
+class ETRError(Exception):
+    """Base class of all errors raised by etr."""
+
+
+class ConfigError(ETRError, ValueError):
+    """A model's config.json is missing, unreadable or asks for something unsupported."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The checkpoint's architecture (model_type) is not one the engine implements."""
+
+
+class CheckpointError(ETRError):
+    """A checkpoint's weight files do not match its config."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor the model needs is not in any weight file."""
+
+
+class TensorShapeError(CheckpointError):
+    """A tensor in a weight file has another shape than the config implies."""
+
+
+class UnexpectedTensorError(CheckpointError):
+    """A weight file holds a tensor the model has no place for (usually a wrong architecture)."""
+
+
+class TokenizerMissingError(ETRError, ValueError):
+    """Text was given but the checkpoint has no tokenizer files."""
+
+
+class InvalidSamplingParamsError(ETRError, ValueError):
+    """A SamplingParams field is out of range."""
+
+
+class InvalidPromptError(ETRError, ValueError):
+    """A prompt is empty, malformed, or holds token ids outside the vocabulary."""
+
+
+class PromptTooLongError(InvalidPromptError):
+    """A prompt does not fit in max_model_len (or in the KV pool)."""
+
+
+class UnsupportedDTypeError(ETRError, ValueError):
+    """The requested dtype is not one the engine runs in."""
+
+
+class UnsupportedDeviceError(ETRError, ValueError):
+    """The requested device does not exist or is not supported."""
+
+
+class KVCacheError(ETRError, ValueError):
+    """The KV-cache pool cannot be built with the requested size."""
+
+
+class GGUFImportError(ETRError):
+    """A GGUF file could not be turned into an HF checkpoint directory."""

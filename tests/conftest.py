@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random Llama/Qwen2 checkpoints saved as ordinary HF directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are checked by the interpreter on the CPU
+
+import pytest
+import torch
+
+TINY_SPECS = {
+    # name: (family, config overrides)
+    "llama_tied_gqa": ("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                     tie_word_embeddings=True)),
+    "llama_untied_hd48": ("llama", dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=1, head_dim=48,
+                                        tie_word_embeddings=False)),
+    "llama3_rope": ("llama", dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "qwen2_untied": ("qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=False)),
+    "qwen2_tied_hd32": ("qwen2", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                                      tie_word_embeddings=True)),
+}
+
+
+def make_tiny_checkpoint(path: Path, family: str, seed: int = 0, vocab_size: int = 256, num_layers: int = 2,
+                         shard: bool = False, **overrides) -> Path:
+    """Save a random model of ``family`` at ``path`` (diverse weights: initializer_range 0.1)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = LlamaConfig if family == "llama" else Qwen2Config
+    kw = dict(vocab_size=vocab_size, intermediate_size=128, num_hidden_layers=num_layers, max_position_embeddings=512,
+              initializer_range=0.1, rms_norm_eps=1e-6, eos_token_id=vocab_size - 1, bos_token_id=1)
+    kw.update(overrides)
+    cfg = cls(**kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if family == "qwen2":  # HF zero-initialises biases; random ones actually test the bias path
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model.save_pretrained(path, max_shard_size="20KB" if shard else "5GB")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Factory: ``tiny_dir(name)`` gives the directory of one of TINY_SPECS, built once per session."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            family, overrides = TINY_SPECS[name]
+            cache[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, **overrides)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model_of():
+    """Factory: the transformers model of a checkpoint directory (float32, eval), cached per session."""
+    cache = {}
+
+    def get(path: Path, dtype=torch.float32):
+        from transformers import AutoModelForCausalLM
+        key = (str(path), dtype)
+        if key not in cache:
+            cache[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        return cache[key]
+    return get
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF ``generate`` greedy continuation of one prompt (batch 1, so no padding effects)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens)
+    return out[0, len(prompt):].tolist()
