@@ -109,16 +109,16 @@ class BlockManager:
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token about to be computed for ``seq`` has a slot (a new block is needed at a boundary)."""
-        return len(seq) % self.block_size != 1 or self.num_free_blocks >= 1
+        return (len(seq) - 1) % self.block_size != 0 or self.num_free_blocks >= 1
 
     def may_append(self, seq: Sequence) -> None:
         """Before a decode step: give ``seq`` a new block at a boundary; hash a block the step fills."""
         n = len(seq)
-        if n % self.block_size == 1:
+        if (n - 1) % self.block_size == 0:
             block = self._take_free()
             self._forget_hash(block)
             seq.block_table.append(block.block_id)
-        elif n % self.block_size == 0:
+        if n % self.block_size == 0:
             prev = seq.block_table[-2] if len(seq.block_table) > 1 else None
             prev_hash = None if prev is None else self.blocks[prev].hash
             tokens = tuple(seq.block_tokens(seq.num_blocks - 1))

@@ -26,14 +26,42 @@ TINY_SPECS = {
 }
 
 
-def make_tiny_checkpoint(path: Path, family: str, seed: int = 0, vocab_size: int = 256, num_layers: int = 2,
-                         shard: bool = False, **overrides) -> Path:
+SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]  # ids 256..259, after the 256 byte tokens
+BOS_ID, EOS_ID = 256, 257
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def save_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer (no merges) over the tiny models' 260-token vocabulary, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # ByteLevel maps byte b to a printable symbol: the first 188 printable bytes map to themselves,
+    # the remaining 68 to chr(256 + k) in byte order (GPT-2's table).
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " " and b not in (0xAD,)]
+    others = [b for b in range(256) if b not in printable]
+    symbol = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(others)}
+    byte_syms = [symbol[b] for b in range(256)]
+    assert set(byte_syms) == set(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {sym: i for i, sym in enumerate(byte_syms + SPECIALS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def make_tiny_checkpoint(path: Path, family: str, seed: int = 0, vocab_size: int = 260, num_layers: int = 2,
+                         shard: bool = False, tokenizer: bool = False, **overrides) -> Path:
     """Save a random model of ``family`` at ``path`` (diverse weights: initializer_range 0.1)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     cls = LlamaConfig if family == "llama" else Qwen2Config
     kw = dict(vocab_size=vocab_size, intermediate_size=128, num_hidden_layers=num_layers, max_position_embeddings=512,
-              initializer_range=0.1, rms_norm_eps=1e-6, eos_token_id=vocab_size - 1, bos_token_id=1)
+              initializer_range=0.1, rms_norm_eps=1e-6, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
     kw.update(overrides)
     cfg = cls(**kw)
     torch.manual_seed(seed)
@@ -44,6 +72,8 @@ def make_tiny_checkpoint(path: Path, family: str, seed: int = 0, vocab_size: int
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
     model.save_pretrained(path, max_shard_size="20KB" if shard else "5GB")
+    if tokenizer:
+        save_byte_tokenizer(path)
     return path
 
 

