@@ -69,6 +69,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
+    @torch.inference_mode()
     def step(self, track_text: bool = False) -> list[Sequence]:
         """Run one scheduled batch; returns the sequences that received a token."""
         seqs, is_prefill = self.scheduler.schedule()

