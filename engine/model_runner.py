@@ -7,6 +7,7 @@ import torch
 from etr.engine.attention import AttentionMetadata, get_backend
 from etr.engine.kv_cache import allocate_kv_cache, num_blocks_for
 from etr.engine.sequence import Sequence
+from etr.kernels.cpu_gemm import use_fp32_gemm, wants_fp32_gemm
 from etr.models.loader import load_model
 
 
@@ -15,6 +16,8 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, num_kv_blocks: int | None, attention_backend: str = "auto"):
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model = load_model(model_dir, dtype, device, max_positions=max_model_len)
+        if wants_fp32_gemm(device, dtype):
+            use_fp32_gemm(self.model)
         self.config = self.model.config
         self.backend = get_backend(attention_backend, device)
         self.num_blocks = num_kv_blocks or num_blocks_for(self.config, block_size, dtype, device,
@@ -45,7 +48,7 @@ class ModelRunner:
             is_prefill=True, query_lens=query_lens, context_lens_list=context_lens,
             cu_seqlens_q=self._tensor([0] + query_lens, torch.int32).cumsum(0, dtype=torch.int32),
             slot_mapping=self._tensor(slots), context_lens=self._tensor(context_lens, torch.int32),
-            block_tables=self._block_tables(seqs), block_size=self.block_size)
+            block_tables=self._block_tables(seqs), block_size=self.block_size, dtype=self.dtype)
         return self._tensor(input_ids), self._tensor(positions), meta
 
     def prepare_decode(self, seqs: list[Sequence]):
@@ -55,7 +58,7 @@ class ModelRunner:
             cu_seqlens_q=self._tensor(list(range(len(seqs) + 1)), torch.int32),
             slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs]),
             context_lens=self._tensor(context_lens, torch.int32),
-            block_tables=self._block_tables(seqs), block_size=self.block_size)
+            block_tables=self._block_tables(seqs), block_size=self.block_size, dtype=self.dtype)
         positions = self._tensor([len(s) - 1 for s in seqs])
         return self._tensor([s.last_token for s in seqs]), positions, meta
 

