@@ -63,3 +63,11 @@ class KVCacheError(ETRError, ValueError):
 
 class GGUFImportError(ETRError):
     """A GGUF file could not be turned into an HF checkpoint directory."""
+
+
+class ExpertHeadError(ETRError, ValueError):
+    """An expert head file is malformed or does not fit the meta model or the ``experts=`` mapping."""
+
+
+class VocabularyMismatchError(ETRError, ValueError):
+    """An expert does not share the meta model's vocabulary or tokenizer."""

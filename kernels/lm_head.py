@@ -1,0 +1,107 @@
+"""The extended LM head: logits of ``[W_V; W_E] · h`` without concatenating the weight matrices.
+
+Two modes: ``extended_logits`` writes ``[B, V+E]`` float32 logits for the sampler; ``extended_argmax``
+returns the greedy token per row (vocabulary or expert row) without writing the logits — each program
+reduces its tile to a (max, argmax) pair and a tiny second pass picks the best tile. Ties resolve to the
+lowest index, as ``torch.argmax``.
+
+The Triton kernel runs compiled on CUDA and under ``TRITON_INTERPRET=1`` on the CPU (tests). The
+interpreter multiplies bf16 raw bits, so the ``UPCAST`` flag converts loaded tiles to float32 before any
+arithmetic there. ``*_reference`` are the plain-torch definitions the kernel is tested against; the CPU
+engine uses them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional on platforms without wheels
+    triton = None
+
+
+def extended_logits_reference(h: torch.Tensor, w_vocab: torch.Tensor, w_expert: torch.Tensor) -> torch.Tensor:
+    """``[B, V+E]`` float32 logits (vocabulary first, then expert rows)."""
+    return torch.cat([F.linear(h, w_vocab), F.linear(h.to(w_expert.dtype), w_expert)], dim=-1).float()
+
+
+def extended_argmax_reference(h: torch.Tensor, w_vocab: torch.Tensor, w_expert: torch.Tensor) -> torch.Tensor:
+    return extended_logits_reference(h, w_vocab, w_expert).argmax(dim=-1)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+    @triton.jit
+    def _extended_head_kernel(h_ptr, wv_ptr, we_ptr, out_ptr, pmax_ptr, pidx_ptr,
+                              B, V, E, D, stride_h, stride_wv, stride_we, stride_out,
+                              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                              WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_v = rows < V
+        in_e = (rows >= V) & (rows < V + E)
+        b_ok = bs < B
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            h = tl.load(h_ptr + bs[:, None] * stride_h + ds[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
+            wv = tl.load(wv_ptr + rows[:, None] * stride_wv + ds[None, :], mask=in_v[:, None] & d_ok[None, :],
+                         other=0.0)
+            we = tl.load(we_ptr + (rows - V)[:, None] * stride_we + ds[None, :], mask=in_e[:, None] & d_ok[None, :],
+                         other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                w = wv.to(tl.float32) + we.to(tl.float32)
+            else:
+                w = wv + we.to(wv.dtype)  # each row is loaded from exactly one matrix, the other reads 0
+            acc += tl.dot(h.to(w.dtype), tl.trans(w))
+        if WRITE_LOGITS:
+            ok = b_ok[:, None] & (in_v | in_e)[None, :]
+            tl.store(out_ptr + bs[:, None] * stride_out + rows[None, :], acc, mask=ok)
+        else:
+            acc = tl.where((in_v | in_e)[None, :], acc, float("-inf"))
+            best = tl.max(acc, axis=1)
+            idx = tl.argmax(acc, axis=1) + pid_n * BLOCK_N
+            tl.store(pmax_ptr + pid_n * B + bs, best, mask=b_ok)
+            tl.store(pidx_ptr + pid_n * B + bs, idx, mask=b_ok)
+
+
+def _launch(h, w_vocab, w_expert, write_logits: bool, block_n: int = 64, block_d: int = 64):
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    B, D = h.shape
+    V, E = w_vocab.shape[0], w_expert.shape[0]
+    h, w_vocab, w_expert = h.contiguous(), w_vocab.contiguous(), w_expert.contiguous()
+    n_tiles, block_b = triton.cdiv(V + E, block_n), 16
+    grid = (n_tiles, triton.cdiv(B, block_b))
+    out = torch.empty((B, V + E), device=h.device, dtype=torch.float32) if write_logits else h.new_empty(1)
+    pmax = torch.empty((n_tiles, B), device=h.device, dtype=torch.float32)
+    pidx = torch.empty((n_tiles, B), device=h.device, dtype=torch.int32)
+    _extended_head_kernel[grid](h, w_vocab, w_expert, out, pmax, pidx, B, V, E, D,
+                                h.stride(0), w_vocab.stride(0), w_expert.stride(0), out.stride(0) if write_logits else 0,
+                                BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, WRITE_LOGITS=write_logits,
+                                UPCAST=interpreted() or h.dtype == torch.float32)
+    return out, pmax, pidx
+
+
+def extended_logits(h: torch.Tensor, w_vocab: torch.Tensor, w_expert: torch.Tensor) -> torch.Tensor:
+    """Triton: ``[B, V+E]`` float32 logits of ``h`` against the vocabulary and expert rows."""
+    return _launch(h, w_vocab, w_expert, write_logits=True)[0]
+
+
+def extended_argmax(h: torch.Tensor, w_vocab: torch.Tensor, w_expert: torch.Tensor) -> torch.Tensor:
+    """Triton: greedy token over vocabulary + expert rows, ``[B]`` int64, without writing the logits."""
+    _, pmax, pidx = _launch(h, w_vocab, w_expert, write_logits=False)
+    best_tile = pmax.argmax(dim=0)  # first maximal tile: lowest index wins ties, as torch.argmax
+    return pidx.gather(0, best_tile[None]).squeeze(0).long()
