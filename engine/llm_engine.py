@@ -46,6 +46,16 @@ class LLMEngine:
         eos = self.model_config.eos_token_ids
         self.sampler = Sampler(eos)
         self.stop_checker = StopChecker(eos, cfg.max_model_len, self.tokenizer)
+        self.switched: list[Sequence] = []  # sequences that chose an expert token this step
+
+    def adopt(self, seq: Sequence) -> None:
+        """Continue a sequence another model started (its prompt and output so far become this model's
+        context; ``num_prompt_tokens`` is unchanged, so ``max_tokens`` and stops count the whole output)."""
+        if len(seq) >= self.config.max_model_len:
+            raise PromptTooLongError(f"context of {len(seq)} tokens does not fit max_model_len="
+                                     f"{self.config.max_model_len} of {self.config.model}")
+        seq.block_size = self.config.block_size
+        self.scheduler.add(seq)
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise before anything is allocated if the request cannot be served."""
@@ -75,14 +85,24 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
+        start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
         tokens = self.sampler(logits, seqs)
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
+            if is_prefill and seq.expert is not None and seq.switch_prefill_s is None:
+                seq.switch_prefill_s = now - start
             self._append(seq, token, now, track_text)
         return seqs
 
     def _append(self, seq: Sequence, token: int, now: float, track_text: bool) -> None:
+        vocab = self.model_config.vocab_size
+        if token >= vocab:
+            # An expert token: never part of the context, the output or max_tokens. Hand the sequence over.
+            self.scheduler.release(seq)
+            seq.pending_expert = token - vocab
+            self.switched.append(seq)
+            return
         seq.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -96,12 +116,14 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def abort(self, seqs: list[Sequence]) -> None:
+        """Drop the unfinished sequences this engine holds, freeing their blocks."""
         for seq in seqs:
-            if not seq.is_finished:
+            if not seq.is_finished and self.scheduler.holds(seq):
                 self.scheduler.abort(seq)
+        self.switched = [s for s in self.switched if s not in seqs]
 
     def output_of(self, seq: Sequence) -> RequestOutput:
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time,
-                                 seq.num_cached_tokens, seq.num_preemptions)
+                                 seq.num_cached_tokens, seq.num_preemptions, seq.switch_prefill_s or 0.0)
         return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
-                             seq.text, seq.finish_reason, metrics)
+                             seq.text, seq.finish_reason, metrics, seq.expert, seq.switch_index)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from etr.engine.attention import AttentionMetadata, get_backend
 from etr.engine.kv_cache import allocate_kv_cache, num_blocks_for
 from etr.engine.sequence import Sequence
+from etr.kernels import lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, wants_fp32_gemm
 from etr.models.loader import load_model
 
@@ -23,6 +25,15 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks or num_blocks_for(self.config, block_size, dtype, device,
                                                           max_num_seqs, max_model_len)
         self.kv_caches = allocate_kv_cache(self.config, self.num_blocks, block_size, dtype, device)
+        self.expert_weight: torch.Tensor | None = None  # W_E: expert-token rows after the vocabulary
+
+    def set_expert_rows(self, weight: torch.Tensor | None) -> None:
+        """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""
+        self.expert_weight = None if weight is None else weight.to(self.device, self.dtype).contiguous()
+
+    @property
+    def num_expert_rows(self) -> int:
+        return 0 if self.expert_weight is None else self.expert_weight.shape[0]
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
@@ -76,8 +87,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM-head step, kept apart so it can grow extra (expert) rows."""
-        return self.model.compute_logits(hidden)
+        """The LM-head step: ``[B, V]``, or ``[B, V+E]`` float32 when expert rows are set (Eq. 1)."""
+        if self.expert_weight is None:
+            return self.model.compute_logits(hidden)
+        if self.device.type == "cuda" and lm_head.triton is not None:
+            return lm_head.extended_logits(hidden, self.model.lm_head_weight, self.expert_weight)
+        # CPU: the model's own head matmul (see kernels/cpu_gemm.py) plus the few expert rows.
+        return torch.cat([self.model.compute_logits(hidden).float(),
+                          F.linear(hidden, self.expert_weight).float()], dim=-1)
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         return self.compute_logits(self.hidden_states(seqs, is_prefill))

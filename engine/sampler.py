@@ -64,5 +64,9 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for i, seq in enumerate(seqs):
-            noise[i].exponential_(generator=seq.generator)
+            g = seq.generator
+            if g is not None and g.device != noise.device:  # a request that moved to an expert on another device
+                noise[i] = torch.empty(noise.shape[1], device=g.device).exponential_(generator=g).to(noise.device)
+            else:
+                noise[i].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)

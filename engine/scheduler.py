@@ -78,6 +78,16 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
 
+    def release(self, seq: Sequence) -> None:
+        """Hand ``seq`` off to another model: free its blocks here without finishing it."""
+        self.block_manager.deallocate(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+
+    def holds(self, seq: Sequence) -> bool:
+        return seq in self.waiting or seq in self.running
+
     def abort(self, seq: Sequence) -> None:
         """Remove ``seq`` wherever it is, freeing its blocks (used when a call fails half-way)."""
         if seq in self.waiting:

@@ -38,6 +38,10 @@ class Sequence:
         self.text = ""            # detokenized output, kept current only when stop strings or streaming need it
         self.num_streamed_chars = 0
         self.stop_string_hit = False
+        self.pending_expert: int | None = None  # expert row the meta just chose, until the router moves it
+        self.expert: str | None = None
+        self.switch_index: int | None = None
+        self.switch_prefill_s: float | None = None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None

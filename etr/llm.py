@@ -7,7 +7,9 @@ from collections.abc import Iterator, Sequence as Seq
 import torch
 
 from etr.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams, StreamDelta
+from etr.engine.router import Router
 from etr.errors import InvalidPromptError, TokenizerMissingError
+from etr.experts import build_router
 from etr.models.config import load_model_config
 from etr.options import parse_device, parse_dtype
 
@@ -27,22 +29,36 @@ class LLM:
         num_kv_blocks: size of the KV pool in blocks; None sizes it from free memory.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes across requests.
         attention_backend: "auto" or "torch".
+        experts: expert name -> checkpoint directory. Experts must share the meta's vocabulary and tokenizer;
+            two names on one directory load it once.
+        expert_head: head file(s) with one trained row per expert (several files: rows concatenated).
+        expert_devices: expert name -> device; experts not named follow ``device``.
     """
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                  block_size: int = 16, max_model_len: int | None = None, max_num_seqs: int = 64,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
-                 attention_backend: str = "auto", max_num_batched_tokens: int = 8192):
+                 attention_backend: str = "auto", max_num_batched_tokens: int = 8192,
+                 experts: dict[str, str] | None = None, expert_head: str | list[str] | None = None,
+                 expert_devices: dict[str, str] | None = None):
         dev = parse_device(device)
         model_cfg = load_model_config(model)
         if block_size < 1 or max_num_seqs < 1:
             raise ValueError(f"block_size={block_size} and max_num_seqs={max_num_seqs} must be >= 1")
         max_model_len = max_model_len or min(model_cfg.max_position_embeddings, 4096)
-        self.engine = LLMEngine(EngineConfig(
-            model=str(model), dtype=parse_dtype(dtype, dev), device=dev, block_size=block_size,
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
-            attention_backend=attention_backend))
+        torch_dtype = parse_dtype(dtype, dev)
+
+        def make_engine(path: str, on_device) -> LLMEngine:
+            return LLMEngine(EngineConfig(
+                model=str(path), dtype=torch_dtype, device=parse_device(on_device), block_size=block_size,
+                max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend))
+
+        self.engine = make_engine(model, dev)
+        self.router = Router(self.engine, {}, [])
+        if experts or expert_head is not None:
+            self.router = build_router(self.engine, dict(experts or {}), expert_head, expert_devices, make_engine)
 
     @property
     def tokenizer(self):
@@ -75,7 +91,8 @@ class LLM:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), p in zip(encoded, plist):
-            self.engine.validate_prompt(ids, p)
+            for engine in self.router.engines:  # a request may end on any model: it must fit every pool
+                engine.validate_prompt(ids, p)
         return [self.engine.add_request(ids, p, text) for (ids, text), p in zip(encoded, plist)]
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -85,11 +102,11 @@ class LLM:
         bar = _progress(len(seqs), use_tqdm)
         try:
             while any(not s.is_finished for s in seqs):
-                done = sum(s.is_finished for s in self.engine.step())
+                done = sum(s.is_finished for s in self.router.step())
                 if bar is not None and done:
                     bar.update(done)
         finally:
-            self.engine.abort(seqs)
+            self.router.abort(seqs)
             if bar is not None:
                 bar.close()
         return [self.engine.output_of(s) for s in seqs]
@@ -100,12 +117,12 @@ class LLM:
         try:
             while not seq.is_finished:
                 before = seq.num_output_tokens
-                self.engine.step(track_text=True)
+                self.router.step(track_text=True)
                 delta = self._delta(seq, before)
                 if delta is not None:
                     yield delta
         finally:
-            self.engine.abort([seq])
+            self.router.abort([seq])
 
     def _delta(self, seq, tokens_before: int) -> StreamDelta | None:
         new_ids = seq.output_token_ids[tokens_before:]

@@ -1,0 +1,54 @@
+"""Expert Token Routing across engines (Algorithm 1): the meta decodes; a sequence whose next token is an
+expert token moves to that expert's engine, which prefills the shared context into its own KV pool and
+decodes on. Only token ids cross devices."""
+
+from __future__ import annotations
+
+import time
+
+from etr.engine.llm_engine import LLMEngine
+from etr.engine.sequence import Sequence, SequenceStatus
+
+
+class Router:
+    def __init__(self, meta: LLMEngine, experts: dict[str, LLMEngine], row_names: list[str]):
+        self.meta = meta
+        self.experts = experts
+        self.row_names = row_names  # expert name of each expert-token row, in row order
+        # Several names may share one engine (same checkpoint on the same device): step each once.
+        self.engines = list({id(e): e for e in [meta, *experts.values()]}.values())
+        self.num_switches = 0
+        self.switch_bookkeeping_s = 0.0
+
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished() for e in self.engines)
+
+    def step(self, track_text: bool = False) -> list[Sequence]:
+        """One step of every engine with work; returns the sequences that progressed."""
+        progressed = []
+        for engine in self.engines:
+            if engine.has_unfinished():
+                progressed += engine.step(track_text)
+        self._hand_over()
+        return progressed
+
+    def _hand_over(self) -> None:
+        start = time.perf_counter()
+        for engine in self.engines:
+            switched, engine.switched = engine.switched, []
+            for seq in switched:
+                name = self.row_names[seq.pending_expert]
+                seq.expert, seq.switch_index, seq.pending_expert = name, seq.num_output_tokens, None
+                self.experts[name].adopt(seq)
+                self.num_switches += 1
+        self.switch_bookkeeping_s += time.perf_counter() - start
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        for engine in self.engines:
+            engine.abort(seqs)
+        for seq in seqs:  # handed over but not yet adopted
+            if not seq.is_finished:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
+
+    def all_free(self) -> bool:
+        return all(e.block_manager.all_free() for e in self.engines)

@@ -1,0 +1,75 @@
+"""Setting up expert routing for ``LLM``: expert engines, tokenizer checks, the expert head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from etr.engine import LLMEngine
+from etr.engine.router import Router
+from etr.errors import ExpertHeadError, VocabularyMismatchError
+from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprint
+
+
+def check_same_vocabulary(meta: LLMEngine, expert: LLMEngine, name: str) -> None:
+    """Experts continue the meta's token ids, so both must mean the same thing by every id."""
+    m, e = meta.model_config, expert.model_config
+    where = f"meta {meta.config.model} vs expert {name!r} ({expert.config.model})"
+    if m.vocab_size != e.vocab_size:
+        raise VocabularyMismatchError(f"vocab_size differs: {m.vocab_size} vs {e.vocab_size} ({where})")
+    mt, et = meta.tokenizer, expert.tokenizer
+    if mt is None or et is None:
+        return
+    if mt.get_vocab() != et.get_vocab():
+        diff = set(mt.get_vocab().items()) ^ set(et.get_vocab().items())
+        raise VocabularyMismatchError(f"tokenizer vocabularies differ in {len(diff)} entries ({where})")
+    if mt.all_special_tokens != et.all_special_tokens:
+        raise VocabularyMismatchError(f"tokenizer special tokens differ: {mt.all_special_tokens} vs "
+                                      f"{et.all_special_tokens} ({where})")
+
+
+def check_head(head: ExpertHead, meta: LLMEngine, expert_names: list[str]) -> None:
+    """Every row names a loaded expert, every expert has a row, and the head fits the meta."""
+    cfg = meta.model_config
+    unknown = [n for n in head.names if n not in expert_names]
+    if unknown:
+        raise ExpertHeadError(f"head row(s) {unknown} name no model in experts= (have {expert_names})")
+    rowless = [n for n in expert_names if n not in head.names]
+    if rowless:
+        raise ExpertHeadError(f"expert(s) {rowless} have no row in the head ({head.sources})")
+    if head.hidden_size != cfg.hidden_size:
+        raise ExpertHeadError(f"head rows have hidden size {head.hidden_size}; meta {meta.config.model} has "
+                              f"{cfg.hidden_size}")
+    if head.vocab_size is not None and head.vocab_size != cfg.vocab_size:
+        raise ExpertHeadError(f"head was trained for vocab_size {head.vocab_size}; meta has {cfg.vocab_size}")
+    if head.meta_fingerprint is not None:
+        actual = meta_fingerprint(meta.runner.model.lm_head_weight)
+        if actual != head.meta_fingerprint:
+            raise ExpertHeadError(f"head was trained against meta fingerprint {head.meta_fingerprint}; "
+                                  f"{meta.config.model} has {actual}")
+
+
+def build_router(meta: LLMEngine, experts: dict[str, str], expert_head, expert_devices: dict | None,
+                 make_engine: Callable[[str, object], LLMEngine]) -> Router:
+    """Load the experts (one engine per distinct checkpoint and device), check them, extend the meta's head."""
+    if not experts or expert_head is None:
+        raise ExpertHeadError("experts= and expert_head= go together: give both or neither")
+    expert_devices = dict(expert_devices or {})
+    stray = sorted(set(expert_devices) - set(experts))
+    if stray:
+        raise ExpertHeadError(f"expert_devices names unknown expert(s) {stray}")
+    head = load_expert_head(expert_head)
+    check_head(head, meta, list(experts))
+    loaded: dict[tuple[str, str], LLMEngine] = {}
+    engines = {}
+    for name, path in experts.items():
+        device = expert_devices.get(name, meta.config.device)
+        key = (str(Path(path).resolve()), str(device))
+        if key not in loaded:
+            loaded[key] = make_engine(str(path), device)
+            check_same_vocabulary(meta, loaded[key], name)
+            if loaded[key].tokenizer is None:  # same ids, so the meta's tokenizer writes the expert's text
+                loaded[key].tokenizer = loaded[key].stop_checker.tokenizer = meta.tokenizer
+        engines[name] = loaded[key]
+    meta.runner.set_expert_rows(head.embeddings)
+    return Router(meta, engines, head.names)
