@@ -54,6 +54,11 @@ def _demo(args) -> None:
     print(f"\n{total} tokens for {len(outs)} chats in {seconds:.2f} s ({total / seconds:.1f} tok/s)")
 
 
+def _bench_switch(args) -> None:
+    from etr.switch_cost import main as run
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="etr", description="Expert Token Routing engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32")
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=_demo)
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol")
+    sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")
+    sw.add_argument("--expert", default=None, help="expert checkpoint (default: the meta's)")
+    sw.add_argument("--queries", type=int, default=8)
+    sw.add_argument("--new-tokens", type=int, default=128)
+    sw.add_argument("--dtype", default="bfloat16")
+    sw.add_argument("--device", default="cpu")
+    sw.add_argument("--repeats", type=int, default=2, help="each query keeps its best time of this many runs")
+    sw.add_argument("--trace", default=None, help="write a Chrome trace of one switched request here")
+    sw.add_argument("--json", default=None)
+    sw.set_defaults(func=_bench_switch)
     return p
 
 

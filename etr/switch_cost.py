@@ -1,0 +1,134 @@
+"""Switching cost, the paper's Table 5 protocol: N queries, greedy, the same number of new tokens
+(``ignore_eos``) with and without a switch at the first token, meta and expert of the same size.
+
+The no-switch head row is zero (the meta keeps decoding); the switch row is a large multiple of the sum of the
+queries' normalised first-step hidden states, so every query routes at token 0 (checked, not assumed).
+Queries run one at a time (batch 1), as a user would send them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from etr.engine.attention import TorchAttentionBackend, causal_metadata
+from etr.models.expert_head import ExpertHead, save_expert_head
+
+QUERIES = [
+    "What is the capital of France?", "Explain photosynthesis briefly.", "Give me three tips for studying.",
+    "What causes the seasons on Earth?", "Describe a cat in two sentences.", "How do vaccines work?",
+    "What is a prime number?", "Summarise the plot of Romeo and Juliet.", "Why is the sky blue?",
+    "What is the boiling point of water?", "Name a famous painter and one of their works.",
+    "How does a bicycle stay upright?",
+]
+
+
+@dataclass(slots=True)
+class SwitchCost:
+    queries: int
+    new_tokens: int
+    no_switch_s_per_query: float
+    switch_s_per_query: float
+    overhead_pct: float
+    expert_prefill_s_per_query: float
+    bookkeeping_s_per_query: float
+
+
+def first_step_hidden(llm, prompts: list[list[int]]) -> torch.Tensor:
+    model = llm.engine.runner.model
+    rows = []
+    with torch.inference_mode():
+        for ids in prompts:
+            t = torch.tensor(ids, device=llm.engine.config.device)
+            meta = causal_metadata([len(ids)], t.device)
+            rows.append(model(t, torch.arange(len(ids), device=t.device), meta, None, TorchAttentionBackend())[-1])
+    return torch.stack(rows).float().cpu()
+
+
+def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, new_tokens: int = 128,
+            dtype: str = "bfloat16", device: str = "cpu", trace: str | None = None, repeats: int = 2) -> SwitchCost:
+    from etr import LLM, SamplingParams
+
+    expert_dir = expert_dir or model_dir
+    probe = LLM(model_dir, dtype=dtype, device=device, max_model_len=1024, num_kv_blocks=256)
+    prompts = [probe.chat_prompt_ids([{"role": "user", "content": q}]) for q in (QUERIES * 8)[:n_queries]]
+    h = first_step_hidden(probe, prompts)
+    direction = (h / h.norm(dim=-1, keepdim=True)).sum(0)
+    scale = 1000.0 / (h @ direction).min().clamp(min=1e-3)
+    del probe
+    prefill: dict[int, float] = {}
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        llms = {label: _routed_llm(model_dir, expert_dir, dtype, device, Path(tmp) / f"{label}.safetensors", row)
+                for label, row in (("no_switch", torch.zeros_like(direction)), ("switch", direction * scale))}
+    # Conditions alternate query by query and each query keeps its best of `repeats`, so machine noise
+    # (larger than the effect on a shared 2-core CPU) hits both conditions alike.
+    best = {label: [float("inf")] * len(prompts) for label in llms}
+    for _ in range(repeats):
+        for i, prompt in enumerate(prompts):
+            for label, llm in llms.items():
+                start = time.perf_counter()
+                out = llm.generate([prompt], params, use_tqdm=False)[0]
+                best[label][i] = min(best[label][i], time.perf_counter() - start)
+                _check_route(label, i, out)
+                if label == "switch":
+                    prefill[i] = min(prefill.get(i, float("inf")), out.metrics.switch_prefill_s)
+    if trace:
+        _write_trace(llms["switch"], prompts[0], params, trace)
+    n, t0, t1 = len(prompts), sum(best["no_switch"]), sum(best["switch"])
+    router = llms["switch"].router
+    return SwitchCost(n, new_tokens, t0 / n, t1 / n, 100 * (t1 - t0) / t0, sum(prefill.values()) / n,
+                      router.switch_bookkeeping_s / max(router.num_switches, 1))
+
+
+def _routed_llm(model_dir, expert_dir, dtype, device, head_path: Path, row: torch.Tensor):
+    from etr import LLM, SamplingParams
+    head = save_expert_head(head_path, ExpertHead(["expert"], row[None]))
+    llm = LLM(model_dir, dtype=dtype, device=device, max_model_len=1024, num_kv_blocks=512,
+              experts={"expert": expert_dir}, expert_head=str(head))
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+    llm.router.switch_bookkeeping_s, llm.router.num_switches = 0.0, 0
+    return llm
+
+
+def _check_route(label: str, i: int, out) -> None:
+    want = ("expert", 0) if label == "switch" else (None, None)
+    if (out.expert, out.switch_index) != want:
+        raise RuntimeError(f"{label}: query {i} routed to {out.expert} at {out.switch_index}, the protocol needs {want}")
+
+
+def _write_trace(llm, prompt, params, path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        llm.generate([prompt], params, use_tqdm=False)
+    prof.export_chrome_trace(path)
+
+
+def report(cost: SwitchCost) -> str:
+    return "\n".join([
+        f"queries {cost.queries}, new tokens {cost.new_tokens} (greedy, ignore_eos, batch 1)",
+        f"{'condition':<28}{'s/query':>10}",
+        f"{'no switch (meta decodes)':<28}{cost.no_switch_s_per_query:>10.3f}",
+        f"{'switch at first token':<28}{cost.switch_s_per_query:>10.3f}",
+        f"overhead: {cost.overhead_pct:+.2f}%",
+        f"switch cost split per query: expert prefill {cost.expert_prefill_s_per_query * 1e3:.1f} ms, "
+        f"bookkeeping {cost.bookkeeping_s_per_query * 1e6:.0f} us",
+        f"expert prefill as a share of a no-switch query: "
+        f"{100 * cost.expert_prefill_s_per_query / cost.no_switch_s_per_query:.2f}%",
+    ])
+
+
+def main(args) -> None:
+    from etr.default_model import default_model_dir
+    model = args.model or str(default_model_dir(torch.float32))
+    cost = measure(model, args.expert, args.queries, args.new_tokens, args.dtype, args.device, args.trace,
+                   args.repeats)
+    print(report(cost))
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(cost), indent=2))
