@@ -69,9 +69,10 @@ def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, n
     # Conditions alternate query by query and each query keeps its best of `repeats`, so machine noise
     # (larger than the effect on a shared 2-core CPU) hits both conditions alike.
     best = {label: [float("inf")] * len(prompts) for label in llms}
-    for _ in range(repeats):
+    for r in range(repeats):
         for i, prompt in enumerate(prompts):
-            for label, llm in llms.items():
+            order = list(llms.items())
+            for label, llm in order if (i + r) % 2 == 0 else order[::-1]:  # neither condition always runs first
                 start = time.perf_counter()
                 out = llm.generate([prompt], params, use_tqdm=False)[0]
                 best[label][i] = min(best[label][i], time.perf_counter() - start)

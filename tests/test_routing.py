@@ -192,3 +192,12 @@ def test_sampling_reaches_experts_and_frees_everything(dirs, tmp_path):
     again = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
     assert again.token_ids == first[0].token_ids and len(again.token_ids) == N
     assert llm.router.all_free()
+
+
+def test_switch_cost_protocol_routes_every_query(tmp_path):
+    """The benchmark's head construction makes every query switch at token 0 (and none in the baseline)."""
+    from etr.switch_cost import measure, report
+    meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=21, tokenizer=True, **LLAMA)
+    cost = measure(str(meta), n_queries=3, new_tokens=4, dtype="float32", repeats=1)
+    assert cost.queries == 3 and cost.expert_prefill_s_per_query > 0
+    assert "overhead" in report(cost)
