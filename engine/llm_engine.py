@@ -86,8 +86,11 @@ class LLMEngine:
         if not seqs:
             return []
         start = time.perf_counter()
-        logits = self.runner.run(seqs, is_prefill)
-        tokens = self.sampler(logits, seqs)
+        if self.runner.greedy_kernel and all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens
+                                             for s in seqs):
+            tokens = self.runner.run_greedy(seqs, is_prefill)
+        else:
+            tokens = self.sampler(self.runner.run(seqs, is_prefill), seqs)
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
             if is_prefill and seq.expert is not None and seq.switch_prefill_s is None:

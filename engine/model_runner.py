@@ -26,6 +26,8 @@ class ModelRunner:
                                                           max_num_seqs, max_model_len)
         self.kv_caches = allocate_kv_cache(self.config, self.num_blocks, block_size, dtype, device)
         self.expert_weight: torch.Tensor | None = None  # W_E: expert-token rows after the vocabulary
+        # The Triton extended head runs on CUDA; tests switch it on for the CPU under TRITON_INTERPRET=1.
+        self.use_triton_head = device.type == "cuda" and lm_head.triton is not None
 
     def set_expert_rows(self, weight: torch.Tensor | None) -> None:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""
@@ -90,7 +92,7 @@ class ModelRunner:
         """The LM-head step: ``[B, V]``, or ``[B, V+E]`` float32 when expert rows are set (Eq. 1)."""
         if self.expert_weight is None:
             return self.model.compute_logits(hidden)
-        if self.device.type == "cuda" and lm_head.triton is not None:
+        if self.use_triton_head:
             return lm_head.extended_logits(hidden, self.model.lm_head_weight, self.expert_weight)
         # CPU: the model's own head matmul (see kernels/cpu_gemm.py) plus the few expert rows.
         return torch.cat([self.model.compute_logits(hidden).float(),
@@ -98,3 +100,13 @@ class ModelRunner:
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         return self.compute_logits(self.hidden_states(seqs, is_prefill))
+
+    @property
+    def greedy_kernel(self) -> bool:
+        """Whether greedy steps can take the argmax straight from the kernel (no logits written)."""
+        return self.use_triton_head and self.expert_weight is not None
+
+    @torch.inference_mode()
+    def run_greedy(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        hidden = self.hidden_states(seqs, is_prefill)
+        return lm_head.extended_argmax(hidden, self.model.lm_head_weight, self.expert_weight).tolist()

@@ -80,6 +80,24 @@ def test_switch_parity_with_hf(k, dirs, hf_model_of, tmp_path):
     assert llm.router.all_free()
 
 
+@pytest.mark.parametrize("greedy_kernel", [False, True])
+def test_engine_with_triton_head_matches(greedy_kernel, dirs, tmp_path):
+    """The engine's extended head through the Triton kernel (interpreted here) gives the torch path's outputs."""
+    pytest.importorskip("triton")
+    tokens, hidden, max_logits = meta_trace(dirs["meta"], PROMPTS[0], N)
+    head = write_head(tmp_path / "h.safetensors", ["astro", "law"], [switch_row(hidden, max_logits, 3), torch.zeros(64)])
+    outs = []
+    for use_kernel in (False, True):
+        llm = build(dirs, str(head))
+        llm.engine.runner.use_triton_head = use_kernel
+        params = greedy() if greedy_kernel else SamplingParams(temperature=0.7, seed=5, max_tokens=N, ignore_eos=True)
+        outs.append(llm.generate([PROMPTS[0]], params, use_tqdm=False)[0])
+    assert llm.engine.runner.greedy_kernel
+    assert (outs[0].expert, outs[0].switch_index, outs[0].token_ids) == \
+           (outs[1].expert, outs[1].switch_index, outs[1].token_ids)
+    assert outs[1].expert == "astro"
+
+
 def test_batch_switches_match_requests_alone(dirs, tmp_path):
     t0, h0, m0 = meta_trace(dirs["meta"], PROMPTS[0], N)
     t1, h1, m1 = meta_trace(dirs["meta"], PROMPTS[1], N)
