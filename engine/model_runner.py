@@ -83,8 +83,6 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         if is_prefill:
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]
-        for seq in seqs:
-            seq.num_computed_tokens = len(seq)
         return hidden
 
     @torch.inference_mode()

@@ -31,7 +31,6 @@ class Sequence:
         self.block_size = block_size
         self.block_table: list[int] = []
         self.num_cached_tokens = 0   # prefix-cache hit length at the latest admission
-        self.num_computed_tokens = 0  # tokens whose k/v are in the pages
         self.finish_reason: str | None = None
         self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
         self.num_preemptions = 0

@@ -10,7 +10,8 @@ class ETRError(Exception):
 
 
 class ConfigError(ETRError, ValueError):
-    """A model's config.json is missing, unreadable or asks for something unsupported."""
+    """A model's config.json is missing, unreadable or asks for something unsupported, or an engine
+    setting (block_size, max_num_seqs, ...) is out of range."""
 
 
 class UnsupportedArchitectureError(ConfigError):

@@ -8,7 +8,7 @@ import torch
 
 from etr.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams, StreamDelta
 from etr.engine.router import Router
-from etr.errors import InvalidPromptError, TokenizerMissingError
+from etr.errors import ConfigError, InvalidPromptError, TokenizerMissingError
 from etr.experts import build_router
 from etr.models.config import load_model_config
 from etr.options import parse_device, parse_dtype
@@ -44,7 +44,7 @@ class LLM:
         dev = parse_device(device)
         model_cfg = load_model_config(model)
         if block_size < 1 or max_num_seqs < 1:
-            raise ValueError(f"block_size={block_size} and max_num_seqs={max_num_seqs} must be >= 1")
+            raise ConfigError(f"block_size={block_size} and max_num_seqs={max_num_seqs} must be >= 1")
         max_model_len = max_model_len or min(model_cfg.max_position_embeddings, 4096)
         torch_dtype = parse_dtype(dtype, dev)
 

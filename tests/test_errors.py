@@ -90,6 +90,11 @@ def test_unknown_architecture(tiny_dir, tmp_path):
         LLM(str(path))
 
 
+def test_engine_settings_out_of_range(tiny_dir):
+    with pytest.raises(ConfigError, match="block_size=0"):
+        LLM(str(tiny_dir("llama_tied_gqa")), block_size=0)
+
+
 def test_missing_config(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         LLM(str(tmp_path / "nope"))
