@@ -29,18 +29,29 @@ def free_memory_bytes(device: torch.device) -> int:
         return 4 << 30
 
 
-def num_blocks_for(cfg: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device,
-                   max_num_seqs: int, max_model_len: int) -> int:
-    """Blocks for every sequence at full length, capped by a share of the device's free memory."""
-    wanted = max_num_seqs * -(-max_model_len // block_size)
-    fraction = GPU_MEMORY_FRACTION if device.type == "cuda" else CPU_MEMORY_FRACTION
-    affordable = int(free_memory_bytes(device) * fraction) // bytes_per_block(cfg, block_size, dtype)
-    blocks = min(wanted, affordable)
-    needed = -(-max_model_len // block_size)
-    if blocks < needed:
-        raise KVCacheError(f"only {blocks} KV blocks fit in free memory on {device}; one sequence of "
-                           f"max_model_len={max_model_len} needs {needed}: lower max_model_len")
-    return blocks
+def size_kv_pools(engines: list) -> None:
+    """Give every engine without a pool one, sized after all weights are loaded: per device, a share of its
+    free memory split between the engines on it in proportion to what each wants (every sequence at
+    ``max_model_len``), never more than that."""
+    by_device: dict[torch.device, list] = {}
+    for e in engines:
+        if e.block_manager is None:
+            by_device.setdefault(e.config.device, []).append(e)
+    for device, group in by_device.items():
+        fraction = GPU_MEMORY_FRACTION if device.type == "cuda" else CPU_MEMORY_FRACTION
+        budget = free_memory_bytes(device) * fraction
+        per_block = [bytes_per_block(e.model_config, e.config.block_size, e.config.dtype) for e in group]
+        wanted = [e.config.max_num_seqs * -(-e.config.max_model_len // e.config.block_size) for e in group]
+        total = sum(w * b for w, b in zip(wanted, per_block))
+        scale = min(1.0, budget / total)
+        for e, w, b in zip(group, wanted, per_block):
+            blocks = int(w * scale)
+            needed = -(-e.config.max_model_len // e.config.block_size)
+            if blocks < needed:
+                raise KVCacheError(f"only {blocks} KV blocks of {e.config.model} fit in free memory on {device}; "
+                                   f"one sequence of max_model_len={e.config.max_model_len} needs {needed}: "
+                                   "lower max_model_len or max_num_seqs")
+            e.init_kv(blocks)
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,

@@ -37,16 +37,25 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.config = cfg
         self.runner = ModelRunner(cfg.model, cfg.dtype, cfg.device, cfg.block_size, cfg.max_model_len,
-                                  cfg.max_num_seqs, cfg.num_kv_blocks, cfg.attention_backend)
+                                  cfg.attention_backend)
         self.model_config = self.runner.config
         self.tokenizer = load_tokenizer(cfg.model)
-        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
-                                   max(cfg.max_num_batched_tokens, cfg.max_model_len))
+        self.block_manager: BlockManager | None = None  # with the scheduler, created by init_kv
+        self.scheduler: Scheduler | None = None
+        if cfg.num_kv_blocks is not None:
+            self.init_kv(cfg.num_kv_blocks)
         eos = self.model_config.eos_token_ids
         self.sampler = Sampler(eos)
         self.stop_checker = StopChecker(eos, cfg.max_model_len, self.tokenizer)
         self.switched: list[Sequence] = []  # sequences that chose an expert token this step
+
+    def init_kv(self, num_blocks: int) -> None:
+        """Allocate the KV pool and the block accounting over it (see ``kv_cache.size_kv_pools``)."""
+        cfg = self.config
+        self.runner.allocate_kv(num_blocks)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
+                                   max(cfg.max_num_batched_tokens, cfg.max_model_len))
 
     def adopt(self, seq: Sequence) -> None:
         """Continue a sequence another model started (its prompt and output so far become this model's

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from etr.engine.attention import AttentionMetadata, get_backend
-from etr.engine.kv_cache import allocate_kv_cache, num_blocks_for
+from etr.engine.kv_cache import allocate_kv_cache
 from etr.engine.sequence import Sequence
 from etr.kernels import lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, wants_fp32_gemm
@@ -15,19 +15,23 @@ from etr.models.loader import load_model
 
 class ModelRunner:
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, block_size: int,
-                 max_model_len: int, max_num_seqs: int, num_kv_blocks: int | None, attention_backend: str = "auto"):
+                 max_model_len: int, attention_backend: str = "auto"):
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model = load_model(model_dir, dtype, device, max_positions=max_model_len)
         if wants_fp32_gemm(device, dtype):
             use_fp32_gemm(self.model)
         self.config = self.model.config
         self.backend = get_backend(attention_backend, device)
-        self.num_blocks = num_kv_blocks or num_blocks_for(self.config, block_size, dtype, device,
-                                                          max_num_seqs, max_model_len)
-        self.kv_caches = allocate_kv_cache(self.config, self.num_blocks, block_size, dtype, device)
+        self.num_blocks = 0
+        self.kv_caches: list = []
         self.expert_weight: torch.Tensor | None = None  # W_E: expert-token rows after the vocabulary
         # The Triton extended head runs on CUDA; tests switch it on for the CPU under TRITON_INTERPRET=1.
         self.use_triton_head = device.type == "cuda" and lm_head.triton is not None
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """Create the KV pool; done after every model sharing the device has loaded its weights."""
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype, self.device)
 
     def set_expert_rows(self, weight: torch.Tensor | None) -> None:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence as Seq
 import torch
 
 from etr.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams, StreamDelta
+from etr.engine.kv_cache import size_kv_pools
 from etr.engine.router import Router
 from etr.errors import ConfigError, InvalidPromptError, TokenizerMissingError
 from etr.experts import build_router
@@ -59,6 +60,7 @@ class LLM:
         self.router = Router(self.engine, {}, [])
         if experts or expert_head is not None:
             self.router = build_router(self.engine, dict(experts or {}), expert_head, expert_devices, make_engine)
+        size_kv_pools(self.router.engines)
 
     @property
     def tokenizer(self):

@@ -219,3 +219,23 @@ def test_switch_cost_protocol_routes_every_query(tmp_path):
     cost = measure(str(meta), n_queries=3, new_tokens=4, dtype="float32", repeats=1)
     assert cost.queries == 3 and cost.expert_prefill_s_per_query > 0
     assert "overhead" in report(cost)
+
+
+def test_pools_sized_after_all_models_load(dirs, tmp_path, monkeypatch):
+    """num_kv_blocks=None: models on one device split its free memory by what each wants."""
+    import etr.engine.kv_cache as kv
+    from etr.errors import KVCacheError
+    head = write_head(tmp_path / "h.safetensors", ["astro", "law"], [torch.zeros(64)] * 2)
+    experts = {"astro": str(dirs["astro"]), "law": str(dirs["law"])}
+    roomy = LLM(str(dirs["meta"]), dtype="float32", max_model_len=64, max_num_seqs=4, experts=experts,
+                expert_head=str(head))
+    assert [e.block_manager.num_blocks for e in roomy.router.engines] == [16, 16, 16]  # all they want: 4 x 64/16
+    budget = sum(16 * kv.bytes_per_block(e.model_config, 16, torch.float32) for e in roomy.router.engines) / 2
+    monkeypatch.setattr(kv, "free_memory_bytes", lambda device: budget / kv.CPU_MEMORY_FRACTION)
+    half = LLM(str(dirs["meta"]), dtype="float32", max_model_len=64, max_num_seqs=4, experts=experts,
+               expert_head=str(head))
+    assert [e.block_manager.num_blocks for e in half.router.engines] == [8, 8, 8]
+    monkeypatch.setattr(kv, "free_memory_bytes", lambda device: budget / 8 / kv.CPU_MEMORY_FRACTION)
+    with pytest.raises(KVCacheError, match="max_model_len=64 needs 4"):
+        LLM(str(dirs["meta"]), dtype="float32", max_model_len=64, max_num_seqs=4, experts=experts,
+            expert_head=str(head))
