@@ -1,0 +1,89 @@
+"""Paged decode attention (one query token per sequence), flash-decoding style.
+
+Grid: (sequence, kv head, split). Each program walks its split's pages through the block table, keeps an
+online softmax for the ``group`` query heads that share the kv head (GQA without repeating K/V), and writes
+a partial output and its log-sum-exp; ``combine_splits`` merges the splits. ``paged_decode_reference`` is
+the torch backend's gather + SDPA. Tiles are upcast to float32 (exact for the interpreter's bf16 pitfall,
+and the accumulation precision on the GPU anyway); only tl.exp/tl.log are used, no libdevice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, lse_ptr, scale,
+                             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+                             stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                             G, D, PAGES_PER_SPLIT, PAGE,
+                             BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx = tl.load(ctx_ptr + b)
+        first = split * PAGES_PER_SPLIT
+        last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(ctx, PAGE))
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        heads = kvh * G + g
+        g_ok, d_ok = g < G, d < D
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        s_idx = tl.arange(0, BLOCK_S)  # page slots, padded to a power of two
+        for page in range(first, last):
+            block = tl.load(bt_ptr + b * stride_bt + page).to(tl.int64)
+            valid = (s_idx < PAGE) & (page * PAGE + s_idx < ctx)
+            offs = block * stride_kb + s_idx[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            kv_mask = valid[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+        has = l > 0
+        out = acc / tl.where(has, l, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out,
+                 mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+
+
+def combine_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Merge per-split outputs ``[B, H, S, D]`` by their log-sum-exps ``[B, H, S]``."""
+    weights = torch.softmax(lse, dim=-1).nan_to_num(0.0)
+    return (weights[..., None] * out).sum(dim=2)
+
+
+def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, max_context: int, pages_per_split: int = 32) -> torch.Tensor:
+    """Triton: decode attention of ``q`` ``[B, H, D]`` over paged K/V ``[blocks, block_size, kv_heads, D]``."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    B, H, D = q.shape
+    _, block_size, kv_heads, _ = k_pages.shape
+    splits = max(1, triton.cdiv(triton.cdiv(max_context, block_size), pages_per_split))
+    out = torch.empty((B, H, splits, D), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, splits), device=q.device, dtype=torch.float32)
+    group = H // kv_heads
+    _paged_decode_kernel[(B, kv_heads, splits)](
+        q, k_pages, v_pages, block_tables, context_lens, out, lse, scale,
+        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        group, D, pages_per_split, block_size,
+        BLOCK_S=triton.next_power_of_2(block_size), BLOCK_G=triton.next_power_of_2(group), BLOCK_D=triton.next_power_of_2(D))
+    return combine_splits(out, lse).to(q.dtype)
