@@ -93,6 +93,8 @@ def test_unknown_architecture(tiny_dir, tmp_path):
 def test_engine_settings_out_of_range(tiny_dir):
     with pytest.raises(ConfigError, match="block_size=0"):
         LLM(str(tiny_dir("llama_tied_gqa")), block_size=0)
+    with pytest.raises(ConfigError, match="'flash'"):
+        LLM(str(tiny_dir("llama_tied_gqa")), attention_backend="flash", num_kv_blocks=8)
 
 
 def test_missing_config(tmp_path):

@@ -3,17 +3,27 @@
 from etr.engine.attention.base import AttentionBackend, KVCache
 from etr.engine.attention.metadata import AttentionMetadata, causal_metadata
 from etr.engine.attention.torch_backend import TorchAttentionBackend
+from etr.engine.attention.triton_backend import TritonAttentionBackend
+from etr.errors import ConfigError
+from etr.kernels import paged_attention
 
 BACKENDS = {"torch": TorchAttentionBackend}
+if paged_attention.triton is not None:
+    BACKENDS["triton"] = TritonAttentionBackend
 
 
 def get_backend(name: str, device) -> AttentionBackend:
-    """The backend called ``name``; "auto" is the plain-torch backend until faster ones are registered."""
+    """The backend called ``name``: "torch", "triton" (opt-in), or "auto".
+
+    "auto" stays on the torch backend everywhere until the Triton kernels have been measured compiled on a GPU
+    (bench/RESULTS.md); they are verified on the CPU under TRITON_INTERPRET=1 only.
+    """
     if name == "auto":
         name = "torch"
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}")
+        raise ConfigError(f"attention_backend {name!r} is not available; available: {sorted(BACKENDS)} or 'auto'")
     return BACKENDS[name]()
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "KVCache", "TorchAttentionBackend", "causal_metadata", "get_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "KVCache", "TorchAttentionBackend", "TritonAttentionBackend",
+           "causal_metadata", "get_backend"]
