@@ -54,6 +54,35 @@ def _demo(args) -> None:
     print(f"\n{total} tokens for {len(outs)} chats in {seconds:.2f} s ({total / seconds:.1f} tok/s)")
 
 
+def _collect(args) -> None:
+    import torch
+    from etr.models import load_model
+    from etr.models.tokenizer import load_tokenizer
+    from etr.options import parse_device, parse_dtype
+    from etr.routing import collect
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    experts = dict(_name_dir(x) for x in args.expert)
+    pairs = collect.load_pairs(args.data, load_tokenizer(args.meta), args.chat_template)
+    models = {"meta": args.meta, **experts}
+    losses = {}
+    for name, path in models.items():  # one model in memory at a time
+        model = load_model(path, dtype, device, max_positions=args.max_len)
+        losses.update(collect.compute_losses({name: model}, pairs, args.batch_size))
+        del model
+    sets = collect.downsample(collect.query_sets(losses, "meta", args.tau, args.ties), args.per_expert, args.seed)
+    collect.write_sets(args.out, sets, losses, "meta", pairs)
+    print(collect.summary(sets, losses, "meta"))
+    print(f"wrote {args.out}")
+
+
+def _name_dir(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"etr: --expert {text!r}: use NAME=DIR")
+    return name, path
+
+
 def _bench_switch(args) -> None:
     from etr.switch_cost import main as run
     run(args)
@@ -82,6 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32")
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=_demo)
+    c = sub.add_parser("collect", help="expert query sets by loss gap (Eq. 2-3)")
+    c.add_argument("--meta", required=True, help="meta checkpoint directory")
+    c.add_argument("--expert", action="append", required=True, help="NAME=DIR, repeat per expert")
+    c.add_argument("--data", required=True, help="JSONL of query/response, conversations, or token ids")
+    c.add_argument("--tau", type=float, default=0.0, help="margin: L_meta - L_expert must exceed it")
+    c.add_argument("--ties", choices=["all", "best"], default="all",
+                   help="all: a pair joins every qualifying expert; best: only the largest gap")
+    c.add_argument("--per-expert", type=int, default=None, help="down-sample each set to this many pairs")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--chat-template", action="store_true", help="render queries with the meta's chat template")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--max-len", type=int, default=4096)
+    c.add_argument("--dtype", default="float32")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=_collect)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol")
     sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")
