@@ -1,0 +1,105 @@
+"""Expert-token training (Eq. 4) on cached features.
+
+The meta is frozen, so for a query q its last hidden state ``h_q`` and the vocabulary's log-partition
+``logsumexp(W_V h_q)`` are constants: one forward per query, then every epoch only touches ``W_E``:
+``loss = logaddexp(lse_V, logsumexp(W_E h)) - target_logit``, the target being an expert row or (for
+negatives) the logit of a vocabulary token, also cached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from etr.engine.attention import TorchAttentionBackend, causal_metadata
+from etr.models.decoder import DecoderLM
+from etr.routing.nll import chunked_nll
+
+
+@dataclass(slots=True)
+class Features:
+    hidden: torch.Tensor       # [N, d] float32, last-position hidden state of each query
+    lse_vocab: torch.Tensor    # [N] logsumexp over the vocabulary rows
+    target_expert: torch.Tensor  # [N] expert row index, or -1 for a vocabulary target
+    vocab_logit: torch.Tensor  # [N] logit of the vocabulary target (0 where the target is an expert)
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    lr: float = 5e-4
+    weight_decay: float = 1.0
+    warmup_steps: int = 5
+    batch_size: int = 16
+    epochs: int = 5
+    seed: int = 0
+    log: list = field(default_factory=list)
+
+
+@torch.no_grad()  # not inference_mode: the features feed autograd during training
+def query_features(model: DecoderLM, queries: list[list[int]], targets: list[int | tuple[str, int]],
+                   batch_size: int = 16) -> Features:
+    """Cache ``h_q`` and ``logsumexp(W_V h_q)`` per query; ``targets[i]`` is an expert row (int) or
+    ``("token", id)`` for a vocabulary target."""
+    hidden = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        ids = torch.tensor([t for q in chunk for t in q])
+        pos = torch.tensor([p for q in chunk for p in range(len(q))])
+        h = model(ids, pos, causal_metadata([len(q) for q in chunk], "cpu"), None, TorchAttentionBackend())
+        ends = torch.tensor([len(q) for q in chunk]).cumsum(0) - 1
+        hidden.append(h[ends].float())
+    h = torch.cat(hidden)
+    w = model.lm_head_weight
+    is_token = [isinstance(t, tuple) for t in targets]
+    token_ids = torch.tensor([t[1] if tok else 0 for t, tok in zip(targets, is_token)])
+    # chunked_nll = lse - logit(target): with target 0 for expert rows we recover lse from it below.
+    nll_token = chunked_nll(h, w, token_ids)
+    logit_token = (h * w[token_ids].float()).sum(-1)
+    lse = nll_token + logit_token
+    expert = torch.tensor([-1 if tok else t for t, tok in zip(targets, is_token)])
+    return Features(h, lse, expert, torch.where(expert < 0, logit_token, torch.zeros_like(logit_token)))
+
+
+def cached_loss(f: Features, w_expert: torch.Tensor) -> torch.Tensor:
+    """Mean Eq. 4 loss from cached features; differentiable in ``w_expert``."""
+    logits_e = f.hidden @ w_expert.T
+    lse = torch.logaddexp(f.lse_vocab, torch.logsumexp(logits_e, dim=-1))
+    target = torch.where(f.target_expert >= 0, logits_e.gather(1, f.target_expert.clamp(min=0)[:, None]).squeeze(1),
+                         f.vocab_logit)
+    return (lse - target).mean()
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_rows(f: Features, init: torch.Tensor, frozen: torch.Tensor | None = None,
+               cfg: TrainConfig | None = None) -> torch.Tensor:
+    """Train the rows ``init`` (``[E_new, d]``); ``frozen`` rows (dynamic extension) stay in the partition,
+    placed before the new ones, and never change. Returns the new rows."""
+    cfg = cfg or TrainConfig()
+    g = torch.Generator().manual_seed(cfg.seed)
+    new = torch.nn.Parameter(init.clone().float())
+    old = None if frozen is None else frozen.float()
+    opt = torch.optim.AdamW([new], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = f.hidden.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, cfg.warmup_steps))
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            batch = Features(f.hidden[idx], f.lse_vocab[idx], f.target_expert[idx], f.vocab_logit[idx])
+            rows = new if old is None else torch.cat([old, new])
+            loss = cached_loss(batch, rows)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            cfg.log.append({"epoch": epoch, "step": len(cfg.log), "loss": loss.item(), "lr": sched.get_last_lr()[0]})
+    return new.detach()
