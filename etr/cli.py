@@ -76,6 +76,33 @@ def _collect(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _train(args) -> None:
+    import json
+    from pathlib import Path
+    import torch
+    from etr.models import load_model
+    from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprint, save_expert_head
+    from etr.routing.train import TrainConfig, query_features, train_rows
+    rows = [json.loads(x) for x in Path(args.sets).read_text().splitlines() if x.strip()]
+    old = load_expert_head(args.extend) if args.extend else None
+    names = sorted({r["expert"] for r in rows} - set(old.names if old else []))
+    if not names:
+        raise SystemExit(f"etr: {args.sets} holds no expert that is not already in the head")
+    order = (old.names if old else []) + names
+    model = load_model(args.meta, torch.float32, "cpu", max_positions=args.max_len)
+    keep = [r for r in rows if r["expert"] in names]
+    features = query_features(model, [r["query_ids"] for r in keep], [order.index(r["expert"]) for r in keep])
+    init = model.lm_head_weight.float().mean(0, keepdim=True).repeat(len(names), 1)
+    cfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+                      seed=args.seed)
+    new = train_rows(features, init, None if old is None else old.embeddings.float(), cfg)
+    weights = new if old is None else torch.cat([old.embeddings.float(), new])
+    save_expert_head(args.out, ExpertHead(order, weights, vocab_size=model.config.vocab_size,
+                                          meta_fingerprint=meta_fingerprint(model.lm_head_weight)))
+    Path(str(args.out) + ".log.json").write_text(json.dumps(cfg.log, indent=1))
+    print(f"trained rows {names} on {len(keep)} queries; final loss {cfg.log[-1]['loss']:.4f}; wrote {args.out}")
+
+
 def _name_dir(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -127,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--out", required=True)
     c.set_defaults(func=_collect)
+    t = sub.add_parser("train", help="train expert-token rows on query sets (Eq. 4)")
+    t.add_argument("--meta", required=True)
+    t.add_argument("--sets", required=True, help="JSONL written by etr collect")
+    t.add_argument("--out", required=True, help="head file to write (a training log goes beside it)")
+    t.add_argument("--extend", default=None, help="existing head: its rows stay frozen, new experts are added")
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--weight-decay", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-len", type=int, default=4096)
+    t.set_defaults(func=_train)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol")
     sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")

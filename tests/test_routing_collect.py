@@ -65,3 +65,32 @@ def test_collect_cli(tmp_path, capsys):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 3 and {x["expert"] for x in lines} == {"law"}
     assert "law" in capsys.readouterr().out
+
+
+def test_collect_then_train_then_extend_then_generate(tmp_path):
+    """The CLI pipeline writes heads the engine loads; --extend keeps the old rows bit for bit."""
+    from etr import LLM, SamplingParams
+    from etr.cli import main
+    from etr.models.expert_head import load_expert_head
+    spec = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=1, **spec)
+    a = make_tiny_checkpoint(tmp_path / "a", "llama", seed=2, **spec)
+    b = make_tiny_checkpoint(tmp_path / "b", "llama", seed=3, **spec)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"query_ids": [i, i + 1, i + 2], "response_ids": [i + 3]}) for i in range(8)))
+    sets = tmp_path / "sets.jsonl"
+    main(["collect", "--meta", str(meta), "--expert", f"a={a}", "--data", str(data), "--tau=-1e9", "--out", str(sets)])
+    lines = sets.read_text().splitlines()
+    sets_a = tmp_path / "a.jsonl"
+    sets_a.write_text("\n".join(lines))
+    sets_b = tmp_path / "b.jsonl"
+    sets_b.write_text("\n".join(x.replace('"expert": "a"', '"expert": "b"') for x in lines[:4]))
+    head_a, head_ab = tmp_path / "a.safetensors", tmp_path / "ab.safetensors"
+    assert main(["train", "--meta", str(meta), "--sets", str(sets_a), "--out", str(head_a)]) == 0
+    assert main(["train", "--meta", str(meta), "--sets", str(sets_b), "--extend", str(head_a), "--out", str(head_ab)]) == 0
+    old, merged = load_expert_head(head_a), load_expert_head(head_ab)
+    assert merged.names == ["a", "b"] and torch.equal(merged.embeddings[:1], old.embeddings)
+    assert (tmp_path / "ab.safetensors.log.json").exists()
+    llm = LLM(str(meta), dtype="float32", num_kv_blocks=32, experts={"a": str(a), "b": str(b)}, expert_head=str(head_ab))
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.token_ids) == 5
