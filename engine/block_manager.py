@@ -32,7 +32,6 @@ class BlockManager:
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
-        self.num_cache_hits = 0  # tokens served from the prefix cache, for metrics
 
     @property
     def num_blocks(self) -> int:
@@ -96,7 +95,6 @@ class BlockManager:
                     block.ref_count += 1
             seq.block_table.append(block.block_id)
         seq.num_cached_tokens = hits * self.block_size
-        self.num_cache_hits += seq.num_cached_tokens
 
     def deallocate(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; blocks no one holds go back to the free list (tail first)."""

@@ -37,10 +37,6 @@ class ModelRunner:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""
         self.expert_weight = None if weight is None else weight.to(self.device, self.dtype).contiguous()
 
-    @property
-    def num_expert_rows(self) -> int:
-        return 0 if self.expert_weight is None else self.expert_weight.shape[0]
-
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
         return t if self.device.type == "cpu" else t.pin_memory().to(self.device, non_blocking=True)

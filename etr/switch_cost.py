@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from etr.engine.attention import TorchAttentionBackend, causal_metadata
 from etr.models.expert_head import ExpertHead, save_expert_head
+from etr.routing.nll import forward_uncached
 
 QUERIES = [
     "What is the capital of France?", "Explain photosynthesis briefly.", "Give me three tips for studying.",
@@ -39,15 +39,10 @@ class SwitchCost:
     bookkeeping_s_per_query: float
 
 
+@torch.inference_mode()
 def first_step_hidden(llm, prompts: list[list[int]]) -> torch.Tensor:
-    model = llm.engine.runner.model
-    rows = []
-    with torch.inference_mode():
-        for ids in prompts:
-            t = torch.tensor(ids, device=llm.engine.config.device)
-            meta = causal_metadata([len(ids)], t.device)
-            rows.append(model(t, torch.arange(len(ids), device=t.device), meta, None, TorchAttentionBackend())[-1])
-    return torch.stack(rows).float().cpu()
+    hidden, starts = forward_uncached(llm.engine.runner.model, prompts)
+    return hidden[[s + len(p) - 1 for s, p in zip(starts, prompts)]].float().cpu()
 
 
 def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, new_tokens: int = 128,

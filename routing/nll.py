@@ -13,13 +13,35 @@ from etr.errors import InvalidPromptError
 from etr.models.decoder import DecoderLM
 
 
-def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Per-row ``logsumexp(hidden @ weight.T) - hidden @ weight[target]`` in float32, ``chunk`` vocab rows at a time."""
+def forward_uncached(model: DecoderLM, seqs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Final hidden states of ``seqs`` run as one flattened, cache-free causal batch, and the offset at
+    which each sequence starts in them."""
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor([t for s in seqs for t in s], device=device)
+    positions = torch.tensor([p for s in seqs for p in range(len(s))], device=device)
+    hidden = model(ids, positions, causal_metadata([len(s) for s in seqs], device), None, TorchAttentionBackend())
+    starts = [0]
+    for s in seqs[:-1]:
+        starts.append(starts[-1] + len(s))
+    return hidden, starts
+
+
+def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``logsumexp(hidden @ weight.T)`` per row in float32, ``chunk`` weight rows at a time."""
     h = hidden.float()
     lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
     for start in range(0, weight.shape[0], chunk):
         lse = torch.logaddexp(lse, torch.logsumexp(h @ weight[start:start + chunk].float().T, dim=-1))
-    return lse - (h * weight[targets].float()).sum(-1)
+    return lse
+
+
+def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (hidden.float() * weight[targets].float()).sum(-1)
+
+
+def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Per-row ``logsumexp(hidden @ weight.T) - hidden @ weight[target]`` in float32."""
+    return chunked_logsumexp(hidden, weight, chunk) - target_logits(hidden, weight, targets)
 
 
 @torch.inference_mode()
@@ -30,16 +52,12 @@ def response_nll(model: DecoderLM, pairs: list[tuple[list[int], list[int]]], chu
             raise InvalidPromptError(f"pair {i}: query and response need at least one token each "
                                      f"(got {len(query)} and {len(response)})")
     device = model.embed_tokens.weight.device
-    seqs = [q + r for q, r in pairs]
-    ids = torch.tensor([t for s in seqs for t in s], device=device)
-    positions = torch.tensor([p for s in seqs for p in range(len(s))], device=device)
-    hidden = model(ids, positions, causal_metadata([len(s) for s in seqs], device), None, TorchAttentionBackend())
-    rows, targets, owner, start = [], [], [], 0
-    for i, (query, response) in enumerate(pairs):
+    hidden, starts = forward_uncached(model, [q + r for q, r in pairs])
+    rows, targets, owner = [], [], []
+    for i, ((query, response), start) in enumerate(zip(pairs, starts)):
         # The hidden state before each response token predicts it.
         rows += range(start + len(query) - 1, start + len(query) + len(response) - 1)
         targets += response
         owner += [i] * len(response)
-        start += len(query) + len(response)
     nll = chunked_nll(hidden[rows], model.lm_head_weight, torch.tensor(targets, device=device), chunk)
     return torch.zeros(len(pairs), device=device).index_add_(0, torch.tensor(owner, device=device), nll).cpu()

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from etr.engine.attention import TorchAttentionBackend, causal_metadata
 from etr.models.decoder import DecoderLM
-from etr.routing.nll import chunked_nll
+from etr.routing.nll import chunked_logsumexp, forward_uncached, target_logits
 
 
 @dataclass(slots=True)
@@ -45,19 +44,14 @@ def query_features(model: DecoderLM, queries: list[list[int]], targets: list[int
     hidden = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
-        ids = torch.tensor([t for q in chunk for t in q])
-        pos = torch.tensor([p for q in chunk for p in range(len(q))])
-        h = model(ids, pos, causal_metadata([len(q) for q in chunk], "cpu"), None, TorchAttentionBackend())
-        ends = torch.tensor([len(q) for q in chunk]).cumsum(0) - 1
-        hidden.append(h[ends].float())
+        h, starts = forward_uncached(model, chunk)
+        hidden.append(h[[s + len(q) - 1 for s, q in zip(starts, chunk)]].float())
     h = torch.cat(hidden)
     w = model.lm_head_weight
     is_token = [isinstance(t, tuple) for t in targets]
     token_ids = torch.tensor([t[1] if tok else 0 for t, tok in zip(targets, is_token)])
-    # chunked_nll = lse - logit(target): with target 0 for expert rows we recover lse from it below.
-    nll_token = chunked_nll(h, w, token_ids)
-    logit_token = (h * w[token_ids].float()).sum(-1)
-    lse = nll_token + logit_token
+    lse = chunked_logsumexp(h, w)
+    logit_token = target_logits(h, w, token_ids)
     expert = torch.tensor([-1 if tok else t for t, tok in zip(targets, is_token)])
     return Features(h, lse, expert, torch.where(expert < 0, logit_token, torch.zeros_like(logit_token)))
 
