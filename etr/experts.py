@@ -52,14 +52,16 @@ def check_head(head: ExpertHead, meta: LLMEngine, expert_names: list[str]) -> No
 def build_router(meta: LLMEngine, experts: dict[str, str], expert_head, expert_devices: dict | None,
                  make_engine: Callable[[str, object], LLMEngine]) -> Router:
     """Load the experts (one engine per distinct checkpoint and device), check them, extend the meta's head."""
-    if not experts or expert_head is None:
-        raise ExpertHeadError("experts= and expert_head= go together: give both or neither")
+    if not experts:
+        raise ExpertHeadError(f"expert_head={expert_head!r} given without experts= to route to")
     expert_devices = dict(expert_devices or {})
     stray = sorted(set(expert_devices) - set(experts))
     if stray:
         raise ExpertHeadError(f"expert_devices names unknown expert(s) {stray}")
-    head = load_expert_head(expert_head)
-    check_head(head, meta, list(experts))
+    # Without a head the meta never switches; experts are then reached only by pinning (generate(route=)).
+    head = load_expert_head(expert_head) if expert_head is not None else None
+    if head is not None:
+        check_head(head, meta, list(experts))
     loaded: dict[tuple[str, str], LLMEngine] = {}
     engines = {}
     for name, path in experts.items():
@@ -71,5 +73,7 @@ def build_router(meta: LLMEngine, experts: dict[str, str], expert_head, expert_d
             if loaded[key].tokenizer is None:  # same ids, so the meta's tokenizer writes the expert's text
                 loaded[key].tokenizer = loaded[key].stop_checker.tokenizer = meta.tokenizer
         engines[name] = loaded[key]
+    if head is None:
+        return Router(meta, engines, [])
     meta.runner.set_expert_rows(head.embeddings)
     return Router(meta, engines, head.names)

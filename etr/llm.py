@@ -34,6 +34,8 @@ class LLM:
         experts: expert name -> checkpoint directory. Experts must share the meta's vocabulary and tokenizer;
             two names on one directory load it once.
         expert_head: head file(s) with one trained row per expert (several files: rows concatenated).
+            Without a head the meta never switches, and experts are reached only through
+            ``generate(route=...)``.
         expert_devices: expert name -> device; experts not named follow ``device``.
     """
 
@@ -86,22 +88,43 @@ class LLM:
             return [list(prompts)]
         return list(prompts)
 
-    def _add_all(self, prompts: list[Prompt], params) -> list:
+    def _add_all(self, prompts: list[Prompt], params, route=None) -> list:
         """Validate every request first, so a bad one leaves nothing queued or allocated."""
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        routes = self._routes(route, len(prompts))
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), p in zip(encoded, plist):
             for engine in self.router.engines:  # a request may end on any model: it must fit every pool
                 engine.validate_prompt(ids, p)
-        return [self.engine.add_request(ids, p, text) for (ids, text), p in zip(encoded, plist)]
+        seqs = []
+        for (ids, text), p, name in zip(encoded, plist, routes):
+            engine = self.engine if name is None else self.router.experts[name]
+            seqs.append(engine.add_request(ids, p, text))
+            if name is not None:
+                seqs[-1].expert, seqs[-1].switch_index = name, 0
+        return seqs
+
+    def _routes(self, route, n: int) -> list[str | None]:
+        routes = [route] * n if route is None or isinstance(route, str) else list(route)
+        if len(routes) != n:
+            raise ValueError(f"{len(routes)} routes for {n} prompts")
+        unknown = sorted({r for r in routes if r is not None and r not in self.router.experts})
+        if unknown:
+            raise ConfigError(f"route names unknown expert(s) {unknown} (have {sorted(self.router.experts)})")
+        return routes
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
-        seqs = self._add_all(self._as_batch(prompts), params)
+                 use_tqdm: bool = True, route: str | Seq[str | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        ``route`` pins requests to an expert (one name, or one name or None per prompt): a pinned request
+        starts on that expert, which decodes it alone, as if the meta had chosen it before the first token
+        (its output reports ``expert=name, switch_index=0``). None leaves the choice to the meta.
+        """
+        seqs = self._add_all(self._as_batch(prompts), params, route)
         bar = _progress(len(seqs), use_tqdm)
         try:
             while any(not s.is_finished for s in seqs):

@@ -9,7 +9,7 @@ import torch
 from conftest import hf_greedy, make_tiny_checkpoint
 from etr import LLM, SamplingParams
 from etr.engine.attention import TorchAttentionBackend, causal_metadata
-from etr.errors import ExpertHeadError, VocabularyMismatchError
+from etr.errors import ConfigError, ExpertHeadError, VocabularyMismatchError
 from etr.models import load_model
 from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprint, save_expert_head
 
@@ -166,8 +166,8 @@ def test_head_errors(dirs, tmp_path):
     other_meta = write_head(tmp_path / "f.safetensors", ["astro", "law"], [z, z], meta_fingerprint="0123456789abcdef")
     with pytest.raises(ExpertHeadError, match="fingerprint 0123456789abcdef"):
         build(dirs, str(other_meta))
-    with pytest.raises(ExpertHeadError, match="together"):
-        LLM(str(dirs["meta"]), dtype="float32", experts={"astro": str(dirs["astro"])})
+    with pytest.raises(ExpertHeadError, match="without experts"):
+        LLM(str(dirs["meta"]), dtype="float32", expert_head=str(a))
     with pytest.raises(ExpertHeadError, match="does not exist"):
         build(dirs, str(tmp_path / "missing.safetensors"))
 
@@ -239,3 +239,19 @@ def test_pools_sized_after_all_models_load(dirs, tmp_path, monkeypatch):
     with pytest.raises(KVCacheError, match="max_model_len=64 needs 4"):
         LLM(str(dirs["meta"]), dtype="float32", max_model_len=64, max_num_seqs=4, experts=experts,
             expert_head=str(head))
+
+
+def test_route_pins_requests_to_experts(dirs, hf_model_of):
+    """Experts without a head are reachable only by pinning; a pinned request is the expert's own generation."""
+    llm = LLM(str(dirs["meta"]), dtype="float32", num_kv_blocks=64,
+              experts={"astro": str(dirs["astro"]), "law": str(dirs["law"])})
+    outs = llm.generate(PROMPTS, greedy(), route=["astro", None, "law"], use_tqdm=False)
+    for prompt, out, name in zip(PROMPTS, outs, ["astro", None, "law"]):
+        own = hf_greedy(hf_model_of(dirs[name or "meta"]), prompt, N)
+        assert out.token_ids == own and out.expert == name and out.switch_index == (0 if name else None)
+    assert llm.router.all_free()
+    with pytest.raises(ConfigError, match=r"unknown expert\(s\) \['chem'\]"):
+        llm.generate(PROMPTS, greedy(), route="chem")
+    with pytest.raises(ValueError, match="2 routes for 3 prompts"):
+        llm.generate(PROMPTS, greedy(), route=["astro", "law"])
+    assert llm.router.all_free()

@@ -1,0 +1,92 @@
+"""Evaluation questions: MMLU-Expert multiple choice (CSV) and exact-answer JSONL, with their scoring.
+
+MMLU-Expert (the paper's benchmark) is one headerless CSV per domain — question, A, B, C, D, answer — as the
+MMLU release ships its ``*_test.csv`` files; the domain is the file name without ``_test``. The prompt is
+MMLU's zero-shot one, and the prediction is the first standalone A-D letter of the model's answer.
+Exact-answer JSONL (``{"domain", "query", "answer"}`` per line) scores the whole stripped answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from etr.errors import ConfigError
+
+CHOICES = "ABCD"
+HEADER = ["question", "A", "B", "C", "D", "answer"]
+_LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
+
+
+@dataclass(slots=True)
+class Question:
+    domain: str
+    prompt: str   # what the model is asked (before any chat template)
+    answer: str   # gold letter (multiple choice) or gold text (exact)
+    kind: str     # "choice" or "exact"
+
+
+def mmlu_prompt(domain: str, question: str, options: list[str]) -> str:
+    subject = domain.replace("_", " ")
+    lines = [f"The following is a multiple choice question about {subject}.", "", question.strip()]
+    lines += [f"{letter}. {text.strip()}" for letter, text in zip(CHOICES, options)]
+    return "\n".join(lines + ["Answer:"])
+
+
+def load_mmlu_csv(path: str | Path, domain: str | None = None) -> list[Question]:
+    path = Path(path)
+    domain = domain or path.stem.removesuffix("_test")
+    questions = []
+    with path.open(newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if n == 1 and row == HEADER:
+                continue
+            if len(row) != 6 or row[5].strip() not in CHOICES:
+                raise ConfigError(f"{path}:{n}: expected question,A,B,C,D,answer with answer in A-D, got {row!r:.120}")
+            questions.append(Question(domain, mmlu_prompt(domain, row[0], row[1:5]), row[5].strip(), "choice"))
+    return questions
+
+
+def load_exact_jsonl(path: str | Path) -> list[Question]:
+    questions = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            missing = {"domain", "query", "answer"} - set(row)
+            if missing:
+                raise ConfigError(f"{path}:{n}: missing key(s) {sorted(missing)}")
+            questions.append(Question(row["domain"], row["query"], str(row["answer"]), "exact"))
+    return questions
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """A directory of MMLU-style CSVs, one CSV file, or an exact-answer JSONL file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.csv"))
+        if not files:
+            raise ConfigError(f"{path} holds no *.csv files")
+        return [q for f in files for q in load_mmlu_csv(f)]
+    if not path.exists():
+        raise ConfigError(f"no such evaluation data: {path}")
+    questions = load_mmlu_csv(path) if path.suffix == ".csv" else load_exact_jsonl(path)
+    if not questions:
+        raise ConfigError(f"{path} holds no questions")
+    return questions
+
+
+def extract_choice(text: str) -> str | None:
+    """The first standalone A-D letter in ``text`` ("B", "(C)", "D." count; the "A" of "Answer" does not)."""
+    match = _LETTER.search(text)
+    return match.group(1) if match else None
+
+
+def prediction(question: Question, text: str) -> str | None:
+    return extract_choice(text) if question.kind == "choice" else text.strip()
+
+
+def is_correct(question: Question, text: str) -> bool:
+    return prediction(question, text) == question.answer
