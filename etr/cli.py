@@ -1,4 +1,4 @@
-"""The ``etr`` command line: ``etr import-gguf``, ``etr generate``, ``etr demo``."""
+"""The ``etr`` command line: import-gguf, generate, demo, collect, train, router, eval, bench."""
 
 from __future__ import annotations
 
@@ -70,9 +70,12 @@ def _collect(args) -> None:
         model = load_model(path, dtype, device, max_positions=args.max_len)
         losses.update(collect.compute_losses({name: model}, pairs, args.batch_size))
         del model
-    sets = collect.downsample(collect.query_sets(losses, "meta", args.tau, args.ties), args.per_expert, args.seed)
-    collect.write_sets(args.out, sets, losses, "meta", pairs)
-    print(collect.summary(sets, losses, "meta"))
+    sets = collect.query_sets(losses, "meta", args.tau, args.ties)
+    negative = collect.negatives(sets, len(pairs))
+    sets = collect.downsample(sets, args.per_expert, args.seed)
+    negative = collect.downsample({"": negative}, args.per_expert, args.seed)[""]
+    collect.write_sets(args.out, sets, losses, "meta", pairs, negative)
+    print(collect.summary(sets, losses, "meta", negative))
     print(f"wrote {args.out}")
 
 
@@ -82,25 +85,112 @@ def _train(args) -> None:
     import torch
     from etr.models import load_model
     from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprint, save_expert_head
-    from etr.routing.train import TrainConfig, query_features, train_rows
+    from etr.routing.train import TrainConfig, holdout_split, query_features, routing_stats, train_rows
     rows = [json.loads(x) for x in Path(args.sets).read_text().splitlines() if x.strip()]
     old = load_expert_head(args.extend) if args.extend else None
-    names = sorted({r["expert"] for r in rows} - set(old.names if old else []))
+    names = sorted(({r["expert"] for r in rows if r["expert"]} | set(args.expert or [])) - set(old.names if old else []))
     if not names:
         raise SystemExit(f"etr: {args.sets} holds no expert that is not already in the head")
     order = (old.names if old else []) + names
+    keep = [r for r in rows if r["expert"] in names or (args.negatives and r["expert"] is None)]
     model = load_model(args.meta, torch.float32, "cpu", max_positions=args.max_len)
-    keep = [r for r in rows if r["expert"] in names]
-    features = query_features(model, [r["query_ids"] for r in keep], [order.index(r["expert"]) for r in keep])
+    targets = [order.index(r["expert"]) if r["expert"] else ("token", None) for r in keep]
+    features = query_features(model, [r["query_ids"] for r in keep], targets)
+    train_idx, held_idx = holdout_split([r["expert"] for r in keep], args.holdout, args.seed)
     init = model.lm_head_weight.float().mean(0, keepdim=True).repeat(len(names), 1)
     cfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed)
-    new = train_rows(features, init, None if old is None else old.embeddings.float(), cfg)
+    frozen = None if old is None else old.embeddings.float()
+    new = train_rows(features.subset(train_idx), init, frozen, cfg)
     weights = new if old is None else torch.cat([old.embeddings.float(), new])
     save_expert_head(args.out, ExpertHead(order, weights, vocab_size=model.config.vocab_size,
                                           meta_fingerprint=meta_fingerprint(model.lm_head_weight)))
-    Path(str(args.out) + ".log.json").write_text(json.dumps(cfg.log, indent=1))
-    print(f"trained rows {names} on {len(keep)} queries; final loss {cfg.log[-1]['loss']:.4f}; wrote {args.out}")
+    held = routing_stats(features.subset(held_idx), weights) if len(held_idx) else None
+    Path(str(args.out) + ".log.json").write_text(json.dumps({"steps": cfg.log, "held_out": held}, indent=1))
+    n_neg = sum(r["expert"] is None for r in keep)
+    print(f"trained rows {names} on {len(train_idx)} queries ({n_neg} negatives in all); "
+          f"final loss {cfg.log[-1]['loss']:.4f}; wrote {args.out}")
+    if held:
+        print(f"held out {len(held_idx)}: routing accuracy {_pct(held['routing_accuracy'])}, "
+              f"false routing {_pct(held['false_routing'])}")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _router(args) -> None:
+    import json
+    from pathlib import Path
+    import torch
+    from etr.models import load_model
+    from etr.routing.classifier import META, save_classifier, train_classifier
+    from etr.routing.nll import last_hidden
+    rows = [json.loads(x) for x in Path(args.sets).read_text().splitlines() if x.strip()]
+    if not rows:
+        raise SystemExit(f"etr: {args.sets} holds no query sets")
+    model = load_model(args.meta, torch.float32, "cpu", max_positions=args.max_len)
+    hidden = last_hidden(model, [r["query_ids"] for r in rows])
+    clf = train_classifier(hidden, [r["expert"] or META for r in rows], seed=args.seed)
+    save_classifier(args.out, clf)
+    print(f"router classifier over {clf.classes} trained on {len(rows)} queries; wrote {args.out}")
+
+
+def _eval(args) -> None:
+    from pathlib import Path
+    from etr.routing import report
+    from etr.routing.eval_data import load_questions
+    from etr.routing.evaluate import EvalSetup, evaluate, records_json, summarize
+    experts = dict(_name_dir(x) for x in args.expert or [])
+    domain_map = {d: e for d, e in (_name_dir(x) for x in args.domain_map or [])}
+    questions = load_questions(args.data)
+    if args.limit:
+        questions = _first_per_domain(questions, args.limit)
+    domains = sorted({q.domain for q in questions})
+    domain_map = domain_map or {d: d for d in domains if d in experts}
+    setup = EvalSetup(args.meta, experts, args.head, domain_map, args.max_tokens, args.chat_template, args.seed,
+                      args.dtype, args.device)
+    classifier = None
+    if args.router:
+        import torch
+        from etr.models import load_model
+        from etr.routing.classifier import load_classifier
+        classifier = load_classifier(args.router)
+        classifier.model = load_model(args.meta, torch.float32, "cpu")
+    methods = args.methods.split(",") if args.methods else _default_methods(setup, classifier)
+    records = evaluate(setup, questions, methods, classifier)
+    summary = summarize(records, setup)
+    table = report.markdown(summary)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.md").write_text(table)
+    report.write_json(out / "eval.json", {"setup": {"meta": setup.meta, "experts": experts, "head": setup.head,
+                                                    "domain_expert": domain_map, "data": args.data},
+                                          "summary": summary, "records": records_json(records)})
+    wrote = ["eval.md", "eval.json"] + (["routing.png"] if report.confusion_png(out / "routing.png", summary) else [])
+    print(f"wrote {', '.join(str(out / w) for w in wrote)}")
+
+
+def _default_methods(setup, classifier) -> list[str]:
+    methods = ["meta"]
+    if setup.experts:
+        methods += ["oracle", "random"]
+    if classifier is not None:
+        methods.append("router")
+    if setup.head is not None:
+        methods.append("etr")
+    return methods
+
+
+def _first_per_domain(questions, limit: int):
+    seen: dict[str, int] = {}
+    kept = []
+    for q in questions:
+        seen[q.domain] = seen.get(q.domain, 0) + 1
+        if seen[q.domain] <= limit:
+            kept.append(q)
+    return kept
 
 
 def _name_dir(text: str) -> tuple[str, str]:
@@ -159,13 +249,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sets", required=True, help="JSONL written by etr collect")
     t.add_argument("--out", required=True, help="head file to write (a training log goes beside it)")
     t.add_argument("--extend", default=None, help="existing head: its rows stay frozen, new experts are added")
+    t.add_argument("--expert", action="append", metavar="NAME",
+                   help="give NAME a row even when the sets hold no query for it (it learns to stay unpicked)")
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--weight-decay", type=float, default=1.0)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-len", type=int, default=4096)
+    t.add_argument("--negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="train pairs no expert qualified for with the meta's own first token (default: on)")
+    t.add_argument("--holdout", type=float, default=0.1,
+                   help="share of each expert's (and the negatives') queries held out to report routing")
     t.set_defaults(func=_train)
+    r = sub.add_parser("router", help="train the router-classifier baseline on query sets")
+    r.add_argument("--meta", required=True)
+    r.add_argument("--sets", required=True, help="JSONL written by etr collect (negatives become class 'meta')")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-len", type=int, default=4096)
+    r.set_defaults(func=_router)
+    e = sub.add_parser("eval", help="accuracy and routing accuracy of ETR and baselines")
+    e.add_argument("--meta", required=True)
+    e.add_argument("--expert", action="append", help="NAME=DIR, repeat per expert")
+    e.add_argument("--head", default=None, help="expert head file (enables method etr)")
+    e.add_argument("--router", default=None, help="classifier file from etr router (enables method router)")
+    e.add_argument("--data", required=True,
+                   help="directory of MMLU-style CSVs (question,A,B,C,D,answer), one CSV, or exact-answer JSONL")
+    e.add_argument("--domain-map", action="append", help="DOMAIN=EXPERT for the oracle (default: same names)")
+    e.add_argument("--methods", default=None, help="comma list of meta,oracle,random,router,etr (default: all "
+                                                   "that the given files allow)")
+    e.add_argument("--limit", type=int, default=None, help="first N questions of each domain")
+    e.add_argument("--max-tokens", type=int, default=16)
+    e.add_argument("--chat-template", action="store_true")
+    e.add_argument("--seed", type=int, default=0, help="for random routing")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", required=True, help="directory for eval.md, eval.json and routing.png")
+    e.set_defaults(func=_eval)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol")
     sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")

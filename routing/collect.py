@@ -80,6 +80,12 @@ def query_sets(losses: dict, meta: str, tau: float, ties: str = "all") -> dict[s
     return {e: qualifies[i].nonzero().flatten().tolist() for i, e in enumerate(experts)}
 
 
+def negatives(sets: dict[str, list[int]], num_pairs: int) -> list[int]:
+    """Pairs that qualify for no expert: the meta should keep them."""
+    taken = {i for idx in sets.values() for i in idx}
+    return [i for i in range(num_pairs) if i not in taken]
+
+
 def downsample(sets: dict[str, list[int]], per_expert: int | None, seed: int = 0) -> dict[str, list[int]]:
     if per_expert is None:
         return sets
@@ -87,25 +93,33 @@ def downsample(sets: dict[str, list[int]], per_expert: int | None, seed: int = 0
     return {e: sorted(rng.sample(idx, per_expert)) if len(idx) > per_expert else idx for e, idx in sets.items()}
 
 
-def write_sets(path: str | Path, sets: dict, losses: dict, meta: str, pairs: list[Pair]) -> None:
-    """One JSONL line per (expert, pair) with both losses and the gap; written whole or not at all."""
+def write_sets(path: str | Path, sets: dict, losses: dict, meta: str, pairs: list[Pair],
+               negative: list[int] = ()) -> None:
+    """One JSONL line per (expert, pair) with both losses and the gap, then one per negative pair
+    (``"expert": null``, the best expert's gap); written whole or not at all."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    experts = [e for e in losses if e != meta]
     with tmp.open("w") as f:
-        for expert, indices in sets.items():
-            for i in indices:
-                p = pairs[i]
-                f.write(json.dumps({"expert": expert, "index": i, "query": p.query, "response": p.response,
-                                    "query_ids": p.query_ids, "response_ids": p.response_ids,
-                                    "loss_meta": float(losses[meta][i]), "loss_expert": float(losses[expert][i]),
-                                    "gap": float(losses[meta][i] - losses[expert][i])}) + "\n")
+        rows = [(e, i) for e, indices in sets.items() for i in indices] + [(None, i) for i in negative]
+        for expert, i in rows:
+            p = pairs[i]
+            other = expert or min(experts, key=lambda e: float(losses[e][i]))
+            f.write(json.dumps({"expert": expert, "index": i, "query": p.query, "response": p.response,
+                                "query_ids": p.query_ids, "response_ids": p.response_ids,
+                                "loss_meta": float(losses[meta][i]), "loss_expert": float(losses[other][i]),
+                                "gap": float(losses[meta][i] - losses[other][i])}) + "\n")
     tmp.replace(path)
 
 
-def summary(sets: dict, losses: dict, meta: str) -> str:
+def summary(sets: dict, losses: dict, meta: str, negative: list[int] = ()) -> str:
     lines = [f"{'expert':<20}{'pairs':>7}{'mean gap':>10}{'min gap':>9}"]
     for expert, idx in sets.items():
         gaps = (losses[meta] - losses[expert])[idx] if idx else torch.zeros(0)
         mean, low = (f"{gaps.mean():.3f}", f"{gaps.min():.3f}") if idx else ("-", "-")
         lines.append(f"{expert:<20}{len(idx):>7}{mean:>10}{low:>9}")
+    lines.append(f"{'(none: negatives)':<20}{len(negative):>7}")
+    empty = [e for e, idx in sets.items() if not idx]
+    if empty:
+        lines.append(f"no pairs for {empty}: give them rows with etr train --expert NAME")
     return "\n".join(lines)

@@ -26,6 +26,17 @@ def forward_uncached(model: DecoderLM, seqs: list[list[int]]) -> tuple[torch.Ten
     return hidden, starts
 
 
+@torch.no_grad()
+def last_hidden(model: DecoderLM, seqs: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """``[len(seqs), d]`` float32 final hidden state at each sequence's last position."""
+    rows = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        h, starts = forward_uncached(model, chunk)
+        rows.append(h[[s + len(q) - 1 for s, q in zip(starts, chunk)]].float())
+    return torch.cat(rows)
+
+
 def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """``logsumexp(hidden @ weight.T)`` per row in float32, ``chunk`` weight rows at a time."""
     h = hidden.float()
@@ -33,6 +44,18 @@ def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8
     for start in range(0, weight.shape[0], chunk):
         lse = torch.logaddexp(lse, torch.logsumexp(h @ weight[start:start + chunk].float().T, dim=-1))
     return lse
+
+
+def chunked_max(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest logit of ``hidden @ weight.T`` per row and its index (the lowest index on a tie)."""
+    h = hidden.float()
+    best = torch.full((h.shape[0],), float("-inf"), device=h.device)
+    index = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+    for start in range(0, weight.shape[0], chunk):
+        value, i = (h @ weight[start:start + chunk].float().T).max(-1)
+        better = value > best
+        best, index = torch.where(better, value, best), torch.where(better, i + start, index)
+    return best, index
 
 
 def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from etr.models.decoder import DecoderLM
-from etr.routing.nll import chunked_logsumexp, forward_uncached, target_logits
+from etr.routing.nll import chunked_logsumexp, chunked_max, last_hidden, target_logits
 
 
 @dataclass(slots=True)
@@ -23,6 +23,11 @@ class Features:
     lse_vocab: torch.Tensor    # [N] logsumexp over the vocabulary rows
     target_expert: torch.Tensor  # [N] expert row index, or -1 for a vocabulary target
     vocab_logit: torch.Tensor  # [N] logit of the vocabulary target (0 where the target is an expert)
+    max_vocab: torch.Tensor    # [N] the largest vocabulary logit (what an expert row must beat to be chosen)
+
+    def subset(self, idx) -> "Features":
+        return Features(self.hidden[idx], self.lse_vocab[idx], self.target_expert[idx], self.vocab_logit[idx],
+                        self.max_vocab[idx])
 
 
 @dataclass(slots=True)
@@ -36,24 +41,57 @@ class TrainConfig:
     log: list = field(default_factory=list)
 
 
+MetaToken = tuple[str, int | None]
+
+
 @torch.no_grad()  # not inference_mode: the features feed autograd during training
-def query_features(model: DecoderLM, queries: list[list[int]], targets: list[int | tuple[str, int]],
+def query_features(model: DecoderLM, queries: list[list[int]], targets: list[int | MetaToken],
                    batch_size: int = 16) -> Features:
-    """Cache ``h_q`` and ``logsumexp(W_V h_q)`` per query; ``targets[i]`` is an expert row (int) or
-    ``("token", id)`` for a vocabulary target."""
-    hidden = []
-    for start in range(0, len(queries), batch_size):
-        chunk = queries[start:start + batch_size]
-        h, starts = forward_uncached(model, chunk)
-        hidden.append(h[[s + len(q) - 1 for s, q in zip(starts, chunk)]].float())
-    h = torch.cat(hidden)
+    """Cache ``h_q`` and ``logsumexp(W_V h_q)`` per query. ``targets[i]`` is an expert row (int), or for a
+    negative ``("token", id)``: a vocabulary target, ``id=None`` meaning the meta's own greedy token, so
+    training leaves the meta's answer alone and only learns not to route there."""
+    h = last_hidden(model, queries, batch_size)
     w = model.lm_head_weight
-    is_token = [isinstance(t, tuple) for t in targets]
-    token_ids = torch.tensor([t[1] if tok else 0 for t, tok in zip(targets, is_token)])
     lse = chunked_logsumexp(h, w)
+    max_vocab, argmax = chunked_max(h, w)
+    is_token = [isinstance(t, tuple) for t in targets]
+    token_ids = torch.tensor([(argmax[i].item() if t[1] is None else t[1]) if tok else 0
+                              for i, (t, tok) in enumerate(zip(targets, is_token))])
     logit_token = target_logits(h, w, token_ids)
     expert = torch.tensor([-1 if tok else t for t, tok in zip(targets, is_token)])
-    return Features(h, lse, expert, torch.where(expert < 0, logit_token, torch.zeros_like(logit_token)))
+    return Features(h, lse, expert, torch.where(expert < 0, logit_token, torch.zeros_like(logit_token)), max_vocab)
+
+
+def routed_rows(f: Features, w_expert: torch.Tensor) -> torch.Tensor:
+    """The expert row greedy decoding picks at each query (-1: a vocabulary token wins)."""
+    value, row = (f.hidden @ w_expert.float().T).max(-1)
+    return torch.where(value > f.max_vocab, row, torch.full_like(row, -1))
+
+
+def routing_stats(f: Features, w_expert: torch.Tensor) -> dict:
+    """Routing accuracy on positives (the target row is chosen) and false routing on negatives (some
+    expert row is chosen where the meta should answer)."""
+    chosen = routed_rows(f, w_expert)
+    pos, neg = f.target_expert >= 0, f.target_expert < 0
+    return {"positives": int(pos.sum()), "negatives": int(neg.sum()),
+            "routing_accuracy": (chosen[pos] == f.target_expert[pos]).float().mean().item() if pos.any() else None,
+            "false_routing": (chosen[neg] >= 0).float().mean().item() if neg.any() else None}
+
+
+def holdout_split(labels: list, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices to train on and to hold out: ``fraction`` of each label's items (at least one item stays in
+    training per label; none is held out when ``fraction`` is 0)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction {fraction} must be in [0, 1)")
+    g = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for label in dict.fromkeys(labels):
+        idx = [i for i, x in enumerate(labels) if x == label]
+        idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        k = min(int(len(idx) * fraction), len(idx) - 1)
+        held += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(held)
 
 
 def cached_loss(f: Features, w_expert: torch.Tensor) -> torch.Tensor:
@@ -88,7 +126,7 @@ def train_rows(f: Features, init: torch.Tensor, frozen: torch.Tensor | None = No
         order = torch.randperm(n, generator=g)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            batch = Features(f.hidden[idx], f.lse_vocab[idx], f.target_expert[idx], f.vocab_logit[idx])
+            batch = f.subset(idx)
             rows = new if old is None else torch.cat([old, new])
             loss = cached_loss(batch, rows)
             opt.zero_grad()

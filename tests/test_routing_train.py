@@ -4,7 +4,7 @@ import torch
 
 from etr.engine.attention import TorchAttentionBackend, causal_metadata
 from etr.models import load_model
-from etr.routing.train import TrainConfig, cached_loss, query_features, train_rows
+from etr.routing.train import TrainConfig, cached_loss, query_features, routing_stats, train_rows
 
 
 def full_forward_loss(model, queries, targets, w_expert):
@@ -14,15 +14,18 @@ def full_forward_loss(model, queries, targets, w_expert):
         h = model(torch.tensor(q), torch.arange(len(q)), causal_metadata([len(q)], "cpu"), None,
                   TorchAttentionBackend())[-1]
         logits = torch.cat([model.lm_head_weight, w_expert]) @ h
-        target = t[1] if isinstance(t, tuple) else model.config.vocab_size + t
+        if isinstance(t, tuple):  # a negative: a given token, or (None) the meta's own greedy token
+            target = int((model.lm_head_weight @ h).argmax()) if t[1] is None else t[1]
+        else:
+            target = model.config.vocab_size + t
         losses.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([target])))
     return torch.stack(losses).mean()
 
 
 def test_cached_features_equal_full_forward(tiny_dir):
     model = load_model(tiny_dir("qwen2_untied"), torch.float32, "cpu", 64)
-    queries = [[1, 2, 3], [9] * 12, [200, 5], [7, 7, 8, 9, 10]]
-    targets = [0, 2, ("token", 17), 1]  # expert rows and one negative (a vocabulary token)
+    queries = [[1, 2, 3], [9] * 12, [200, 5], [7, 7, 8, 9, 10], [4, 40, 44]]
+    targets = [0, 2, ("token", 17), 1, ("token", None)]  # expert rows and negatives (given / meta's own token)
     w = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 0.3
     f = query_features(model, queries, targets, batch_size=3)
     w_cached, w_full = w.clone().requires_grad_(), w.clone().requires_grad_()
@@ -49,3 +52,20 @@ def test_training_teaches_routing_and_extension_keeps_old_rows(tiny_dir):
     # Extension: the first two rows frozen, one new row trained against them.
     new = train_rows(f, init[:1], frozen=rows[:2], cfg=TrainConfig(lr=5e-2, epochs=5, weight_decay=0.0))
     assert new.shape == (1, 64) and not torch.equal(new, init[:1])
+
+
+def test_negatives_teach_when_not_to_route(tiny_dir):
+    """Rows trained with negatives keep the meta's own token on those queries; without them every query routes."""
+    model = load_model(tiny_dir("qwen2_untied"), torch.float32, "cpu", 64)
+    g = torch.Generator().manual_seed(2)
+    queries = [torch.randint(0, 256, (5,), generator=g).tolist() for _ in range(40)]
+    targets = [i % 2 if i < 20 else ("token", None) for i in range(40)]
+    f = query_features(model, queries, targets)
+    init = model.lm_head_weight.mean(0, keepdim=True).repeat(2, 1)
+    positives = f.subset(torch.arange(20))
+    only_pos = train_rows(positives, init, cfg=TrainConfig(lr=5e-2, epochs=40, weight_decay=0.0))
+    with_neg = train_rows(f, init, cfg=TrainConfig(lr=5e-2, epochs=150, weight_decay=0.0))
+    assert routing_stats(f, only_pos)["false_routing"] > 0.5
+    stats = routing_stats(f, with_neg)
+    assert stats["false_routing"] < 0.2 and stats["routing_accuracy"] > 0.8
+    assert stats["positives"] == 20 and stats["negatives"] == 20

@@ -1,0 +1,77 @@
+"""Evaluation reports: a markdown table, a JSON file and a routing confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def markdown(summary: dict, routed_methods=("random", "router", "etr")) -> str:
+    """Accuracy per domain and overall, routing accuracy and false routing, one row per method; then the
+    confusion matrix of every routed method (rows: question domain, columns: the model that answered)."""
+    domains = sorted({d for m in summary.values() for d in m["domain_accuracy"]})
+    head = ["method", *domains, "overall", "routing acc.", "false routing"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, m in summary.items():
+        routing = m["routing_accuracy"] if method in routed_methods or method == "oracle" else None
+        cells = [method, *(_pct(m["domain_accuracy"].get(d)) for d in domains), _pct(m["accuracy"]), _pct(routing),
+                 _pct(m["false_routing"]) if method in routed_methods else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for method, m in summary.items():
+        if method in routed_methods:
+            lines += ["", f"Routing of `{method}` (rows: domain, columns: model that answered)", ""]
+            lines += _confusion_table(m["confusion"])
+    return "\n".join(lines) + "\n"
+
+
+def _confusion_table(confusion: dict) -> list[str]:
+    models = sorted({k for row in confusion.values() for k in row})
+    lines = ["| domain | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
+    for domain, row in confusion.items():
+        lines.append(f"| {domain} | " + " | ".join(str(row.get(k, 0)) for k in models) + " |")
+    return lines
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def confusion_png(path: str | Path, summary: dict, routed_methods=("random", "router", "etr")) -> bool:
+    """One heatmap per routed method (share of each domain's questions per model). Returns False, writing
+    nothing, when matplotlib is not installed (``pip install 'expert-token-routing[plot]'``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+    panels = [(m, s["confusion"]) for m, s in summary.items() if m in routed_methods]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (method, confusion) in zip(axes[0], panels):
+        domains = list(confusion)
+        models = sorted({k for row in confusion.values() for k in row})
+        share = [[confusion[d].get(k, 0) / max(1, sum(confusion[d].values())) for k in models] for d in domains]
+        ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+        ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+        ax.set_yticks(range(len(domains)), domains)
+        for i, row in enumerate(share):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", color="white" if v > 0.5 else "black",
+                        fontsize=8)
+        ax.set_title(f"{method}: domain -> model (%)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
