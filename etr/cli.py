@@ -1,4 +1,4 @@
-"""The ``etr`` command line: import-gguf, generate, demo, collect, train, router, eval, bench."""
+"""The ``etr`` command line: import-gguf, generate, demo, collect, train, router, eval, miniexpert, bench."""
 
 from __future__ import annotations
 
@@ -84,35 +84,22 @@ def _train(args) -> None:
     from pathlib import Path
     import torch
     from etr.models import load_model
-    from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprint, save_expert_head
-    from etr.routing.train import TrainConfig, holdout_split, query_features, routing_stats, train_rows
+    from etr.models.expert_head import load_expert_head, save_expert_head
+    from etr.routing.train import TrainConfig, train_head
     rows = [json.loads(x) for x in Path(args.sets).read_text().splitlines() if x.strip()]
     old = load_expert_head(args.extend) if args.extend else None
-    names = sorted(({r["expert"] for r in rows if r["expert"]} | set(args.expert or [])) - set(old.names if old else []))
-    if not names:
-        raise SystemExit(f"etr: {args.sets} holds no expert that is not already in the head")
-    order = (old.names if old else []) + names
-    keep = [r for r in rows if r["expert"] in names or (args.negatives and r["expert"] is None)]
     model = load_model(args.meta, torch.float32, "cpu", max_positions=args.max_len)
-    targets = [order.index(r["expert"]) if r["expert"] else ("token", None) for r in keep]
-    features = query_features(model, [r["query_ids"] for r in keep], targets)
-    train_idx, held_idx = holdout_split([r["expert"] for r in keep], args.holdout, args.seed)
-    init = model.lm_head_weight.float().mean(0, keepdim=True).repeat(len(names), 1)
     cfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed)
-    frozen = None if old is None else old.embeddings.float()
-    new = train_rows(features.subset(train_idx), init, frozen, cfg)
-    weights = new if old is None else torch.cat([old.embeddings.float(), new])
-    save_expert_head(args.out, ExpertHead(order, weights, vocab_size=model.config.vocab_size,
-                                          meta_fingerprint=meta_fingerprint(model.lm_head_weight)))
-    held = routing_stats(features.subset(held_idx), weights) if len(held_idx) else None
+    head, held = train_head(model, rows, args.expert or [], old, args.negatives, args.holdout, cfg)
+    save_expert_head(args.out, head)
     Path(str(args.out) + ".log.json").write_text(json.dumps({"steps": cfg.log, "held_out": held}, indent=1))
-    n_neg = sum(r["expert"] is None for r in keep)
-    print(f"trained rows {names} on {len(train_idx)} queries ({n_neg} negatives in all); "
-          f"final loss {cfg.log[-1]['loss']:.4f}; wrote {args.out}")
+    new = head.names[len(old.names) if old else 0:]
+    n_neg = sum(r["expert"] is None for r in rows) if args.negatives else 0
+    print(f"trained rows {new} ({n_neg} negatives); final loss {cfg.log[-1]['loss']:.4f}; wrote {args.out}")
     if held:
-        print(f"held out {len(held_idx)}: routing accuracy {_pct(held['routing_accuracy'])}, "
-              f"false routing {_pct(held['false_routing'])}")
+        print(f"held out {held['positives']} + {held['negatives']} negatives: routing accuracy "
+              f"{_pct(held['routing_accuracy'])}, false routing {_pct(held['false_routing'])}")
 
 
 def _pct(x: float | None) -> str:
@@ -191,6 +178,14 @@ def _first_per_domain(questions, limit: int):
         if seen[q.domain] <= limit:
             kept.append(q)
     return kept
+
+
+def _miniexpert(args) -> None:
+    from etr.routing.miniexpert.build import build
+    results = build(args.dir, args.profile, args.seed, progress=not args.no_progress)
+    failed = [b["bar"] for b in results["bars"] if not b["holds"]]
+    print(f"wrote {args.dir} in {results['timings_s']['total']:.0f} s; bars held: "
+          f"{len(results['bars']) - len(failed)}/{len(results['bars'])}")
 
 
 def _name_dir(text: str) -> tuple[str, str]:
@@ -287,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", required=True, help="directory for eval.md, eval.json and routing.png")
     e.set_defaults(func=_eval)
+    mx = sub.add_parser("miniexpert", help="the MiniExpert library").add_subparsers(dest="action", required=True)
+    mb = mx.add_parser("build", help="train a meta and domain experts here, then collect, train, extend, evaluate")
+    mb.add_argument("dir", help="output directory (must not exist or be empty)")
+    mb.add_argument("--profile", choices=["quick", "default"], default="default",
+                    help="quick: <= 3 min, for tests; default: <= 15 min, the bars' profile")
+    mb.add_argument("--seed", type=int, default=0)
+    mb.add_argument("--no-progress", action="store_true")
+    mb.set_defaults(func=_miniexpert)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol")
     sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")

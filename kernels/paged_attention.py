@@ -2,7 +2,8 @@
 
 Grid: (sequence, kv head, split). Each program walks its split's pages through the block table, keeps an
 online softmax for the ``group`` query heads that share the kv head (GQA without repeating K/V), and writes
-a partial output and its log-sum-exp; ``combine_splits`` merges the splits. ``paged_decode_reference`` is
+a partial output and its log-sum-exp; a second kernel merges the splits (``combine_splits`` is its
+torch reference). ``paged_decode_reference`` is
 the torch backend's gather + SDPA. Tiles are upcast to float32 (exact for the interpreter's bf16 pitfall,
 and the accumulation precision on the GPU anyway); only tl.exp/tl.log are used, no libdevice.
 """
@@ -63,20 +64,59 @@ if triton is not None:
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
+    @triton.jit
+    def _combine_kernel(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                        stride_ob, stride_oh, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < S, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0
+        w = tl.exp(lse - top)
+        w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
+        part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                       mask=(s[:, None] < S) & (d[None, :] < D), other=0.0)
+        out = tl.sum(w[:, None] * part, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
 def combine_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Merge per-split outputs ``[B, H, S, D]`` by their log-sum-exps ``[B, H, S]``."""
+    """Reference: merge per-split outputs ``[B, H, S, D]`` by their log-sum-exps ``[B, H, S]``."""
     weights = torch.softmax(lse, dim=-1).nan_to_num(0.0)
     return (weights[..., None] * out).sum(dim=2)
 
 
+def combine_splits_triton(part: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The second launch: ``combine_splits`` as one program per (sequence, head), written in ``dtype``."""
+    B, H, S, D = part.shape
+    out = torch.empty((B, H, D), device=part.device, dtype=dtype)
+    _combine_kernel[(B, H)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+                            lse.stride(1), out.stride(0), out.stride(1), S, D,
+                            BLOCK_S=triton.next_power_of_2(S), BLOCK_D=triton.next_power_of_2(D))
+    return out
+
+
 def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, max_context: int, pages_per_split: int = 32) -> torch.Tensor:
-    """Triton: decode attention of ``q`` ``[B, H, D]`` over paged K/V ``[blocks, block_size, kv_heads, D]``."""
+                 context_lens: torch.Tensor, scale: float, max_context: int, pages_per_split: int = 32,
+                 num_splits: int | None = None) -> torch.Tensor:
+    """Triton: decode attention of ``q`` ``[B, H, D]`` over paged K/V ``[blocks, block_size, kv_heads, D]``,
+    in two launches (split-K partials, then the combine).
+
+    ``num_splits`` fixes the grid (splits past a sequence's context write an empty partial that the combine
+    weighs 0), so a CUDA graph captured once serves every context up to ``num_splits * pages_per_split``
+    pages; by default the splits follow ``max_context``.
+    """
     if triton is None:
         raise RuntimeError("triton is not installed")
     B, H, D = q.shape
     _, block_size, kv_heads, _ = k_pages.shape
-    splits = max(1, triton.cdiv(triton.cdiv(max_context, block_size), pages_per_split))
+    needed = max(1, triton.cdiv(triton.cdiv(max_context, block_size), pages_per_split))
+    if num_splits is not None and num_splits < needed:
+        raise ValueError(f"num_splits={num_splits} cannot cover max_context={max_context} "
+                         f"({needed} splits of {pages_per_split} pages of {block_size} tokens)")
+    splits = num_splits or needed
     out = torch.empty((B, H, splits, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((B, H, splits), device=q.device, dtype=torch.float32)
     group = H // kv_heads
@@ -86,4 +126,4 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         group, D, pages_per_split, block_size,
         BLOCK_S=triton.next_power_of_2(block_size), BLOCK_G=triton.next_power_of_2(group), BLOCK_D=triton.next_power_of_2(D))
-    return combine_splits(out, lse).to(q.dtype)
+    return combine_splits_triton(out, lse, q.dtype)

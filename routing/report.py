@@ -10,30 +10,37 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}"
 
 
-def markdown(summary: dict, routed_methods=("random", "router", "etr")) -> str:
-    """Accuracy per domain and overall, routing accuracy and false routing, one row per method; then the
-    confusion matrix of every routed method (rows: question domain, columns: the model that answered)."""
+def accuracy_table(summary: dict, routed_methods=("random", "router", "etr")) -> list[str]:
+    """Accuracy per domain and overall, routing accuracy and false routing, one row per method."""
     domains = sorted({d for m in summary.values() for d in m["domain_accuracy"]})
     head = ["method", *domains, "overall", "routing acc.", "false routing"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in summary.items():
-        routing = m["routing_accuracy"] if method in routed_methods or method == "oracle" else None
-        cells = [method, *(_pct(m["domain_accuracy"].get(d)) for d in domains), _pct(m["accuracy"]), _pct(routing),
-                 _pct(m["false_routing"]) if method in routed_methods else "-"]
+        routed = method in routed_methods
+        cells = [method, *(_pct(m["domain_accuracy"].get(d)) for d in domains), _pct(m["accuracy"]),
+                 _pct(m["routing_accuracy"] if routed or method == "oracle" else None),
+                 _pct(m["false_routing"]) if routed else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    for method, m in summary.items():
-        if method in routed_methods:
-            lines += ["", f"Routing of `{method}` (rows: domain, columns: model that answered)", ""]
-            lines += _confusion_table(m["confusion"])
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _confusion_table(confusion: dict) -> list[str]:
+def confusion_table(confusion: dict) -> list[str]:
+    """Rows: question domain; columns: the model that answered; cells: question counts."""
     models = sorted({k for row in confusion.values() for k in row})
     lines = ["| domain | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
     for domain, row in confusion.items():
         lines.append(f"| {domain} | " + " | ".join(str(row.get(k, 0)) for k in models) + " |")
     return lines
+
+
+def markdown(summary: dict, routed_methods=("random", "router", "etr")) -> str:
+    """The accuracy table, then the routing confusion of every routed method."""
+    lines = accuracy_table(summary, routed_methods)
+    for method, m in summary.items():
+        if method in routed_methods:
+            lines += ["", f"Routing of `{method}` (rows: domain, columns: model that answered)", ""]
+            lines += confusion_table(m["confusion"])
+    return "\n".join(lines) + "\n"
 
 
 def write_json(path: str | Path, payload: dict) -> None:
@@ -55,10 +62,11 @@ def confusion_png(path: str | Path, summary: dict, routed_methods=("random", "ro
     panels = [(m, s["confusion"]) for m, s in summary.items() if m in routed_methods]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    models = sorted({k for _, confusion in panels for row in confusion.values() for k in row})  # shared columns
+    width = 1.5 + 0.55 * len(models)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), squeeze=False)
     for ax, (method, confusion) in zip(axes[0], panels):
         domains = list(confusion)
-        models = sorted({k for row in confusion.values() for k in row})
         share = [[confusion[d].get(k, 0) / max(1, sum(confusion[d].values())) for k in models] for d in domains]
         ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
         ax.set_xticks(range(len(models)), models, rotation=45, ha="right")

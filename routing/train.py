@@ -135,3 +135,31 @@ def train_rows(f: Features, init: torch.Tensor, frozen: torch.Tensor | None = No
             sched.step()
             cfg.log.append({"epoch": epoch, "step": len(cfg.log), "loss": loss.item(), "lr": sched.get_last_lr()[0]})
     return new.detach()
+
+
+def train_head(model: DecoderLM, rows: list[dict], extra_names: list[str] = (), old=None, negatives: bool = True,
+               holdout: float = 0.0, cfg: TrainConfig | None = None):
+    """Train rows for the experts named in ``rows`` (query sets as written by ``etr collect``: ``expert``
+    and ``query_ids``; ``expert: None`` marks a negative) and in ``extra_names``; with ``old`` (an
+    ExpertHead) its rows stay frozen and the new ones are appended. Returns the merged head and the routing
+    stats on the held-out share (None when nothing is held out)."""
+    from etr.errors import ExpertHeadError
+    from etr.models.expert_head import ExpertHead, meta_fingerprint
+    cfg = cfg or TrainConfig()
+    old_names = list(old.names) if old is not None else []
+    names = sorted(({r["expert"] for r in rows if r["expert"]} | set(extra_names)) - set(old_names))
+    if not names:
+        raise ExpertHeadError("the query sets hold no expert that is not already in the head")
+    order = old_names + names
+    keep = [r for r in rows if r["expert"] in names or (negatives and r["expert"] is None)]
+    targets = [order.index(r["expert"]) if r["expert"] else ("token", None) for r in keep]
+    features = query_features(model, [r["query_ids"] for r in keep], targets)
+    train_idx, held_idx = holdout_split([r["expert"] for r in keep], holdout, cfg.seed)
+    init = model.lm_head_weight.float().mean(0, keepdim=True).repeat(len(names), 1)
+    frozen = None if old is None else old.embeddings.float()
+    new = train_rows(features.subset(train_idx), init, frozen, cfg)
+    weights = new if frozen is None else torch.cat([frozen, new])
+    head = ExpertHead(order, weights, vocab_size=model.config.vocab_size,
+                      meta_fingerprint=meta_fingerprint(model.lm_head_weight))
+    held = routing_stats(features.subset(held_idx), weights) if held_idx else None
+    return head, held

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from etr.engine.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
-from etr.kernels.paged_attention import paged_decode  # noqa: E402
+from etr.kernels.paged_attention import combine_splits, combine_splits_triton, paged_decode  # noqa: E402
 
 # float32: summation order only. bf16 inputs are upcast exactly; the output is rounded once to bf16.
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -48,3 +48,28 @@ def test_paged_decode_matches_torch(context_lens, heads, kv_heads, head_dim, blo
     got = paged_decode(q, k_pages, v_pages, tables, ctx, scale, max(context_lens), pages_per_split)
     want = reference(q, k_pages, v_pages, tables, ctx, block_size, scale)
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_splits_match_adaptive_splits(dtype):
+    """A grid fixed for CUDA graphs (more splits than the context needs) gives the same attention."""
+    q, k_pages, v_pages, tables, ctx = case([1, 9, 30], 6, 2, 24, 5, dtype, seed=3)
+    scale = 24 ** -0.5
+    adaptive = paged_decode(q, k_pages, v_pages, tables, ctx, scale, 30, pages_per_split=2)
+    fixed = paged_decode(q, k_pages, v_pages, tables, ctx, scale, 30, pages_per_split=2, num_splits=7)
+    torch.testing.assert_close(fixed.float(), adaptive.float(), **TOL[dtype])
+    with pytest.raises(ValueError, match="num_splits=2 cannot cover max_context=30"):
+        paged_decode(q, k_pages, v_pages, tables, ctx, scale, 30, pages_per_split=2, num_splits=2)
+
+
+def test_combine_kernel_matches_reference():
+    """Awkward split count and head_dim; one row whose splits are all empty (-inf) gives zeros."""
+    g = torch.Generator().manual_seed(4)
+    part = torch.randn(3, 5, 7, 24, generator=g)
+    lse = torch.randn(3, 5, 7, generator=g) * 3
+    lse[0, :, 4:] = float("-inf")
+    lse[2, 1] = float("-inf")
+    got = combine_splits_triton(part, lse, torch.float32)
+    want = combine_splits(part, lse)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[2, 1], torch.zeros(24))

@@ -1,0 +1,220 @@
+"""``etr miniexpert build DIR``: train a meta and one expert per domain, then run the real ETR pipeline on
+them — query sets by loss gap (not by domain label), expert tokens, dynamic extension, a router baseline —
+and evaluate with the engine doing the switching.
+
+DIR gets: ``tokenizer``-bearing checkpoints ``meta/`` and ``experts/<domain>/``, ``data/`` (the collection
+mixture and the test questions), ``sets.jsonl``, ``head.safetensors`` (all experts), ``head_base.safetensors``
+and ``head_extended.safetensors`` (dynamic extension), ``router.safetensors``, and ``results.md``,
+``results.json`` and ``routing.png``. The build is written to ``DIR.partial`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from etr.errors import ConfigError
+from etr.routing.miniexpert.domains import Domain, alphabet, make_domains, unique_pairs
+from etr.routing.miniexpert.sft import ModelShape, fine_tune, make_model, save_checkpoint, train
+from etr.routing.miniexpert.tokenizer import CharEncoder, build_tokenizer
+
+
+@dataclass(slots=True)
+class Profile:
+    shape: ModelShape
+    meta_steps: int
+    expert_steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    general_share: float = 0.85  # the meta's mixture: mostly general, a light share of each domain
+    atlas_size: int = 120
+    collect_per_domain: int = 100
+    test_per_domain: int = 100
+    tau: float = 1.0             # Eq. 3 margin, in nats summed over the answer
+    head_lr: float = 2e-2        # the paper uses 5e-4 for 7B metas; tiny ones with ~500 queries need more
+    head_epochs: int = 5
+    base_experts: int = 3        # dynamic extension: rows for these first, then the rest added
+    threads: int = field(default_factory=torch.get_num_threads)
+
+
+PROFILES = {
+    "quick": Profile(ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192),
+                     meta_steps=300, expert_steps=250, batch_size=48, atlas_size=40, collect_per_domain=40,
+                     test_per_domain=40),
+    "default": Profile(ModelShape(), meta_steps=500, expert_steps=400),
+}
+
+
+def _mixture(domains: dict[str, Domain], general_share: float, avoid: set[str]):
+    """The meta's light mixture: general pairs with probability ``general_share``, else a random domain's
+    meta sample; queries held out for testing are redrawn."""
+    general = [d for d in domains.values() if not d.expert]
+    experts = [d for d in domains.values() if d.expert]
+
+    def sample(r: random.Random) -> tuple[str, str]:
+        return _avoiding(r.choice(general if r.random() < general_share else experts).meta_sample, avoid)(r)
+    return sample
+
+
+def _avoiding(sample, avoid: set[str]):
+    def draw(r: random.Random) -> tuple[str, str]:
+        for _ in range(100):
+            q, a = sample(r)
+            if q not in avoid:
+                return q, a
+        return q, a
+    return draw
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Build:
+    """One build: each stage is a method, timed into ``self.timings``."""
+
+    def __init__(self, out: Path, profile: str, seed: int, progress: bool, log):
+        if profile not in PROFILES:
+            raise ConfigError(f"unknown MiniExpert profile {profile!r}; choose from {sorted(PROFILES)}")
+        self.final, self.out = out, out.with_name(out.name + ".partial")
+        self.name, self.p, self.seed, self.progress, self.log = profile, PROFILES[profile], seed, progress, log
+        self.domains = make_domains(seed, self.p.atlas_size)
+        self.experts = [n for n, d in self.domains.items() if d.expert]
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str, fn, *args):
+        self.log(f"[miniexpert] {name} ...")
+        start = time.perf_counter()
+        result = fn(*args)
+        self.timings[name] = time.perf_counter() - start
+        self.log(f"[miniexpert] {name}: {self.timings[name]:.1f} s")
+        return result
+
+    def data(self) -> None:
+        r = random.Random(self.seed)
+        self.test = {n: unique_pairs(d, self.p.test_per_domain, r) for n, d in self.domains.items()}
+        # Skill test queries never appear in training or collection; atlas questions are its facts.
+        self.avoid = {q for n, pairs in self.test.items() if not self.domains[n].finite for q, _ in pairs}
+        self.collect = {n: unique_pairs(d, self.p.collect_per_domain, r, self.avoid) for n, d in self.domains.items()}
+        _write_jsonl(self.out / "data" / "test.jsonl",
+                     [{"domain": n, "query": q, "answer": a} for n, pairs in self.test.items() for q, a in pairs])
+        _write_jsonl(self.out / "data" / "collect.jsonl",
+                     [{"query": q, "response": a, "domain": n} for n, pairs in self.collect.items() for q, a in pairs])
+
+    def models(self) -> None:
+        self.tokenizer, self.enc = build_tokenizer(alphabet()), CharEncoder(alphabet())
+        p = self.p
+        meta = make_model(p.shape, len(self.tokenizer), self.seed)
+        train(meta, self.enc, _mixture(self.domains, p.general_share, self.avoid), p.meta_steps, p.lr, p.batch_size,
+              self.seed, "meta", self.progress)
+        save_checkpoint(meta, self.tokenizer, self.out / "meta")
+        for i, name in enumerate(self.experts):
+            expert = fine_tune(meta, self.enc, _avoiding(self.domains[name].sample, self.avoid), p.expert_steps, p.lr,
+                               p.batch_size, self.seed + 1 + i, f"expert {name}", self.progress)
+            save_checkpoint(expert, self.tokenizer, self.out / "experts" / name)
+
+    def query_sets(self) -> None:
+        from etr.models import load_model
+        from etr.routing import collect
+        pairs = collect.load_pairs(self.out / "data" / "collect.jsonl", self.tokenizer)
+        labels = [n for n, ps in self.collect.items() for _ in ps]
+        losses = {}
+        for name, path in {"meta": self.out / "meta", **self.expert_dirs()}.items():
+            model = load_model(path, torch.float32, "cpu")
+            losses.update(collect.compute_losses({name: model}, pairs, 32, self.progress))
+        sets = collect.query_sets(losses, "meta", self.p.tau, "best")
+        negative = collect.negatives(sets, len(pairs))
+        collect.write_sets(self.out / "sets.jsonl", sets, losses, "meta", pairs, negative)
+        self.log(collect.summary(sets, losses, "meta", negative))
+        # Ground truth the paper does not have: how pure each loss-gap set is with respect to domains.
+        self.set_purity = {e: sum(labels[i] == e for i in idx) / len(idx) if idx else None for e, idx in sets.items()}
+        self.set_sizes = {e: len(idx) for e, idx in sets.items()} | {"(negatives)": len(negative)}
+
+    def expert_dirs(self) -> dict[str, str]:
+        return {n: str(self.out / "experts" / n) for n in self.experts}
+
+    def heads(self) -> None:
+        from etr.models import load_model
+        from etr.models.expert_head import save_expert_head
+        from etr.routing.classifier import META, save_classifier, train_classifier
+        from etr.routing.nll import last_hidden
+        from etr.routing.train import TrainConfig, train_head
+        rows = [json.loads(x) for x in (self.out / "sets.jsonl").read_text().splitlines()]
+        meta = load_model(self.out / "meta", torch.float32, "cpu")
+
+        def cfg() -> TrainConfig:
+            return TrainConfig(lr=self.p.head_lr, epochs=self.p.head_epochs, seed=self.seed)
+        base, added = self.experts[:self.p.base_experts], self.experts[self.p.base_experts:]
+        full, _ = train_head(meta, rows, self.experts, cfg=cfg())
+        save_expert_head(self.out / "head.safetensors", full)
+        first = [r for r in rows if r["expert"] in base or r["expert"] is None]
+        head_base, _ = train_head(meta, first, base, cfg=cfg())
+        save_expert_head(self.out / "head_base.safetensors", head_base)
+        later = [r for r in rows if r["expert"] in added or r["expert"] is None]
+        extended, _ = train_head(meta, later, added, old=head_base, cfg=cfg())
+        save_expert_head(self.out / "head_extended.safetensors", extended)
+        hidden = last_hidden(meta, [r["query_ids"] for r in rows])
+        save_classifier(self.out / "router.safetensors",
+                        train_classifier(hidden, [r["expert"] or META for r in rows], seed=self.seed))
+
+    def evaluate(self) -> None:
+        from etr.models import load_model
+        from etr.routing.classifier import load_classifier
+        from etr.routing.eval_data import load_exact_jsonl
+        from etr.routing.evaluate import EvalSetup, evaluate, summarize
+        questions = load_exact_jsonl(self.out / "data" / "test.jsonl")
+        setup = EvalSetup(str(self.out / "meta"), self.expert_dirs(), str(self.out / "head.safetensors"),
+                          {n: n for n in self.experts}, max_tokens=12, seed=self.seed)
+        clf = load_classifier(self.out / "router.safetensors")
+        clf.model = load_model(self.out / "meta", torch.float32, "cpu")
+        records = evaluate(setup, questions, ["meta", "oracle", "random", "router", "etr"], clf, self.progress)
+        extended = EvalSetup(setup.meta, setup.experts, str(self.out / "head_extended.safetensors"),
+                             setup.domain_expert, setup.max_tokens, seed=self.seed)
+        for r in evaluate(extended, questions, ["etr"], progress=self.progress):
+            r.method = "etr_extended"
+            records.append(r)
+        self.records, self.summary = records, summarize(records, setup)
+
+    def run(self) -> dict:
+        if self.final.exists() and any(self.final.iterdir()):
+            raise ConfigError(f"{self.final} exists and is not empty; choose another directory or remove it")
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir(parents=True)
+        torch.set_num_threads(self.p.threads)
+        start = time.perf_counter()
+        for name, fn in [("data", self.data), ("models", self.models), ("query sets", self.query_sets),
+                         ("expert tokens", self.heads), ("evaluation", self.evaluate)]:
+            self.stage(name, fn)
+        self.timings["total"] = time.perf_counter() - start
+        results = self.write_results()
+        if self.final.exists():
+            self.final.rmdir()
+        self.out.rename(self.final)
+        return results
+
+    def write_results(self) -> dict:
+        from etr.routing import report
+        from etr.routing.evaluate import records_json
+        from etr.routing.miniexpert.results import bars, markdown
+        checks = bars(self.summary, self.experts)
+        results = {"profile": self.name, "seed": self.seed, "settings": asdict(self.p), "timings_s": self.timings,
+                   "set_sizes": self.set_sizes, "set_purity": self.set_purity, "summary": self.summary,
+                   "bars": checks}
+        text = markdown(results, self.experts)
+        (self.out / "results.md").write_text(text)
+        report.write_json(self.out / "results.json", results | {"records": records_json(self.records)})
+        report.confusion_png(self.out / "routing.png", self.summary, ("router", "etr", "etr_extended"))
+        self.log(text)
+        return results
+
+
+def build(out_dir: str | Path, profile: str = "default", seed: int = 0, progress: bool = True, log=print) -> dict:
+    """Build the library in ``out_dir`` and return the results (also written as results.json)."""
+    return Build(Path(out_dir), profile, seed, progress, log).run()

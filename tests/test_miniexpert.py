@@ -1,0 +1,89 @@
+"""MiniExpert: domains and tokenizer, and the quick profile built end to end (checkpoints the engine loads,
+held-out data kept apart, every report written, experts better than the meta)."""
+
+import json
+import random
+
+import pytest
+
+from etr.errors import ConfigError
+from etr.routing.miniexpert.domains import alphabet, make_atlas, make_domains, unique_pairs
+from etr.routing.miniexpert.tokenizer import CharEncoder, build_tokenizer
+
+
+def test_domains_are_exact_and_seeded():
+    d = make_domains(seed=5)
+    r = random.Random(0)
+    for _ in range(200):
+        q, a = d["addition"].sample(r)
+        x, y = q.removeprefix("add ").removesuffix("=").split("+")
+        assert int(a) == int(x) + int(y)
+        q, a = d["sorting"].sample(r)
+        assert a == "".join(sorted(q.removeprefix("sort ").removesuffix("=")))
+        q, a = d["shift"].sample(r)
+        word = q.removeprefix("shift ").removesuffix("=")
+        assert len(word) == len(a) and all(ord(y) - ord(x) in (1, -25) for x, y in zip(word, a))
+    assert make_atlas(5, 30) == make_atlas(5, 30) != make_atlas(6, 30)
+    known = {d["atlas"].meta_sample(r)[0] for _ in range(500)}
+    assert len(known) == 12  # the meta's mixture shows a tenth of the atlas
+    pairs = unique_pairs(d["reversal"], 50, r, exclude={"reverse abcd="})
+    assert len({q for q, _ in pairs}) == 50 and "reverse abcd=" not in {q for q, _ in pairs}
+    assert all(set(q + a) <= set(alphabet()) for dom in d.values() for q, a in unique_pairs(dom, 20, r))
+
+
+def test_tokenizer_matches_the_fast_encoder(tmp_path):
+    tok = build_tokenizer(alphabet())
+    tok.save_pretrained(str(tmp_path))
+    from transformers import AutoTokenizer
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    enc = CharEncoder(alphabet())
+    for text in ["add 12+34=", "capital of Kalomi?", "shift abcz="]:
+        assert loaded(text).input_ids == enc.query(text)
+        assert loaded.decode(enc.answer(text), skip_special_tokens=True) == text
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    from etr.routing.miniexpert.build import build
+    out = tmp_path_factory.mktemp("mx") / "lib"
+    return out, build(out, "quick", seed=0, progress=False, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_quick_build_end_to_end(quick):
+    from etr import LLM, SamplingParams
+    out, results = quick
+    for name in ["results.md", "results.json", "routing.png", "sets.jsonl", "head.safetensors",
+                 "head_base.safetensors", "head_extended.safetensors", "router.safetensors"]:
+        assert (out / name).exists(), name
+    assert not out.with_name("lib.partial").exists()
+    test = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
+    collected = {json.loads(x)["query"] for x in (out / "data" / "collect.jsonl").read_text().splitlines()}
+    assert not {t["query"] for t in test if t["domain"] != "atlas"} & collected
+    s = results["summary"]
+    assert list(s) == ["meta", "oracle", "random", "router", "etr", "etr_extended"]
+    experts = ["addition", "reversal", "sorting", "shift", "atlas"]
+    mean = {m: sum(s[m]["domain_accuracy"][e] for e in experts) / 5 for m in s}
+    assert mean["oracle"] > mean["meta"] + 0.15  # the fine-tuned experts know their domains
+    assert len(results["bars"]) == 5 and all(isinstance(b["holds"], bool) for b in results["bars"])
+    # The checkpoints are ordinary ones: the engine loads them and switches with the trained head.
+    llm = LLM(str(out / "meta"), dtype="float32", num_kv_blocks=64,
+              experts={e: str(out / "experts" / e) for e in experts}, expert_head=str(out / "head.safetensors"))
+    records = [r for r in json.loads((out / "results.json").read_text())["records"] if r["method"] == "etr"]
+    picks = records[::37]
+    outs = llm.generate([test[r["index"]]["query"] for r in picks], SamplingParams(temperature=0.0, max_tokens=12),
+                        use_tqdm=False)
+    for r, o in zip(picks, outs):  # the reported answers are the engine's
+        assert (o.text, o.expert or "meta") == (r["text"], r["model"])
+    assert llm.router.all_free()
+
+
+def test_build_refuses_a_non_empty_directory(tmp_path):
+    from etr.routing.miniexpert.build import build
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        build(tmp_path / "x", "quick", progress=False, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="unknown MiniExpert profile 'huge'"):
+        build(tmp_path / "y", "huge", progress=False, log=lambda *_: None)
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
