@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from etr.engine.attention import block_size_for, resolve_backend
 from etr.engine.block_manager import BlockManager
 from etr.engine.model_runner import ModelRunner
 from etr.engine.outputs import RequestMetrics, RequestOutput
@@ -24,7 +25,7 @@ class EngineConfig:
     model: str
     dtype: torch.dtype
     device: torch.device
-    block_size: int = 16
+    block_size: int | None = None  # None: the backend's page size (16; 256 for flash-attn)
     max_model_len: int = 2048
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
@@ -35,6 +36,8 @@ class EngineConfig:
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
+        cfg.attention_backend = resolve_backend(cfg.attention_backend, cfg.device)
+        cfg.block_size = block_size_for(cfg.attention_backend, cfg.block_size)
         self.config = cfg
         self.runner = ModelRunner(cfg.model, cfg.dtype, cfg.device, cfg.block_size, cfg.max_model_len,
                                   cfg.attention_backend)

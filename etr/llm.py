@@ -24,13 +24,14 @@ class LLM:
         model: an HF checkpoint directory (Llama or Qwen2 family, safetensors weights).
         dtype: "auto" (bfloat16 on CUDA, float32 on the CPU), "float32", "bfloat16" or "float16".
         device: "cpu", "cuda" or "cuda:N".
-        block_size: tokens per KV block.
+        block_size: tokens per KV block; None picks the backend's (16, or 256 for flash-attn, whose paged KV
+            needs multiples of 256).
         max_model_len: longest prompt + output; defaults to the model's max_position_embeddings, capped at 4096.
         max_num_seqs: most requests decoded together.
         num_kv_blocks: size of the KV pool in blocks; None sizes it from free memory.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes across requests.
-        attention_backend: "auto" (the torch backend until the Triton one is measured on a GPU), "torch"
-            or "triton".
+        attention_backend: "auto" (flash-attn on CUDA when it imports, else torch; Triton stays opt-in until
+            measured on a GPU), "flash", "triton" or "torch".
         experts: expert name -> checkpoint directory. Experts must share the meta's vocabulary and tokenizer;
             two names on one directory load it once.
         expert_head: head file(s) with one trained row per expert (several files: rows concatenated).
@@ -40,14 +41,14 @@ class LLM:
     """
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-                 block_size: int = 16, max_model_len: int | None = None, max_num_seqs: int = 64,
+                 block_size: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 8192,
                  experts: dict[str, str] | None = None, expert_head: str | list[str] | None = None,
                  expert_devices: dict[str, str] | None = None):
         dev = parse_device(device)
         model_cfg = load_model_config(model)
-        if block_size < 1 or max_num_seqs < 1:
+        if (block_size is not None and block_size < 1) or max_num_seqs < 1:
             raise ConfigError(f"block_size={block_size} and max_num_seqs={max_num_seqs} must be >= 1")
         max_model_len = max_model_len or min(model_cfg.max_position_embeddings, 4096)
         torch_dtype = parse_dtype(dtype, dev)

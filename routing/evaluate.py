@@ -62,7 +62,10 @@ def _prompt_ids(tokenizer, q: Question, chat_template: bool) -> list[int]:
 
 def _make_llm(setup: EvalSetup, prompts: list[list[int]], experts: bool, head: bool):
     from etr import LLM
-    block, seqs = 16, min(64, len(prompts))
+    from etr.engine.attention import block_size_for, resolve_backend
+    from etr.options import parse_device
+    block = block_size_for(resolve_backend("auto", parse_device(setup.device)), None)
+    seqs = min(64, len(prompts))
     longest = max(len(p) for p in prompts) + setup.max_tokens
     # A pool for one full batch of the longest request, not a share of free memory: eval loads two LLMs.
     blocks = seqs * math.ceil(longest / block) + 1

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from etr.errors import ConfigError
-from etr.routing.miniexpert.domains import alphabet, make_atlas, make_domains, unique_pairs
+from etr.routing.miniexpert.domains import alphabet, make_domains, make_table, unique_pairs
 from etr.routing.miniexpert.tokenizer import CharEncoder, build_tokenizer
 
 
@@ -15,17 +15,17 @@ def test_domains_are_exact_and_seeded():
     d = make_domains(seed=5)
     r = random.Random(0)
     for _ in range(200):
-        q, a = d["addition"].sample(r)
-        x, y = q.removeprefix("add ").removesuffix("=").split("+")
-        assert int(a) == int(x) + int(y)
+        q, a = d["multiplication"].sample(r)
+        x, y = q.removeprefix("mul ").removesuffix("=").split("*")
+        assert int(a) == int(x) * int(y) and 11 <= int(x) <= 29 and 2 <= int(y) <= 9
         q, a = d["sorting"].sample(r)
         assert a == "".join(sorted(q.removeprefix("sort ").removesuffix("=")))
-        q, a = d["shift"].sample(r)
-        word = q.removeprefix("shift ").removesuffix("=")
-        assert len(word) == len(a) and all(ord(y) - ord(x) in (1, -25) for x, y in zip(word, a))
-    assert make_atlas(5, 30) == make_atlas(5, 30) != make_atlas(6, 30)
-    known = {d["atlas"].meta_sample(r)[0] for _ in range(500)}
-    assert len(known) == 12  # the meta's mixture shows a tenth of the atlas
+        q, a = d["reversal"].sample(r)
+        assert a == q.removeprefix("reverse ").removesuffix("=")[::-1]
+    assert make_table(5, 30) == make_table(5, 30) != make_table(6, 30)
+    for table, size in (("atlas", 120), ("inventors", 120), ("multiplication", 152)):
+        known = {d[table].meta_sample(r)[0] for _ in range(1000)}
+        assert len(known) == size // 10  # the meta's mixture shows a tenth of each table
     pairs = unique_pairs(d["reversal"], 50, r, exclude={"reverse abcd="})
     assert len({q for q, _ in pairs}) == 50 and "reverse abcd=" not in {q for q, _ in pairs}
     assert all(set(q + a) <= set(alphabet()) for dom in d.values() for q, a in unique_pairs(dom, 20, r))
@@ -37,7 +37,7 @@ def test_tokenizer_matches_the_fast_encoder(tmp_path):
     from transformers import AutoTokenizer
     loaded = AutoTokenizer.from_pretrained(str(tmp_path))
     enc = CharEncoder(alphabet())
-    for text in ["add 12+34=", "capital of Kalomi?", "shift abcz="]:
+    for text in ["mul 12*3=", "capital of Kalomi?", "who made the Jinpe?"]:
         assert loaded(text).input_ids == enc.query(text)
         assert loaded.decode(enc.answer(text), skip_special_tokens=True) == text
 
@@ -59,10 +59,10 @@ def test_quick_build_end_to_end(quick):
     assert not out.with_name("lib.partial").exists()
     test = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
     collected = {json.loads(x)["query"] for x in (out / "data" / "collect.jsonl").read_text().splitlines()}
-    assert not {t["query"] for t in test if t["domain"] != "atlas"} & collected
+    assert not {t["query"] for t in test if t["domain"] in ("reversal", "sorting")} & collected
     s = results["summary"]
     assert list(s) == ["meta", "oracle", "random", "router", "etr", "etr_extended"]
-    experts = ["addition", "reversal", "sorting", "shift", "atlas"]
+    experts = ["reversal", "sorting", "multiplication", "atlas", "inventors"]
     mean = {m: sum(s[m]["domain_accuracy"][e] for e in experts) / 5 for m in s}
     assert mean["oracle"] > mean["meta"] + 0.15  # the fine-tuned experts know their domains
     assert len(results["bars"]) == 5 and all(isinstance(b["holds"], bool) for b in results["bars"])

@@ -33,7 +33,7 @@ class Profile:
     batch_size: int = 64
     lr: float = 3e-3
     general_share: float = 0.85  # the meta's mixture: mostly general, a light share of each domain
-    atlas_size: int = 120
+    facts: int = 120             # per knowledge table
     collect_per_domain: int = 100
     test_per_domain: int = 100
     tau: float = 1.0             # Eq. 3 margin, in nats summed over the answer
@@ -45,7 +45,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192),
-                     meta_steps=300, expert_steps=250, batch_size=48, atlas_size=40, collect_per_domain=40,
+                     meta_steps=300, expert_steps=250, batch_size=48, facts=40, collect_per_domain=40,
                      test_per_domain=40),
     "default": Profile(ModelShape(), meta_steps=500, expert_steps=400),
 }
@@ -85,7 +85,7 @@ class Build:
             raise ConfigError(f"unknown MiniExpert profile {profile!r}; choose from {sorted(PROFILES)}")
         self.final, self.out = out, out.with_name(out.name + ".partial")
         self.name, self.p, self.seed, self.progress, self.log = profile, PROFILES[profile], seed, progress, log
-        self.domains = make_domains(seed, self.p.atlas_size)
+        self.domains = make_domains(seed, self.p.facts)
         self.experts = [n for n, d in self.domains.items() if d.expert]
         self.timings: dict[str, float] = {}
 
@@ -100,7 +100,7 @@ class Build:
     def data(self) -> None:
         r = random.Random(self.seed)
         self.test = {n: unique_pairs(d, self.p.test_per_domain, r) for n, d in self.domains.items()}
-        # Skill test queries never appear in training or collection; atlas questions are its facts.
+        # Skill test queries never appear in training or collection; a fact table's questions are its facts.
         self.avoid = {q for n, pairs in self.test.items() if not self.domains[n].finite for q, _ in pairs}
         self.collect = {n: unique_pairs(d, self.p.collect_per_domain, r, self.avoid) for n, d in self.domains.items()}
         _write_jsonl(self.out / "data" / "test.jsonl",

@@ -1,10 +1,15 @@
 """Synthetic domains with exact answers, generated from a seed.
 
-Each domain maps a random generator to one (query, answer) pair. Four are skills (addition, reversal,
-sorting, a Caesar shift), one is knowledge: a fictional atlas whose capitals must be memorized (the meta is shown
-only its few "well-known" ones). Counting was tried and dropped: fine-tuned from a meta that saw
-little of it, a 4-layer expert reached only 41% in the default profile's 400 steps. ``echo`` is the general domain: no expert is trained for it, so it supplies
-the negatives and the false-routing measurement.
+Each domain maps a random generator to one (query, answer) pair. Two are skills (word reversal, sorting
+letters), three are tables to learn: multiplication (a 2-digit number by a digit) and two fictional fact
+tables (an atlas of capitals, a register of inventors); the meta is shown only a tenth of each table. ``echo`` is the general domain:
+no expert is trained for it, so it supplies the negatives and the false-routing measurement.
+
+Tried and dropped (default profile, seed 0): 2-digit addition as a skill (the expert reached 97% from one
+meta and 12-19% from another after 400-700 steps: too fickle for a library that must build the same way
+every time), counting a letter (an expert fine-tuned from a meta that saw
+little of it reached only 41% in 400 steps) and a Caesar shift (the meta learned it from its light mixture
+alone, 100%, being a copy task like echo).
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ def _word(r: random.Random, low: int, high: int, letters: str = LETTERS) -> str:
     return "".join(r.choice(letters) for _ in range(r.randint(low, high)))
 
 
-def addition(r: random.Random) -> tuple[str, str]:
-    a, b = r.randint(10, 99), r.randint(10, 99)
-    return f"add {a}+{b}=", str(a + b)
+def times_table(low: int = 11, high: int = 29) -> dict[str, str]:
+    """Products of a 2-digit number in [low, high] by a digit 2-9: arithmetic facts to learn."""
+    return {f"{a}*{b}": str(a * b) for a in range(low, high + 1) for b in range(2, 10)}
 
 
 def reversal(r: random.Random) -> tuple[str, str]:
@@ -48,50 +53,46 @@ def sorting(r: random.Random) -> tuple[str, str]:
     return f"sort {w}=", "".join(sorted(w))
 
 
-def shifting(r: random.Random) -> tuple[str, str]:
-    """A Caesar shift by one letter (z wraps to a)."""
-    w = _word(r, 4, 8)
-    return f"shift {w}=", "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w)
-
-
 def echo(r: random.Random) -> tuple[str, str]:
     w = _word(r, 3, 8)
     return f"echo {w}=", w
 
 
-def make_atlas(seed: int, size: int) -> dict[str, str]:
-    """``size`` fictional countries and their capitals (distinct names, deterministic in ``seed``)."""
+def make_table(seed: int, size: int, key_syllables: int = 3, value_syllables: int = 2) -> dict[str, str]:
+    """``size`` fictional names and their values, e.g. countries and capitals (distinct keys, deterministic)."""
     r = random.Random(seed)
-    atlas: dict[str, str] = {}
-    while len(atlas) < size:
-        country = "".join(r.choice(SYLLABLES) for _ in range(3)).capitalize()
-        if country not in atlas:
-            atlas[country] = "".join(r.choice(SYLLABLES) for _ in range(2)).capitalize()
-    return atlas
+    table: dict[str, str] = {}
+    while len(table) < size:
+        key = "".join(r.choice(SYLLABLES) for _ in range(key_syllables)).capitalize()
+        if key not in table:
+            table[key] = "".join(r.choice(SYLLABLES) for _ in range(value_syllables)).capitalize()
+    return table
 
 
-def atlas_domain(seed: int, size: int, known_share: float = 0.1) -> Domain:
-    """The meta's mixture shows only ``known_share`` of the atlas: the few "well-known" capitals."""
-    atlas = make_atlas(seed, size)
-    countries = sorted(atlas)
-    known = countries[: max(1, int(size * known_share))]
+def fact_domain(name: str, question: str, table: dict[str, str], known_share: float = 0.1) -> Domain:
+    """Questions ``question.format(key)`` about a fact table; the meta's mixture shows only ``known_share``
+    of it (the few "well-known" facts)."""
+    keys = sorted(table)
+    known = keys[: max(1, int(len(keys) * known_share))]
 
     def ask(pool: list[str]) -> Sample:
-        return lambda r: (lambda c: (f"capital of {c}?", atlas[c]))(r.choice(pool))
-    return Domain("atlas", ask(countries), ask(known), finite=True)
+        return lambda r: (lambda k: (question.format(k), table[k]))(r.choice(pool))
+    return Domain(name, ask(keys), ask(known), finite=True)
 
 
-def make_domains(seed: int = 0, atlas_size: int = 120) -> dict[str, Domain]:
+def make_domains(seed: int = 0, facts: int = 120) -> dict[str, Domain]:
     """The MiniExpert domains, expert domains first in a fixed order, then the general one."""
-    skills = [Domain(n, f, f) for n, f in (("addition", addition), ("reversal", reversal), ("sorting", sorting),
-                                            ("shift", shifting))]
-    domains = [*skills, atlas_domain(seed, atlas_size), Domain("echo", echo, echo, expert=False)]
+    skills = [Domain(n, f, f) for n, f in (("reversal", reversal), ("sorting", sorting))]
+    knowledge = [fact_domain("multiplication", "mul {}=", times_table()),
+                 fact_domain("atlas", "capital of {}?", make_table(seed, facts)),
+                 fact_domain("inventors", "who made the {}?", make_table(seed + 1000, facts, 2, 3))]
+    domains = [*skills, *knowledge, Domain("echo", echo, echo, expert=False)]
     return {d.name: d for d in domains}
 
 
 def alphabet() -> str:
     """Every character a MiniExpert query or answer can contain."""
-    return "".join(sorted(set(LETTERS + LETTERS.upper() + string.digits + " +=?")))
+    return "".join(sorted(set(LETTERS + LETTERS.upper() + string.digits + " *=?")))
 
 
 def unique_pairs(domain: Domain, n: int, r: random.Random, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
