@@ -9,7 +9,9 @@
 5. end-to-end decode tok/s, Qwen2-1.5B / 7B shapes with random bf16 weights, vs HF generate and the floor
 6. switching cost (paper Table 5) at 7B shape
 
-Status 2026-11-23: written without a GPU; it has not run yet. Expect the first run to need fixes.
+Status 2026-11-23: written without a GPU (no device lent in either session so far); it has not run yet.
+Expect the first run to need fixes. The table printer is checked on the CPU with a made-up result
+(tests/test_gpu_suite_table.py).
 """
 
 from __future__ import annotations
@@ -174,8 +176,44 @@ def main() -> int:
                 result[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"== {name}: {json.dumps(result[name], default=str)[:2000]}", flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    print(f"device {result['device']}, copy bandwidth {bw:.0f} GB/s; JSON in {args.out}")
+    print(table(result))
+    print(f"JSON in {args.out}")
     return 0
+
+
+def table(r: dict) -> str:
+    """The short summary: one line per measured figure, with the issue's bar beside it."""
+    lines = [f"{r['device']}, {r['date']}, copy bandwidth {r['copy_GBps']:.0f} GB/s", "",
+             f"{'what':<44}{'measured':>22}  bar"]
+
+    def add(what, measured, bar=""):
+        lines.append(f"{what:<44}{measured:>22}  {bar}")
+    for name in ("tests", "lm_head", "attention", "decode", "switch"):
+        v = r.get(name)
+        if v is None:
+            continue
+        if isinstance(v, dict) and "error" in v:
+            add(name, "ERROR", v["error"][:60])
+        elif name == "tests":
+            add("GPU tests", v["summary"][:22], "all pass")
+        elif name == "lm_head":
+            for x in v:
+                add(f"extended head B={x['B']} (torch {x['torch_ms']:.3f} ms)",
+                    f"{x['kernel_ms']:.3f} ms {100 * x['frac_bw']:.0f}%bw", "<= 0.46 ms, argmax equal: "
+                    + str(x["argmax_equal"]))
+        elif name == "attention":
+            for x in v:
+                add(f"paged decode ctx={x['context']} (SDPA {x['sdpa_ms']:.3f} ms)",
+                    f"{x['paged_ms']:.3f} ms {x['GBps']:.0f} GB/s")
+        elif name == "decode":
+            for x in v:
+                bar = {("qwen2-7b", 1): "<= 6.3 ms", ("qwen2-1.5b", 1): "<= 1.8 ms"}.get((x["shape"], x["batch"]), "")
+                add(f"decode {x['shape']} b={x['batch']} (HF {x['hf_ms_per_step']:.2f} ms)",
+                    f"{x['etr_ms_per_step']:.2f} ms x{x['speedup']:.2f}",
+                    f"{bar} floor {x['floor_ms']:.2f} ms; >= 1.5x (b=1) / 3x (b=32)")
+        elif name == "switch":
+            add("switch overhead, 7B shape, 256 tokens", f"{v.get('overhead_pct', float('nan')):+.2f}%", "< 1%")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
