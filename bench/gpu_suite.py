@@ -5,7 +5,8 @@
 1. GPU-marked tests (kernels compiled; engine parity on CUDA)
 2. device copy bandwidth, the reference for every GB/s figure
 3. extended LM head at Qwen-7B shapes (V=151,936, d=4,096, E=6; B=1, 8, 64) vs torch.cat + matmul + argmax
-4. paged decode attention vs SDPA on contiguous K/V, contexts 512..32k
+4. paged decode attention vs SDPA on contiguous K/V, contexts 512..32k; paged prefill after a prefix hit
+   vs gather + SDPA
 5. end-to-end decode tok/s, Qwen2-1.5B / 7B shapes with random bf16 weights, vs HF generate and the floor
 6. switching cost (paper Table 5) at 7B shape
 
@@ -95,6 +96,26 @@ def bench_paged_attention(bw: float, contexts=(512, 2048, 8192, 32768)) -> list[
     return rows
 
 
+def bench_paged_prefill(prefix: int = 1536, new: int = 512, batch: int = 4) -> dict:
+    """Prefill after a prefix-cache hit: the Triton kernel over pages vs gather + SDPA (the torch backend)."""
+    from etr.kernels.paged_prefill import paged_prefill, paged_prefill_reference
+    H, KVH, D, BS = 28, 4, 128, 16
+    ctx = prefix + new
+    blocks = batch * ctx // BS
+    k = torch.randn(blocks, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    tables = torch.arange(blocks, device="cuda", dtype=torch.int32).view(batch, -1)
+    q = torch.randn(batch * new, H, D, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(0, batch * new + 1, new, device="cuda", dtype=torch.int32)
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    t = cuda_time(lambda: paged_prefill(q, k, v, tables, cu, lens, new, D ** -0.5, block_m=64, block_n=64))
+    t_ref = cuda_time(lambda: paged_prefill_reference(q, k, v, tables, [new] * batch, [ctx] * batch, D ** -0.5))
+    got = paged_prefill(q, k, v, tables, cu, lens, new, D ** -0.5, block_m=64, block_n=64)
+    err = (got.float() - paged_prefill_reference(q, k, v, tables, [new] * batch, [ctx] * batch, D ** -0.5).float())
+    return dict(prefix=prefix, new=new, batch=batch, triton_ms=t * 1e3, gather_sdpa_ms=t_ref * 1e3,
+                max_abs_err=err.abs().max().item())
+
+
 SHAPES = {"qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                              num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
           "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -157,13 +178,13 @@ def bench_switch(root: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", ".") + "/gpu_suite.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "lm_head", "attention", "decode", "switch"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "lm_head", "attention", "prefill", "decode", "switch"])
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     result["copy_GBps"] = bw = copy_bandwidth() / 1e9
     steps = {"tests": run_tests, "lm_head": lambda: bench_lm_head(bw * 1e9),
-             "attention": lambda: bench_paged_attention(bw * 1e9)}
+             "attention": lambda: bench_paged_attention(bw * 1e9), "prefill": bench_paged_prefill}
     with tempfile.TemporaryDirectory() as tmp:
         steps["decode"] = lambda: bench_decode(Path(tmp), bw * 1e9)
         steps["switch"] = lambda: bench_switch(Path(tmp))
@@ -188,7 +209,7 @@ def table(r: dict) -> str:
 
     def add(what, measured, bar=""):
         lines.append(f"{what:<44}{measured:>22}  {bar}")
-    for name in ("tests", "lm_head", "attention", "decode", "switch"):
+    for name in ("tests", "lm_head", "attention", "prefill", "decode", "switch"):
         v = r.get(name)
         if v is None:
             continue
@@ -205,6 +226,9 @@ def table(r: dict) -> str:
             for x in v:
                 add(f"paged decode ctx={x['context']} (SDPA {x['sdpa_ms']:.3f} ms)",
                     f"{x['paged_ms']:.3f} ms {x['GBps']:.0f} GB/s")
+        elif name == "prefill":
+            add(f"prefill {v['new']} new after {v['prefix']} cached, b={v['batch']}",
+                f"{v['triton_ms']:.3f} ms", f"gather+SDPA {v['gather_sdpa_ms']:.3f} ms, err {v['max_abs_err']:.3f}")
         elif name == "decode":
             for x in v:
                 bar = {("qwen2-7b", 1): "<= 6.3 ms", ("qwen2-1.5b", 1): "<= 1.8 ms"}.get((x["shape"], x["batch"]), "")

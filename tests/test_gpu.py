@@ -103,3 +103,14 @@ def test_engine_bf16_logprobs_close_to_hf_on_cuda(backend, tiny_dir, hf_model_of
     chosen = logp.gather(1, torch.tensor(out.token_ids, device=DEV)[:, None]).squeeze(1)
     assert (logp.max(-1).values - chosen).max().item() < 0.1
     hf.to("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_prefill_compiled(dtype):
+    from test_paged_prefill_kernel import TOL, case
+    from etr.kernels.paged_prefill import paged_prefill, paged_prefill_reference
+    q, k_pages, v_pages, tables, cu, ctx = case([7, 100, 1], [7, 300, 40], 12, 4, 64, 16, dtype, seed=2)
+    got = paged_prefill(*(t.to(DEV) for t in (q, k_pages, v_pages, tables, cu, ctx)), 100, 0.125)
+    want = paged_prefill_reference(q.float(), k_pages.float(), v_pages.float(), tables, [7, 100, 1], [7, 300, 40],
+                                   0.125)
+    torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])

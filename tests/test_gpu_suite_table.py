@@ -19,9 +19,12 @@ def test_table_lists_every_figure_and_errors():
               "lm_head": [{"B": 1, "kernel_ms": 0.41, "torch_ms": 0.9, "GBps": 3030.0, "frac_bw": 0.93,
                            "argmax_equal": True}],
               "attention": {"error": "RuntimeError: boom"},
+              "prefill": {"prefix": 1536, "new": 512, "batch": 4, "triton_ms": 1.25, "gather_sdpa_ms": 3.5,
+                          "max_abs_err": 0.01},
               "decode": [{"shape": "qwen2-7b", "batch": 1, "etr_ms_per_step": 6.1, "hf_ms_per_step": 20.0,
                           "speedup": 3.3, "floor_ms": 5.1}],
               "switch": {"overhead_pct": 0.4}}
     text = suite.table(result)
     assert "FakeGPU" in text and "9 passed" in text and "0.410 ms 93%bw" in text
+    assert "1.250 ms" in text and "gather+SDPA 3.500 ms" in text
     assert "ERROR" in text and "boom" in text and "6.10 ms x3.30" in text and "+0.40%" in text

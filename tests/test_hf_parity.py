@@ -94,12 +94,17 @@ def test_bf16_logprobs_close_to_hf(name, tiny_dir, hf_model_of):
 
 @pytest.mark.parametrize("name", ["qwen2_tied_hd32", "llama_untied_hd48"])
 def test_triton_backend_matches_hf(name, tiny_dir, hf_model_of):
-    """The Triton backend (KV write + paged decode kernels, interpreted on the CPU) keeps greedy parity."""
+    """The Triton backend (KV write, paged prefill with prefix hits, paged decode; interpreted on the CPU)
+    keeps greedy parity."""
     pytest.importorskip("triton")
     path = tiny_dir(name)
     llm = LLM(str(path), dtype="float32", block_size=8, num_kv_blocks=64, attention_backend="triton")
     assert llm.engine.runner.backend.name == "triton"
     prompts = random_prompts((3, 17, 26), seed=6)
     outs = llm.generate(prompts, greedy(12), use_tqdm=False)
+    # A second batch sharing the 26-token prompt's first 24 tokens: the paged prefill reads 3 cached pages.
+    hits = [prompts[2][:24] + [1, 2, 3, 4, 5], prompts[2][:17]]
+    outs += llm.generate(hits, greedy(12), use_tqdm=False)
+    assert outs[3].metrics.num_cached_prompt_tokens == 24
     hf = hf_model_of(path)
-    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in prompts]
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in prompts + hits]

@@ -1,5 +1,5 @@
-"""Triton paged attention: the KV write and decode run as Triton kernels; prefill reuses the torch path
-(SDPA on the new tokens, plus the gathered cached prefix on a prefix-cache hit)."""
+"""Triton paged attention: KV write, prefill over pages (prefix hits included) and split-K decode all run as
+Triton kernels; a cache-free forward (loss computation) falls back to the torch path."""
 
 from __future__ import annotations
 
@@ -10,20 +10,23 @@ from etr.engine.attention.metadata import AttentionMetadata
 from etr.engine.attention.torch_backend import TorchAttentionBackend
 from etr.kernels.kv_write import write_kv
 from etr.kernels.paged_attention import paged_decode
+from etr.kernels.paged_prefill import paged_prefill
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
     name = "triton"
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        if meta.is_prefill:
-            super().prepare(meta)  # the torch prefill needs its gathered prefix slots
+        if meta.block_tables is None:
+            super().prepare(meta)
 
     def forward(self, q, k, v, kv_cache: KVCache | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        if kv_cache is not None:
-            write_kv(kv_cache, k, v, meta.slot_mapping)
-        if meta.is_prefill:
-            return self._prefill(q, k, v, kv_cache, meta, scale)
+        if kv_cache is None:
+            return super().forward(q, k, v, None, meta, scale)
+        write_kv(kv_cache, k, v, meta.slot_mapping)
         k_pages, v_pages = kv_cache
+        if meta.is_prefill:
+            return paged_prefill(q, k_pages, v_pages, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                                 max(meta.query_lens), scale)
         return paged_decode(q, k_pages, v_pages, meta.block_tables, meta.context_lens, scale,
                             max(meta.context_lens_list))
