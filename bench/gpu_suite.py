@@ -140,9 +140,11 @@ def bench_decode(root: Path, bw: float, new_tokens: int = 128) -> list[dict]:
     for shape in SHAPES:
         path = random_checkpoint(shape, root)
         weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=32)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-        for batch in (1, 32):
+        for backend, batch in [("torch", 1), ("torch", 32), ("triton", 1), ("triton", 32)]:
+            # triton: Triton attention with CUDA graphs; torch: SDPA over gathered pages, eager
+            llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=32,
+                      attention_backend=backend)
             prompts = [[100 + i + j for j in range(32)] for i in range(batch)]
             params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
             llm.generate(prompts, params, use_tqdm=False)
@@ -160,10 +162,12 @@ def bench_decode(root: Path, bw: float, new_tokens: int = 128) -> list[dict]:
             hf.generate(ids, **kw)
             torch.cuda.synchronize()
             theirs = time.perf_counter() - start
-            rows.append(dict(shape=shape, batch=batch, etr_ms_per_step=ours / new_tokens * 1e3,
+            rows.append(dict(shape=shape, backend=backend, batch=batch, etr_ms_per_step=ours / new_tokens * 1e3,
                              hf_ms_per_step=theirs / new_tokens * 1e3, speedup=theirs / ours,
                              floor_ms=weight_bytes / bw * 1e3))
-        del llm, hf
+            del llm
+            torch.cuda.empty_cache()
+        del hf
         torch.cuda.empty_cache()
     return rows
 
@@ -232,7 +236,7 @@ def table(r: dict) -> str:
         elif name == "decode":
             for x in v:
                 bar = {("qwen2-7b", 1): "<= 6.3 ms", ("qwen2-1.5b", 1): "<= 1.8 ms"}.get((x["shape"], x["batch"]), "")
-                add(f"decode {x['shape']} b={x['batch']} (HF {x['hf_ms_per_step']:.2f} ms)",
+                add(f"decode {x['shape']} {x.get('backend', '')} b={x['batch']} (HF {x['hf_ms_per_step']:.2f})",
                     f"{x['etr_ms_per_step']:.2f} ms x{x['speedup']:.2f}",
                     f"{bar} floor {x['floor_ms']:.2f} ms; >= 1.5x (b=1) / 3x (b=32)")
         elif name == "switch":

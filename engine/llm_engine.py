@@ -32,6 +32,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    cuda_graphs: bool | None = None  # None: on for CUDA with a capturable backend
 
 
 class LLMEngine:
@@ -40,7 +41,7 @@ class LLMEngine:
         cfg.block_size = block_size_for(cfg.attention_backend, cfg.block_size)
         self.config = cfg
         self.runner = ModelRunner(cfg.model, cfg.dtype, cfg.device, cfg.block_size, cfg.max_model_len,
-                                  cfg.attention_backend)
+                                  cfg.attention_backend, cfg.cuda_graphs, cfg.max_num_seqs)
         self.model_config = self.runner.config
         self.tokenizer = load_tokenizer(cfg.model)
         self.block_manager: BlockManager | None = None  # with the scheduler, created by init_kv

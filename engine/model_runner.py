@@ -6,17 +6,21 @@ import torch
 import torch.nn.functional as F
 
 from etr.engine.attention import AttentionMetadata, get_backend
+from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
 from etr.engine.sequence import Sequence
 from etr.kernels import lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, wants_fp32_gemm
+from etr.errors import ConfigError
 from etr.models.loader import load_model
 
 
 class ModelRunner:
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, block_size: int,
-                 max_model_len: int, attention_backend: str = "auto"):
+                 max_model_len: int, attention_backend: str = "auto", cuda_graphs: bool | None = None,
+                 max_num_seqs: int = 64):
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.model = load_model(model_dir, dtype, device, max_positions=max_model_len)
         if wants_fp32_gemm(device, dtype):
             use_fp32_gemm(self.model)
@@ -24,14 +28,27 @@ class ModelRunner:
         self.backend = get_backend(attention_backend, device)
         self.num_blocks = 0
         self.kv_caches: list = []
+        self.cuda_graphs = self._wants_graphs(cuda_graphs)
+        self.graphs: DecodeGraphs | None = None  # built with the KV pool
         self.expert_weight: torch.Tensor | None = None  # W_E: expert-token rows after the vocabulary
         # The Triton extended head runs on CUDA; tests switch it on for the CPU under TRITON_INTERPRET=1.
         self.use_triton_head = device.type == "cuda" and lm_head.triton is not None
 
+    def _wants_graphs(self, requested: bool | None) -> bool:
+        capturable = self.backend.name in CAPTURABLE_BACKENDS
+        if requested and not capturable:
+            raise ConfigError(f"cuda_graphs=True needs a capturable attention backend {CAPTURABLE_BACKENDS}, "
+                              f"not {self.backend.name!r}")
+        return capturable and self.device.type == "cuda" if requested is None else requested
+
     def allocate_kv(self, num_blocks: int) -> None:
-        """Create the KV pool; done after every model sharing the device has loaded its weights."""
+        """Create the KV pool, then capture the decode graphs over it; done after every model sharing the
+        device has loaded its weights."""
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype, self.device)
+        if self.cuda_graphs:  # on the CPU: the same padded static-buffer path, run eagerly (tests)
+            self.graphs = DecodeGraphs(self, self.max_num_seqs, self.max_model_len,
+                                       capture=self.device.type == "cuda")
 
     def set_expert_rows(self, weight: torch.Tensor | None) -> None:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""
@@ -79,6 +96,8 @@ class ModelRunner:
     def hidden_states(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Final hidden state at the last position of every sequence, ``[len(seqs), hidden]``."""
         input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
+        if not is_prefill and self.graphs is not None and self.graphs.size_for(len(seqs)) is not None:
+            return self.graphs.run(input_ids, positions, meta)
         self.backend.prepare(meta)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         if is_prefill:

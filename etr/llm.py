@@ -38,6 +38,9 @@ class LLM:
             Without a head the meta never switches, and experts are reached only through
             ``generate(route=...)``.
         expert_devices: expert name -> device; experts not named follow ``device``.
+        cuda_graphs: decode through CUDA graphs captured per batch size (every model its own). None: on for
+            CUDA with the "triton" or "flash" backend; True on the CPU runs the same padded static-buffer path
+            eagerly (a testing aid); False: off.
     """
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
@@ -45,7 +48,7 @@ class LLM:
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 8192,
                  experts: dict[str, str] | None = None, expert_head: str | list[str] | None = None,
-                 expert_devices: dict[str, str] | None = None):
+                 expert_devices: dict[str, str] | None = None, cuda_graphs: bool | None = None):
         dev = parse_device(device)
         model_cfg = load_model_config(model)
         if (block_size is not None and block_size < 1) or max_num_seqs < 1:
@@ -58,7 +61,8 @@ class LLM:
                 model=str(path), dtype=torch_dtype, device=parse_device(on_device), block_size=block_size,
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
-                enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend))
+                enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
+                cuda_graphs=cuda_graphs))
 
         self.engine = make_engine(model, dev)
         self.router = Router(self.engine, {}, [])

@@ -114,3 +114,22 @@ def test_paged_prefill_compiled(dtype):
     want = paged_prefill_reference(q.float(), k_pages.float(), v_pages.float(), tables, [7, 100, 1], [7, 300, 40],
                                    0.125)
     torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
+
+
+def test_cuda_graphs_replay_like_eager_for_two_models(tiny_dir):
+    """Meta and expert capture their own graphs in one process; replayed decodes equal eager ones."""
+    from etr import LLM, SamplingParams
+    path = tiny_dir("qwen2_untied")
+    prompts = [[5, 6, 7], list(range(40, 80)), [9] * 17]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    graphed = LLM(str(path), dtype="float32", device=DEV, num_kv_blocks=128, attention_backend="triton",
+                  max_num_seqs=8)
+    other = LLM(str(tiny_dir("llama_tied_gqa")), dtype="float32", device=DEV, num_kv_blocks=128,
+                attention_backend="triton", max_num_seqs=8)
+    eager = LLM(str(path), dtype="float32", device=DEV, num_kv_blocks=128, attention_backend="triton",
+                cuda_graphs=False)
+    assert graphed.engine.runner.graphs.buffers[1].graph is not None
+    assert other.engine.runner.graphs.pool != graphed.engine.runner.graphs.pool
+    other.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in graphed.generate(prompts, params, use_tqdm=False)] == \
+        [o.token_ids for o in eager.generate(prompts, params, use_tqdm=False)]

@@ -1,0 +1,96 @@
+"""CUDA graphs for the decode step: one captured forward per batch size over static buffers.
+
+A decode step of a small model is a few hundred kernel launches of microseconds each; replaying a graph
+launches them all at once. A batch of B sequences runs in the graph of the smallest captured size >= B:
+its rows are copied into the static buffers and the rest are padding (token 0, KV slot -1 so nothing is
+written, context length 0 so attention reads nothing). The attention grid is fixed too: the split count
+covers ``max_model_len``, and splits past a sequence's context weigh 0. Batches above the largest size run
+eagerly. Each ModelRunner owns its DecodeGraphs and its own graph memory pool, so the meta and every expert
+capture and replay independently in one process.
+
+``capture=False`` runs the very same padded static-buffer path eagerly: that is how the CPU tests check the
+padding and buffer reuse that the GPU replays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from etr.engine.attention import AttentionMetadata
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+CAPTURABLE_BACKENDS = ("triton", "flash")  # the torch backend sizes its gathers on the host every step
+
+
+@dataclass(slots=True)
+class GraphBuffers:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    hidden: torch.Tensor | None = None
+    graph: object = None  # torch.cuda.CUDAGraph once captured
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool, pages_per_split: int = 32):
+        self.runner, self.capture = runner, capture
+        self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // runner.block_size)
+        self.num_splits = -(-self.max_blocks // pages_per_split)
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.buffers = {b: self._buffers(b) for b in self.sizes}
+        if capture:
+            for b in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
+                self._capture(self.buffers[b])
+
+    def _buffers(self, b: int) -> GraphBuffers:
+        dev = self.runner.device
+        meta = AttentionMetadata(
+            is_prefill=False, query_lens=[1] * b, context_lens_list=[self.max_model_len] * b,
+            cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((b,), -1, dtype=torch.long, device=dev),
+            context_lens=torch.zeros(b, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
+            block_size=self.runner.block_size, dtype=self.runner.dtype)
+        meta.extra["num_splits"] = self.num_splits
+        return GraphBuffers(torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
+                            meta)
+
+    def _forward(self, buf: GraphBuffers) -> torch.Tensor:
+        runner = self.runner
+        runner.backend.prepare(buf.meta)
+        return runner.model(buf.input_ids, buf.positions, buf.meta, runner.kv_caches, runner.backend)
+
+    def _capture(self, buf: GraphBuffers) -> None:
+        stream = torch.cuda.Stream(self.runner.device)
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(stream):  # warm-up outside capture: Triton compiles, allocators settle
+            self._forward(buf)
+        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+        buf.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(buf.graph, pool=self.pool):
+            buf.hidden = self._forward(buf)
+
+    def size_for(self, n: int) -> int | None:
+        return next((b for b in self.sizes if b >= n), None)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states ``[n, hidden]`` of a decode batch of n <= the largest size (see ``size_for``)."""
+        n = input_ids.shape[0]
+        buf = self.buffers[self.size_for(n)]
+        m = buf.meta
+        buf.input_ids[:n].copy_(input_ids)
+        buf.positions[:n].copy_(positions)
+        m.slot_mapping[:n].copy_(meta.slot_mapping)
+        m.slot_mapping[n:].fill_(-1)
+        m.context_lens[:n].copy_(meta.context_lens)
+        m.context_lens[n:].zero_()
+        m.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if buf.graph is not None:
+            buf.graph.replay()
+        else:
+            buf.hidden = self._forward(buf)
+        return buf.hidden[:n]
