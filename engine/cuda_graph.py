@@ -64,6 +64,7 @@ class DecodeGraphs:
         runner.backend.prepare(buf.meta)
         return runner.model(buf.input_ids, buf.positions, buf.meta, runner.kv_caches, runner.backend)
 
+    @torch.inference_mode()  # as the eager steps run: no autograd state recorded into the graph
     def _capture(self, buf: GraphBuffers) -> None:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
