@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"
+if __name__ == "__main__":  # compiled kernels; importing this module (tests) must not change the environment
+    os.environ["TRITON_INTERPRET"] = "0"
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
