@@ -26,6 +26,7 @@ CAPTURABLE_BACKENDS = ("triton", "flash")  # the torch backend sizes its gathers
 
 @dataclass(slots=True)
 class GraphBuffers:
+    """The static inputs, metadata and output of one batch size's graph."""
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
@@ -34,6 +35,7 @@ class GraphBuffers:
 
 
 class DecodeGraphs:
+    """One model's decode graphs, one per batch size in ``sizes`` (see the module docstring)."""
     def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool, pages_per_split: int = 32):
         self.runner, self.capture = runner, capture
         self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})

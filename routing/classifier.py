@@ -19,6 +19,7 @@ META = "meta"
 
 @dataclass(slots=True)
 class QueryClassifier:
+    """A linear classifier over standardized last hidden states; ``predict`` needs ``model`` set."""
     classes: list[str]      # expert names, and "meta" when trained with negatives
     weight: torch.Tensor    # [classes, d]
     bias: torch.Tensor      # [classes]
@@ -57,6 +58,7 @@ def train_classifier(hidden: torch.Tensor, labels: list[str], epochs: int = 300,
 
 
 def save_classifier(path: str | Path, clf: QueryClassifier) -> None:
+    """Write a classifier to safetensors (class names in the metadata); whole or not at all."""
     from safetensors.torch import save_file
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -66,6 +68,7 @@ def save_classifier(path: str | Path, clf: QueryClassifier) -> None:
 
 
 def load_classifier(path: str | Path) -> QueryClassifier:
+    """Read a classifier written by ``save_classifier``; its ``model`` is left unset."""
     from safetensors import safe_open
     if not Path(path).exists():
         raise CheckpointError(f"router classifier {path} does not exist")

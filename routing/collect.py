@@ -15,6 +15,7 @@ from etr.routing.nll import response_nll
 
 @dataclass(slots=True)
 class Pair:
+    """One (query, response) pair as token ids, with the texts when the data had them."""
     query_ids: list[int]
     response_ids: list[int]
     query: str | None = None
@@ -87,6 +88,7 @@ def negatives(sets: dict[str, list[int]], num_pairs: int) -> list[int]:
 
 
 def downsample(sets: dict[str, list[int]], per_expert: int | None, seed: int = 0) -> dict[str, list[int]]:
+    """At most ``per_expert`` indices per set, drawn with ``seed`` (None keeps every set whole)."""
     if per_expert is None:
         return sets
     rng = random.Random(seed)
@@ -113,6 +115,7 @@ def write_sets(path: str | Path, sets: dict, losses: dict, meta: str, pairs: lis
 
 
 def summary(sets: dict, losses: dict, meta: str, negative: list[int] = ()) -> str:
+    """A text table of pairs per expert and their loss gaps, then the negatives' count."""
     lines = [f"{'expert':<20}{'pairs':>7}{'mean gap':>10}{'min gap':>9}"]
     for expert, idx in sets.items():
         gaps = (losses[meta] - losses[expert])[idx] if idx else torch.zeros(0)

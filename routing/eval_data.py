@@ -23,6 +23,7 @@ _LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
 
 @dataclass(slots=True)
 class Question:
+    """One evaluation question with its domain and gold answer."""
     domain: str
     prompt: str   # what the model is asked (before any chat template)
     answer: str   # gold letter (multiple choice) or gold text (exact)
@@ -30,6 +31,7 @@ class Question:
 
 
 def mmlu_prompt(domain: str, question: str, options: list[str]) -> str:
+    """MMLU's zero-shot multiple-choice prompt for one question."""
     subject = domain.replace("_", " ")
     lines = [f"The following is a multiple choice question about {subject}.", "", question.strip()]
     lines += [f"{letter}. {text.strip()}" for letter, text in zip(CHOICES, options)]
@@ -37,6 +39,7 @@ def mmlu_prompt(domain: str, question: str, options: list[str]) -> str:
 
 
 def load_mmlu_csv(path: str | Path, domain: str | None = None) -> list[Question]:
+    """Questions of one MMLU-style CSV (headerless, or with the header question,A,B,C,D,answer)."""
     path = Path(path)
     domain = domain or path.stem.removesuffix("_test")
     questions = []
@@ -51,6 +54,7 @@ def load_mmlu_csv(path: str | Path, domain: str | None = None) -> list[Question]
 
 
 def load_exact_jsonl(path: str | Path) -> list[Question]:
+    """Questions of an exact-answer JSONL file (``domain``, ``query``, ``answer`` per line)."""
     questions = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
@@ -85,8 +89,10 @@ def extract_choice(text: str) -> str | None:
 
 
 def prediction(question: Question, text: str) -> str | None:
+    """What is scored: the extracted letter (multiple choice) or the stripped answer (exact)."""
     return extract_choice(text) if question.kind == "choice" else text.strip()
 
 
 def is_correct(question: Question, text: str) -> bool:
+    """Whether ``text`` answers ``question`` correctly."""
     return prediction(question, text) == question.answer

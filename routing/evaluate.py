@@ -26,6 +26,7 @@ META = "meta"
 
 @dataclass(slots=True)
 class EvalSetup:
+    """The checkpoints and settings one evaluation runs with."""
     meta: str
     experts: dict[str, str] = field(default_factory=dict)
     head: str | list[str] | None = None
@@ -39,6 +40,7 @@ class EvalSetup:
 
 @dataclass(slots=True)
 class Record:
+    """One method's answer to one question, scored."""
     method: str
     index: int
     domain: str
@@ -49,6 +51,7 @@ class Record:
 
 
 def expected_model(setup: EvalSetup, domain: str) -> str:
+    """The model a question of ``domain`` should reach: its expert, or the meta."""
     return setup.domain_expert.get(domain, META)
 
 
@@ -93,6 +96,7 @@ def routes_for(method: str, setup: EvalSetup, questions: list[Question], classif
 
 
 def check_methods(methods: list[str], setup: EvalSetup, classifier) -> None:
+    """Raise ConfigError before loading anything when a method cannot run with ``setup``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -185,4 +189,5 @@ def _counts(models) -> dict[str, int]:
 
 
 def records_json(records: list[Record]) -> list[dict]:
+    """Records as JSON-ready dicts."""
     return [asdict(r) for r in records]

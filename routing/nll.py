@@ -59,6 +59,7 @@ def chunked_max(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -
 
 
 def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``hidden[i] @ weight[targets[i]]`` per row in float32."""
     return (hidden.float() * weight[targets].float()).sum(-1)
 
 

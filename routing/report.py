@@ -44,6 +44,7 @@ def markdown(summary: dict, routed_methods=("random", "router", "etr")) -> str:
 
 
 def write_json(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON, whole or not at all."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))

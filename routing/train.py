@@ -19,6 +19,7 @@ from etr.routing.nll import chunked_logsumexp, chunked_max, last_hidden, target_
 
 @dataclass(slots=True)
 class Features:
+    """Per-query constants of Eq. 4, computed once by ``query_features``."""
     hidden: torch.Tensor       # [N, d] float32, last-position hidden state of each query
     lse_vocab: torch.Tensor    # [N] logsumexp over the vocabulary rows
     target_expert: torch.Tensor  # [N] expert row index, or -1 for a vocabulary target
@@ -32,6 +33,7 @@ class Features:
 
 @dataclass(slots=True)
 class TrainConfig:
+    """Optimizer settings (the paper's defaults); ``log`` collects one entry per step."""
     lr: float = 5e-4
     weight_decay: float = 1.0
     warmup_steps: int = 5
@@ -104,6 +106,7 @@ def cached_loss(f: Features, w_expert: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor at ``step``: linear warm-up, then cosine decay to 0 at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))

@@ -33,6 +33,7 @@ def flash_module():
 
 
 class FlashAttentionBackend:
+    """Attention through flash-attn's varlen and paged-KV functions (see the module docstring)."""
     name = "flash"
 
     def __init__(self):

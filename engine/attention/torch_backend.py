@@ -35,6 +35,7 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
 
 
 class TorchAttentionBackend:
+    """Attention by gathering pages and calling SDPA; runs on any device and is the reference."""
     name = "torch"
 
     def prepare(self, meta: AttentionMetadata) -> None:

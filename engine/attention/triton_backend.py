@@ -14,6 +14,7 @@ from etr.kernels.paged_prefill import paged_prefill
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
+    """Attention through the Triton KV-write, paged-prefill and split-K decode kernels."""
     name = "triton"
 
     def prepare(self, meta: AttentionMetadata) -> None:

@@ -27,6 +27,7 @@ from etr.routing.miniexpert.tokenizer import CharEncoder, build_tokenizer
 
 @dataclass(slots=True)
 class Profile:
+    """Sizes and step counts of one MiniExpert build profile."""
     shape: ModelShape
     meta_steps: int
     expert_steps: int

@@ -2,14 +2,14 @@
 
 Each domain maps a random generator to one (query, answer) pair. Two are skills (word reversal, sorting
 letters), three are tables to learn: multiplication (a 2-digit number by a digit) and two fictional fact
-tables (an atlas of capitals, a register of inventors); the meta is shown only a tenth of each table. ``echo`` is the general domain:
-no expert is trained for it, so it supplies the negatives and the false-routing measurement.
+tables (an atlas of capitals, a register of inventors); the meta is shown only a tenth of each table.
+``echo`` is the general domain: no expert is trained for it, so it supplies the negatives and the
+false-routing measurement.
 
 Tried and dropped (default profile, seed 0): 2-digit addition as a skill (the expert reached 97% from one
 meta and 12-19% from another after 400-700 steps: too fickle for a library that must build the same way
-every time), counting a letter (an expert fine-tuned from a meta that saw
-little of it reached only 41% in 400 steps) and a Caesar shift (the meta learned it from its light mixture
-alone, 100%, being a copy task like echo).
+every time), counting a letter (an expert fine-tuned from a meta that saw little of it reached only 41% in
+400 steps) and a Caesar shift (the meta learned it from its light mixture alone, 100%: a copy task like echo).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ Sample = Callable[[random.Random], tuple[str, str]]
 
 @dataclass(frozen=True, slots=True)
 class Domain:
+    """A named generator of (query, answer) pairs, and what the meta's mixture shows of it."""
     name: str
     sample: Sample           # a random (query, answer) pair
     meta_sample: Sample      # what the meta's light mixture shows of this domain
@@ -44,16 +45,19 @@ def times_table(low: int = 11, high: int = 29) -> dict[str, str]:
 
 
 def reversal(r: random.Random) -> tuple[str, str]:
+    """Reverse a word of 4-8 letters."""
     w = _word(r, 4, 8)
     return f"reverse {w}=", w[::-1]
 
 
 def sorting(r: random.Random) -> tuple[str, str]:
+    """Sort the letters of a word of 4-8 letters."""
     w = _word(r, 4, 8)
     return f"sort {w}=", "".join(sorted(w))
 
 
 def echo(r: random.Random) -> tuple[str, str]:
+    """Repeat a word (the general domain)."""
     w = _word(r, 3, 8)
     return f"echo {w}=", w
 

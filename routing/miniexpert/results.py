@@ -33,6 +33,7 @@ def bars(summary: dict, experts: list[str]) -> list[dict]:
 
 
 def markdown(results: dict, experts: list[str]) -> str:
+    """The build's report: accuracy tables, query-set purity, the bars and ETR's routing."""
     s = results["summary"]
     lines = [f"# MiniExpert ({results['profile']} profile, seed {results['seed']})", "",
              f"Build time {results['timings_s']['total']:.0f} s: " +

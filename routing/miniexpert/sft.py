@@ -17,6 +17,7 @@ Sampler = Callable[[random.Random], tuple[str, str]]
 
 @dataclass(slots=True)
 class ModelShape:
+    """The Llama shape shared by the meta and every expert."""
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -26,6 +27,7 @@ class ModelShape:
 
 
 def make_model(shape: ModelShape, vocab_size: int, seed: int):
+    """A freshly initialized Llama of ``shape`` (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
                       num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,

@@ -10,6 +10,7 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def char_vocab(alphabet: str) -> dict[str, int]:
+    """Token id of every special token and character (specials first, then sorted characters)."""
     return {tok: i for i, tok in enumerate(SPECIALS + sorted(set(alphabet)))}
 
 
@@ -39,4 +40,5 @@ class CharEncoder:
 
 
 def save_tokenizer(tokenizer, path: str | Path) -> None:
+    """Save the tokenizer in HF format into ``path``."""
     tokenizer.save_pretrained(str(path))
