@@ -14,6 +14,7 @@ from etr.engine.sequence import Sequence
 
 @dataclass(slots=True)
 class Block:
+    """One KV block: reference count and, when full, its chained content hash."""
     block_id: int
     ref_count: int = 0
     hash: int | None = None
@@ -21,10 +22,12 @@ class Block:
 
 
 def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """Hash of a full block's tokens chained to the hash of the block before it."""
     return hash((prev_hash, token_ids))
 
 
 class BlockManager:
+    """Allocates, shares (prefix caching) and frees the KV blocks of sequences."""
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]

@@ -14,11 +14,13 @@ GPU_MEMORY_FRACTION = 0.85
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """KV bytes one block takes across every layer (K and V)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: CUDA's free bytes, or the host's available memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:

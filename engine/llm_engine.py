@@ -22,6 +22,7 @@ from etr.models.tokenizer import load_tokenizer
 
 @dataclass(slots=True)
 class EngineConfig:
+    """Everything one model's engine is built from."""
     model: str
     dtype: torch.dtype
     device: torch.device
@@ -36,6 +37,7 @@ class EngineConfig:
 
 
 class LLMEngine:
+    """One model's generation loop: admit, schedule, run, sample, stop, free."""
     def __init__(self, cfg: EngineConfig):
         cfg.attention_backend = resolve_backend(cfg.attention_backend, cfg.device)
         cfg.block_size = block_size_for(cfg.attention_backend, cfg.block_size)

@@ -16,6 +16,7 @@ from etr.models.loader import load_model
 
 
 class ModelRunner:
+    """One model on its device with its KV pool, attention backend and decode graphs."""
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, block_size: int,
                  max_model_len: int, attention_backend: str = "auto", cuda_graphs: bool | None = None,
                  max_num_seqs: int = 64):

@@ -11,6 +11,7 @@ from etr.engine.sequence import Sequence, SequenceStatus
 
 
 class Router:
+    """Steps the meta's and the experts' engines and hands switched sequences over."""
     def __init__(self, meta: LLMEngine, experts: dict[str, LLMEngine], row_names: list[str]):
         self.meta = meta
         self.experts = experts

@@ -28,6 +28,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 class Sampler:
+    """Turns last-position logits into one token per sequence (greedy or sampled)."""
     def __init__(self, eos_token_ids: tuple[int, ...] = ()):
         self.eos_token_ids = tuple(eos_token_ids)
 

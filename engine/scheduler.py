@@ -11,6 +11,7 @@ from etr.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
+    """Continuous batching: picks each step's prefill or decode batch, preempts when out of blocks."""
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs

@@ -12,12 +12,14 @@ from etr.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):
+    """Where a sequence is in its life."""
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
 
 
 class Sequence:
+    """One request: prompt and output ids, its block table, sampling state and metrics."""
     _ids = itertools.count()
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, block_size: int,

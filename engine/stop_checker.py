@@ -6,6 +6,7 @@ from etr.engine.sequence import Sequence
 
 
 class StopChecker:
+    """Decides when a sequence is finished (EOS, stop ids and strings, length) and its text."""
     def __init__(self, eos_token_ids: tuple[int, ...], max_model_len: int, tokenizer=None):
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len

@@ -201,6 +201,7 @@ def _bench_switch(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``etr`` argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="etr", description="Expert Token Routing engine")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("import-gguf", help="write an HF checkpoint directory from a GGUF file")
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; named errors print one line and return 2."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -14,6 +14,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
+    """Where imported models are cached: ``$ETR_CACHE`` or ``~/.cache/etr``."""
     return Path(os.environ.get("ETR_CACHE", Path.home() / ".cache" / "etr"))
 
 

@@ -12,6 +12,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 
 
 def parse_device(device: str | torch.device) -> torch.device:
+    """A torch.device from a string, checked to exist (UnsupportedDeviceError otherwise)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:

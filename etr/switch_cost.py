@@ -30,6 +30,7 @@ QUERIES = [
 
 @dataclass(slots=True)
 class SwitchCost:
+    """Times of the Table 5 protocol and the overhead they give."""
     queries: int
     new_tokens: int
     no_switch_s_per_query: float
@@ -41,12 +42,14 @@ class SwitchCost:
 
 @torch.inference_mode()
 def first_step_hidden(llm, prompts: list[list[int]]) -> torch.Tensor:
+    """The meta's last hidden state after each prompt (to build a head row that routes at token 0)."""
     hidden, starts = forward_uncached(llm.engine.runner.model, prompts)
     return hidden[[s + len(p) - 1 for s, p in zip(starts, prompts)]].float().cpu()
 
 
 def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, new_tokens: int = 128,
             dtype: str = "bfloat16", device: str = "cpu", trace: str | None = None, repeats: int = 2) -> SwitchCost:
+    """Run the Table 5 protocol: the same queries with and without a switch at the first token."""
     from etr import LLM, SamplingParams
 
     expert_dir = expert_dir or model_dir
@@ -107,6 +110,7 @@ def _write_trace(llm, prompt, params, path: str) -> None:
 
 
 def report(cost: SwitchCost) -> str:
+    """A few lines of text for a SwitchCost."""
     return "\n".join([
         f"queries {cost.queries}, new tokens {cost.new_tokens} (greedy, ignore_eos, batch 1)",
         f"{'condition':<28}{'s/query':>10}",
@@ -121,6 +125,7 @@ def report(cost: SwitchCost) -> str:
 
 
 def main(args) -> None:
+    """``etr bench switch``: measure, print, and optionally write JSON and a trace."""
     from etr.default_model import default_model_dir
     model = args.model or str(default_model_dir(torch.float32))
     cost = measure(model, args.expert, args.queries, args.new_tokens, args.dtype, args.device, args.trace,

@@ -18,11 +18,13 @@ MIN_ROWS = 8  # measured crossover for a 49152x576 head; layers cross over earli
 
 
 def cpu_lacks_native_bf16() -> bool:
+    """True on CPUs without AVX512-BF16/AMX, where oneDNN's bf16 GEMMs are slow."""
     cap = torch.backends.cpu.get_cpu_capability().upper()
     return "BF16" not in cap and "AMX" not in cap
 
 
 def wants_fp32_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether bf16 linears on ``device`` should run as float32 GEMMs."""
     return device.type == "cpu" and dtype == torch.bfloat16 and cpu_lacks_native_bf16()
 
 

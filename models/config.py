@@ -14,6 +14,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(slots=True)
 class ModelConfig:
+    """The fields of an HF config.json the decoder needs."""
     model_type: str
     vocab_size: int
     hidden_size: int

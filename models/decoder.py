@@ -16,6 +16,7 @@ from etr.models.rope import apply_rotary, cos_sin_table
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm: transformers' op order in float32 (bit for bit), torch's fused rms_norm in bf16/fp16."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -34,6 +35,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Self-attention with fused q/k/v, rotary embeddings and a pluggable paged backend."""
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -54,6 +56,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU MLP with fused gate/up."""
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate = cfg.intermediate_size
@@ -66,6 +69,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residuals."""
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

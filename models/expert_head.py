@@ -24,6 +24,7 @@ TENSOR = "expert_embeddings"
 
 @dataclass(slots=True)
 class ExpertHead:
+    """Expert-token rows ``[n_experts, hidden]`` with their names and provenance."""
     names: list[str]
     embeddings: torch.Tensor  # [n_experts, hidden_size]
     hidden_size: int | None = None
@@ -65,6 +66,7 @@ def save_expert_head(path: str | Path, head: ExpertHead) -> Path:
 
 
 def load_one(path: str | Path) -> ExpertHead:
+    """Read one head file, checking its names, shape and metadata."""
     path = Path(path)
     if not path.is_file():
         raise ExpertHeadError(f"expert head file {str(path)!r} does not exist")

@@ -45,6 +45,7 @@ def cos_sin_table(cfg: ModelConfig, max_positions: int, device: torch.device) ->
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The rotary half-rotation ``[-x2, x1]``."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 

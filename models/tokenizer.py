@@ -8,6 +8,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def has_tokenizer(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` ships tokenizer files."""
     return any((Path(model_dir) / name).exists() for name in TOKENIZER_FILES)
 
 

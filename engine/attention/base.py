@@ -12,6 +12,7 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_pages, v_pages), each [num_blo
 
 
 class AttentionBackend(Protocol):
+    """What the model calls for attention: ``prepare`` once per step, ``forward`` per layer."""
     name: str
 
     def prepare(self, meta: AttentionMetadata) -> None:
