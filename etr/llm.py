@@ -30,8 +30,8 @@ class LLM:
         max_num_seqs: most requests decoded together.
         num_kv_blocks: size of the KV pool in blocks; None sizes it from free memory.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes across requests.
-        attention_backend: "auto" (flash-attn on CUDA when it imports, else torch; Triton stays opt-in until
-            measured on a GPU), "flash", "triton" or "torch".
+        attention_backend: "auto" (flash-attn on CUDA when it imports, else the Triton kernels on CUDA, else
+            torch), "flash", "triton" or "torch".
         experts: expert name -> checkpoint directory. Experts must share the meta's vocabulary and tokenizer;
             two names on one directory load it once.
         expert_head: head file(s) with one trained row per expert (several files: rows concatenated).

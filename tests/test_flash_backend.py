@@ -4,6 +4,7 @@ model of flash-attn's functions; the real library is exercised only where it is 
 import sys
 
 import pytest
+import torch
 
 import fake_flash_attn
 from conftest import hf_greedy
@@ -37,3 +38,15 @@ def test_flash_page_size_and_availability(fake_flash, tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails
     with pytest.raises(ConfigError, match="needs flash_attn"):
         LLM(str(tiny_dir("llama_tied_gqa")), dtype="float32", attention_backend="flash")
+
+
+def test_auto_backend_choice(monkeypatch):
+    from etr.engine.attention import resolve_backend
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert resolve_backend("auto", cpu) == "torch" and resolve_backend("auto", cuda) == "triton"
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn)
+    assert resolve_backend("auto", cuda) == "flash" and resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("torch", cuda) == "torch"
+    with pytest.raises(ConfigError, match="'paged' is not available"):
+        resolve_backend("paged", cpu)

@@ -16,13 +16,16 @@ if paged_attention.triton is not None:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """"auto" is flash on CUDA when flash_attn imports, else torch.
+    """"auto": flash-attn on CUDA when it imports, else the Triton kernels on CUDA, else torch.
 
-    The Triton backend stays opt-in ("triton") until its kernels have been measured compiled on a GPU
-    (bench/RESULTS.md); on the CPU they are verified under TRITON_INTERPRET=1 only.
+    The Triton path (and the CUDA graphs it enables) is verified on the CPU under TRITON_INTERPRET=1 and has
+    not yet run compiled on a GPU here; ``attention_backend="torch"`` is the fallback if it misbehaves.
     """
+    on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return "flash" if torch.device(device).type == "cuda" and flash_module() is not None else "torch"
+        if on_cuda and flash_module() is not None:
+            return "flash"
+        return "triton" if on_cuda and "triton" in BACKENDS else "torch"
     if name == "flash" and flash_module() is None:
         raise ConfigError("attention_backend 'flash' needs flash_attn (pip install 'expert-token-routing[flash]')")
     if name not in BACKENDS:
