@@ -48,8 +48,7 @@ class FlashAttentionBackend:
             return
         meta.extra["block_table"] = meta.block_tables.to(torch.int32)
         if meta.is_prefill:
-            lens = torch.tensor(meta.context_lens_list, device=meta.cu_seqlens_q.device)
-            meta.extra["cu_seqlens_k"] = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+            meta.extra["cu_seqlens_k"] = torch.nn.functional.pad(meta.context_lens.cumsum(0), (1, 0)).to(torch.int32)
         else:
             meta.extra["cache_seqlens"] = meta.context_lens.to(torch.int32)
 

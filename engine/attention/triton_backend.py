@@ -18,8 +18,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
     name = "triton"
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        if meta.block_tables is None:
-            super().prepare(meta)
+        """Nothing to derive: the kernels read block tables and lengths as they are."""
 
     def forward(self, q, k, v, kv_cache: KVCache | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if kv_cache is None:
