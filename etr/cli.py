@@ -85,8 +85,9 @@ def _train(args) -> None:
     import torch
     from etr.models import load_model
     from etr.models.expert_head import load_expert_head, save_expert_head
+    from etr.routing.collect import read_sets
     from etr.routing.train import TrainConfig, train_head
-    rows = [json.loads(x) for x in Path(args.sets).read_text().splitlines() if x.strip()]
+    rows = read_sets(args.sets)
     old = load_expert_head(args.extend) if args.extend else None
     model = load_model(args.meta, torch.float32, "cpu", max_positions=args.max_len)
     cfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
@@ -107,18 +108,15 @@ def _pct(x: float | None) -> str:
 
 
 def _router(args) -> None:
-    import json
-    from pathlib import Path
     import torch
     from etr.models import load_model
-    from etr.routing.classifier import META, save_classifier, train_classifier
-    from etr.routing.nll import last_hidden
-    rows = [json.loads(x) for x in Path(args.sets).read_text().splitlines() if x.strip()]
+    from etr.routing.classifier import save_classifier, train_router
+    from etr.routing.collect import read_sets
+    rows = read_sets(args.sets)
     if not rows:
         raise SystemExit(f"etr: {args.sets} holds no query sets")
     model = load_model(args.meta, torch.float32, "cpu", max_positions=args.max_len)
-    hidden = last_hidden(model, [r["query_ids"] for r in rows])
-    clf = train_classifier(hidden, [r["expert"] or META for r in rows], seed=args.seed)
+    clf = train_router(model, rows, args.seed)
     save_classifier(args.out, clf)
     print(f"router classifier over {clf.classes} trained on {len(rows)} queries; wrote {args.out}")
 

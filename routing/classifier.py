@@ -57,6 +57,13 @@ def train_classifier(hidden: torch.Tensor, labels: list[str], epochs: int = 300,
     return QueryClassifier(classes, layer.weight.detach(), layer.bias.detach(), mean, scale)
 
 
+def train_router(model, rows: list[dict], seed: int = 0) -> QueryClassifier:
+    """The baseline on query-set rows (``expert`` and ``query_ids``; negatives become the "meta" class)."""
+    from etr.routing.nll import last_hidden
+    hidden = last_hidden(model, [r["query_ids"] for r in rows])
+    return train_classifier(hidden, [r["expert"] or META for r in rows], seed=seed)
+
+
 def save_classifier(path: str | Path, clf: QueryClassifier) -> None:
     """Write a classifier to safetensors (class names in the metadata); whole or not at all."""
     from safetensors.torch import save_file

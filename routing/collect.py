@@ -114,6 +114,11 @@ def write_sets(path: str | Path, sets: dict, losses: dict, meta: str, pairs: lis
     tmp.replace(path)
 
 
+def read_sets(path: str | Path) -> list[dict]:
+    """The rows ``write_sets`` wrote (``expert`` None marks a negative)."""
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
 def summary(sets: dict, losses: dict, meta: str, negative: list[int] = ()) -> str:
     """A text table of pairs per expert and their loss gaps, then the negatives' count."""
     lines = [f"{'expert':<20}{'pairs':>7}{'mean gap':>10}{'min gap':>9}"]

@@ -148,10 +148,10 @@ class Build:
     def heads(self) -> None:
         from etr.models import load_model
         from etr.models.expert_head import save_expert_head
-        from etr.routing.classifier import META, save_classifier, train_classifier
-        from etr.routing.nll import last_hidden
+        from etr.routing.classifier import save_classifier, train_router
+        from etr.routing.collect import read_sets
         from etr.routing.train import TrainConfig, train_head
-        rows = [json.loads(x) for x in (self.out / "sets.jsonl").read_text().splitlines()]
+        rows = read_sets(self.out / "sets.jsonl")
         meta = load_model(self.out / "meta", torch.float32, "cpu")
 
         def cfg() -> TrainConfig:
@@ -166,9 +166,7 @@ class Build:
         later = [r for r in rows if r["expert"] in added or r["expert"] is None]
         extended, _ = train_head(meta, later, added, old=head_base, cfg=cfg())
         save_expert_head(self.out / "head_extended.safetensors", extended)
-        hidden = last_hidden(meta, [r["query_ids"] for r in rows])
-        save_classifier(self.out / "router.safetensors",
-                        train_classifier(hidden, [r["expert"] or META for r in rows], seed=self.seed))
+        save_classifier(self.out / "router.safetensors", train_router(meta, rows, self.seed))
 
     def evaluate(self) -> None:
         from etr.models import load_model
