@@ -39,23 +39,24 @@ def last_hidden(model: DecoderLM, seqs: list[list[int]], batch_size: int = 16) -
 
 def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """``logsumexp(hidden @ weight.T)`` per row in float32, ``chunk`` weight rows at a time."""
+    return chunked_logsumexp_max(hidden, weight, chunk)[0]
+
+
+def chunked_logsumexp_max(hidden: torch.Tensor, weight: torch.Tensor,
+                          chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over ``weight``: per row the log-sum-exp of ``hidden @ weight.T``, its largest logit and that
+    logit's index (the lowest index on a tie), all in float32."""
     h = hidden.float()
     lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
-    for start in range(0, weight.shape[0], chunk):
-        lse = torch.logaddexp(lse, torch.logsumexp(h @ weight[start:start + chunk].float().T, dim=-1))
-    return lse
-
-
-def chunked_max(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest logit of ``hidden @ weight.T`` per row and its index (the lowest index on a tie)."""
-    h = hidden.float()
     best = torch.full((h.shape[0],), float("-inf"), device=h.device)
     index = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
     for start in range(0, weight.shape[0], chunk):
-        value, i = (h @ weight[start:start + chunk].float().T).max(-1)
+        logits = h @ weight[start:start + chunk].float().T
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        value, i = logits.max(-1)
         better = value > best
         best, index = torch.where(better, value, best), torch.where(better, i + start, index)
-    return best, index
+    return lse, best, index
 
 
 def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

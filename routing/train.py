@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from etr.models.decoder import DecoderLM
-from etr.routing.nll import chunked_logsumexp, chunked_max, last_hidden, target_logits
+from etr.routing.nll import chunked_logsumexp_max, last_hidden, target_logits
 
 
 @dataclass(slots=True)
@@ -54,11 +54,11 @@ def query_features(model: DecoderLM, queries: list[list[int]], targets: list[int
     training leaves the meta's answer alone and only learns not to route there."""
     h = last_hidden(model, queries, batch_size)
     w = model.lm_head_weight
-    lse = chunked_logsumexp(h, w)
-    max_vocab, argmax = chunked_max(h, w)
+    lse, max_vocab, argmax = chunked_logsumexp_max(h, w)
     is_token = [isinstance(t, tuple) for t in targets]
-    token_ids = torch.tensor([(argmax[i].item() if t[1] is None else t[1]) if tok else 0
-                              for i, (t, tok) in enumerate(zip(targets, is_token))])
+    own = torch.tensor([tok and t[1] is None for t, tok in zip(targets, is_token)])
+    given = torch.tensor([t[1] if tok and t[1] is not None else 0 for t, tok in zip(targets, is_token)])
+    token_ids = torch.where(own, argmax.cpu(), given)
     logit_token = target_logits(h, w, token_ids)
     expert = torch.tensor([-1 if tok else t for t, tok in zip(targets, is_token)])
     return Features(h, lse, expert, torch.where(expert < 0, logit_token, torch.zeros_like(logit_token)), max_vocab)
