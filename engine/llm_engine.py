@@ -11,6 +11,7 @@ from etr.engine.attention import block_size_for, resolve_backend
 from etr.engine.block_manager import BlockManager
 from etr.engine.model_runner import ModelRunner
 from etr.engine.outputs import RequestMetrics, RequestOutput
+from etr.engine.pending_step import PendingStep
 from etr.engine.sampler import Sampler
 from etr.engine.sampling_params import SamplingParams
 from etr.engine.scheduler import Scheduler
@@ -97,21 +98,36 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self, track_text: bool = False) -> list[Sequence]:
         """Run one scheduled batch; returns the sequences that received a token."""
+        pending = self.launch()
+        return [] if pending is None else self.finish(pending, track_text)
+
+    @torch.inference_mode()
+    def launch(self) -> PendingStep | None:
+        """Schedule a batch and start its forward and sampling on the model's device and stream; None when
+        nothing is scheduled. Nothing else may touch this engine until ``finish`` takes the result."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return []
-        start = time.perf_counter()
-        if self.runner.greedy_kernel and all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens
-                                             for s in seqs):
-            tokens = self.runner.run_greedy(seqs, is_prefill)
-        else:
-            tokens = self.sampler(self.runner.run(seqs, is_prefill), seqs)
+            return None
+        runner, start = self.runner, time.perf_counter()
+        with runner.stream.active():
+            started = runner.stream.event()
+            if runner.greedy_kernel and all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens
+                                            for s in seqs):
+                tokens = runner.run_greedy(seqs, is_prefill)
+            else:
+                tokens = self.sampler(runner.run(seqs, is_prefill), seqs)
+            host, ready = runner.stream.to_host(tokens)
+        return PendingStep(seqs, is_prefill, host, ready, started, time.perf_counter() - start)
+
+    def finish(self, pending: PendingStep, track_text: bool = False) -> list[Sequence]:
+        """Wait for a launched step's tokens and append them (stops, switches, finished requests)."""
+        tokens = pending.wait()
         now = time.perf_counter()
-        for seq, token in zip(seqs, tokens):
-            if is_prefill and seq.expert is not None and seq.switch_prefill_s is None:
-                seq.switch_prefill_s = now - start
+        for seq, token in zip(pending.seqs, tokens):
+            if pending.is_prefill and seq.expert is not None and seq.switch_prefill_s is None:
+                seq.switch_prefill_s = pending.seconds()
             self._append(seq, token, now, track_text)
-        return seqs
+        return pending.seqs
 
     def _append(self, seq: Sequence, token: int, now: float, track_text: bool) -> None:
         vocab = self.model_config.vocab_size

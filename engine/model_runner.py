@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from etr.engine.attention import AttentionMetadata, get_backend
 from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
+from etr.engine.pending_step import DeviceStream
 from etr.engine.sequence import Sequence
 from etr.kernels import lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, wants_fp32_gemm
@@ -34,6 +37,7 @@ class ModelRunner:
         self.expert_weight: torch.Tensor | None = None  # W_E: expert-token rows after the vocabulary
         # The Triton extended head runs on CUDA; tests switch it on for the CPU under TRITON_INTERPRET=1.
         self.use_triton_head = device.type == "cuda" and lm_head.triton is not None
+        self.stream = DeviceStream(device)  # every step runs here (see engine/pending_step.py)
 
     def _wants_graphs(self, requested: bool | None) -> bool:
         capturable = self.backend.name in CAPTURABLE_BACKENDS
@@ -48,8 +52,10 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype, self.device)
         if self.cuda_graphs:  # on the CPU: the same padded static-buffer path, run eagerly (tests)
-            self.graphs = DecodeGraphs(self, self.max_num_seqs, self.max_model_len,
-                                       capture=self.device.type == "cuda")
+            # Capture on the model's own device: torch.cuda.graph's capture stream is the current device's.
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                self.graphs = DecodeGraphs(self, self.max_num_seqs, self.max_model_len,
+                                           capture=self.device.type == "cuda")
 
     def set_expert_rows(self, weight: torch.Tensor | None) -> None:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""
@@ -125,6 +131,7 @@ class ModelRunner:
         return self.use_triton_head and self.expert_weight is not None
 
     @torch.inference_mode()
-    def run_greedy(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def run_greedy(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Greedy next tokens ``[B]`` on the device, straight from the extended-head kernel."""
         hidden = self.hidden_states(seqs, is_prefill)
-        return lm_head.extended_argmax(hidden, self.model.lm_head_weight, self.expert_weight).tolist()
+        return lm_head.extended_argmax(hidden, self.model.lm_head_weight, self.expert_weight)

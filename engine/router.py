@@ -25,11 +25,13 @@ class Router:
         return any(e.has_unfinished() for e in self.engines)
 
     def step(self, track_text: bool = False) -> list[Sequence]:
-        """One step of every engine with work; returns the sequences that progressed."""
+        """One step of every engine with work; returns the sequences that progressed. Every engine's step is
+        launched before any is waited for, so on CUDA the models run side by side on their own streams."""
+        launched = [(e, e.launch()) for e in self.engines if e.has_unfinished()]
         progressed = []
-        for engine in self.engines:
-            if engine.has_unfinished():
-                progressed += engine.step(track_text)
+        for engine, pending in launched:
+            if pending is not None:
+                progressed += engine.finish(pending, track_text)
         self._hand_over()
         return progressed
 

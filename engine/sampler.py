@@ -32,15 +32,16 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...] = ()):
         self.eos_token_ids = tuple(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next tokens ``[B]`` on the logits' device; nothing here waits for the device."""
         logits = self._suppress_early_stops(logits.float(), seqs)
         greedy = [s.params.greedy for s in seqs]
-        if all(greedy):
-            return logits.argmax(dim=-1).tolist()
         tokens = logits.argmax(dim=-1)
+        if all(greedy):
+            return tokens
         rows = [i for i, g in enumerate(greedy) if not g]
         tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
-        return tokens.tolist()
+        return tokens
 
     def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Until ``min_tokens`` are out, EOS (unless ignored) and stop ids cannot be drawn."""

@@ -133,3 +133,27 @@ def test_cuda_graphs_replay_like_eager_for_two_models(tiny_dir):
     other.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in graphed.generate(prompts, params, use_tqdm=False)] == \
         [o.token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+
+
+def test_routing_on_cuda_runs_each_model_on_its_own_stream(tmp_path):
+    """Meta and expert step on their own streams (the expert on a second GPU when there is one), launched
+    together by the router; the routed outputs equal the CPU's in float32."""
+    from conftest import make_tiny_checkpoint
+    from test_routing import LLAMA, PROMPTS, meta_trace, switch_row, write_head
+    from etr import LLM, SamplingParams
+    meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=11, **LLAMA)
+    expert = make_tiny_checkpoint(tmp_path / "expert", "qwen2", seed=12, num_layers=3, hidden_size=96,
+                                  num_attention_heads=6, num_key_value_heads=3)
+    _, hidden, max_logits = meta_trace(meta, PROMPTS[0], 24)
+    head = write_head(tmp_path / "h.safetensors", ["e"], [switch_row(hidden, max_logits, 2)])
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expert_device = "cuda:1" if torch.cuda.device_count() > 1 else DEV
+    outs = {}
+    for device in ("cpu", DEV):
+        llm = LLM(str(meta), dtype="float32", device=device, num_kv_blocks=64, experts={"e": str(expert)},
+                  expert_head=str(head), expert_devices={"e": expert_device if device != "cpu" else "cpu"})
+        outs[device] = [(o.expert, o.switch_index, o.token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    streams = [e.runner.stream.stream for e in llm.router.engines]
+    assert len({(s.device, s.stream_id) for s in streams}) == 2
+    assert all(s != torch.cuda.default_stream(s.device) for s in streams)
+    assert outs[DEV] == outs["cpu"] and outs[DEV][0][:2] == ("e", 2)

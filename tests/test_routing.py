@@ -114,6 +114,31 @@ def test_batch_switches_match_requests_alone(dirs, tmp_path):
     assert llm.router.all_free()
 
 
+def test_steps_launched_together_finish_in_any_order(dirs, tmp_path):
+    """The router launches every engine's step before it waits for any (on CUDA the models then run side by
+    side); finishing the launched steps in reverse order gives the same outputs."""
+    t0, h0, m0 = meta_trace(dirs["meta"], PROMPTS[0], N)
+    t1, h1, m1 = meta_trace(dirs["meta"], PROMPTS[1], N)
+    head = write_head(tmp_path / "head.safetensors", ["astro", "law"],
+                      [switch_row(h0, m0, 1), switch_row(h1, m1, 4)])
+    llm = build(dirs, str(head))
+    want = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    seqs, router, side_by_side = llm._add_all(PROMPTS, greedy()), llm.router, 0
+    while any(not s.is_finished for s in seqs):
+        launched = [(e, e.launch()) for e in router.engines if e.has_unfinished()]
+        launched = [(e, p) for e, p in launched if p is not None]
+        side_by_side += len(launched) > 1
+        for engine, pending in reversed(launched):
+            engine.finish(pending)
+        router._hand_over()
+    got = [llm.engine.output_of(s) for s in seqs]
+    assert side_by_side >= 4  # meta decoding while an expert prefills, and two models decoding
+    assert [(o.expert, o.switch_index, o.token_ids) for o in got] == \
+           [(o.expert, o.switch_index, o.token_ids) for o in want]
+    assert all(0 < o.metrics.switch_prefill_s for o in got if o.expert)
+    assert router.all_free()
+
+
 def test_no_experts_means_no_routing(dirs, hf_model_of):
     llm = LLM(str(dirs["meta"]), dtype="float32", num_kv_blocks=64)
     out = llm.generate([PROMPTS[0]], greedy(), use_tqdm=False)[0]
