@@ -1,6 +1,6 @@
 """Every GPU test and benchmark in one call; prints one short table and writes JSON.
 
-    python bench/gpu_suite.py [--out gpu_suite.json] [--quick]
+    python bench/gpu_suite.py [--out gpu_suite.json] [--skip STEP ...] [--smoke]
 
 1. GPU-marked tests (kernels compiled; engine parity on CUDA)
 2. device copy bandwidth, the reference for every GB/s figure
@@ -10,9 +10,10 @@
 5. end-to-end decode tok/s, Qwen2-1.5B / 7B shapes with random bf16 weights, vs HF generate and the floor
 6. switching cost (paper Table 5) at 7B shape
 
-Status 2026-11-23: written without a GPU (no device lent in either session so far); it has not run yet.
-Expect the first run to need fixes. The table printer is checked on the CPU with a made-up result
-(tests/test_gpu_suite_table.py).
+``--smoke`` runs every step on the CPU at toy sizes with the kernels interpreted: it proves the suite's own
+code on machines without a GPU (tests/test_gpu_suite.py runs it in CI); its figures mean nothing.
+
+Status 2026-11-23: no device has been lent to this project yet, so the suite has run only as ``--smoke``.
 """
 
 from __future__ import annotations
@@ -24,52 +25,100 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __name__ == "__main__":  # compiled kernels; importing this module (tests) must not change the environment
-    os.environ["TRITON_INTERPRET"] = "0"
+if __name__ == "__main__":  # importing this module (tests) must not change the environment
+    os.environ["TRITON_INTERPRET"] = "1" if "--smoke" in sys.argv else "0"
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cuda_time(fn, iters: int = 20) -> float:
-    """Median seconds of ``fn`` over ``iters`` CUDA-event-timed calls, after a warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+@dataclass(slots=True)
+class Plan:
+    """Where the suite runs and at what sizes."""
+    device: str
+    iters: int
+    copy_bytes: int
+    head: tuple[int, int, int]  # V, d, E
+    head_batches: tuple[int, ...]
+    attention: tuple[int, int, int, int, int]  # batch, heads, KV heads, head dim, block size
+    contexts: tuple[int, ...]
+    prefill: dict
+    shapes: dict[str, dict]
+    decode_batches: tuple[int, ...]
+    new_tokens: int
+    switch: dict = field(default_factory=dict)
+
+
+FULL = Plan(
+    "cuda", 20, 1 << 30, (151_936, 4096, 6), (1, 8, 64), (8, 32, 8, 128, 16), (512, 2048, 8192, 32768),
+    dict(prefix=1536, new=512, batch=4, heads=28, kv_heads=4, head_dim=128, block=64),
+    {"qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+     "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)},
+    (1, 32), 128, dict(shape="qwen2-7b", queries=4, new_tokens=256))
+SMOKE = Plan(
+    "cpu", 2, 1 << 22, (1000, 64, 6), (1, 3), (2, 4, 2, 32, 16), (40, 100),
+    dict(prefix=20, new=9, batch=2, heads=4, kv_heads=2, head_dim=32, block=16),
+    {"toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)},
+    (1, 3), 4, dict(shape="toy", queries=2, new_tokens=4))
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+
+
+def timed(fn, plan: Plan) -> float:
+    """Median seconds of ``fn`` over ``plan.iters`` calls after a warm-up (CUDA events on the GPU)."""
+    fn()
+    sync(plan.device)
+    times = []
+    for _ in range(plan.iters):
+        if plan.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(plan: Plan) -> float:
+    """Bytes per second of a device-to-device copy (read + write)."""
+    src = torch.empty(plan.copy_bytes, dtype=torch.uint8, device=plan.device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / cuda_time(lambda: dst.copy_(src))
+    return 2 * src.numel() / timed(lambda: dst.copy_(src), plan)
 
 
-def run_tests() -> dict:
+def run_tests(plan: Plan) -> dict:
+    """The GPU-marked tests in a subprocess, kernels compiled (all skip without CUDA)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "test_gpu.py")],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0"})
-    return {"rc": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "0" if plan.device == "cuda" else "1"})
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return {"rc": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1], "failed": failed}
 
 
-def bench_lm_head(bw: float) -> list[dict]:
+def bench_lm_head(plan: Plan, bw: float) -> list[dict]:
     from etr.kernels.lm_head import extended_argmax
-    V, D, E = 151_936, 4096, 6
-    wv = torch.randn(V, D, device="cuda", dtype=torch.bfloat16)
-    we = torch.randn(E, D, device="cuda", dtype=torch.bfloat16)
+    V, D, E = plan.head
+    wv = torch.randn(V, D, device=plan.device, dtype=torch.bfloat16)
+    we = torch.randn(E, D, device=plan.device, dtype=torch.bfloat16)
     rows = []
-    for B in (1, 8, 64):
-        h = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
-        t_kernel = cuda_time(lambda: extended_argmax(h, wv, we))
-        t_torch = cuda_time(lambda: (h @ torch.cat([wv, we]).T).argmax(-1))
+    for B in plan.head_batches:
+        h = torch.randn(B, D, device=plan.device, dtype=torch.bfloat16)
+        t_kernel = timed(lambda: extended_argmax(h, wv, we), plan)
+        t_torch = timed(lambda: (h @ torch.cat([wv, we]).T).argmax(-1), plan)
         same = torch.equal(extended_argmax(h, wv, we), (h.float() @ torch.cat([wv, we]).float().T).argmax(-1))
         gbs = (V + E) * D * 2 / t_kernel / 1e9
         rows.append(dict(B=B, kernel_ms=t_kernel * 1e3, torch_ms=t_torch * 1e3, GBps=gbs, frac_bw=gbs * 1e9 / bw,
@@ -77,130 +126,150 @@ def bench_lm_head(bw: float) -> list[dict]:
     return rows
 
 
-def bench_paged_attention(bw: float, contexts=(512, 2048, 8192, 32768)) -> list[dict]:
+def bench_paged_attention(plan: Plan, bw: float) -> list[dict]:
     from etr.kernels.paged_attention import paged_decode
-    B, H, KVH, D, BS = 8, 32, 8, 128, 16
+    B, H, KVH, D, BS = plan.attention
     rows = []
-    for ctx in contexts:
-        blocks = B * ctx // BS
-        k = torch.randn(blocks, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
+    for ctx in plan.contexts:
+        blocks = B * -(-ctx // BS)
+        k = torch.randn(blocks, BS, KVH, D, device=plan.device, dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        tables = torch.arange(blocks, device="cuda", dtype=torch.int32).view(B, -1)
-        lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-        q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
-        t = cuda_time(lambda: paged_decode(q, k, v, tables, lens, D ** -0.5, ctx))
-        kc, vc = k.view(B, ctx, KVH, D).transpose(1, 2), v.view(B, ctx, KVH, D).transpose(1, 2)
-        t_sdpa = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None], kc, vc, enable_gqa=True))
-        gbs = 2 * k.numel() * 2 / t / 1e9
+        tables = torch.arange(blocks, device=plan.device, dtype=torch.int32).view(B, -1)
+        lens = torch.full((B,), ctx, device=plan.device, dtype=torch.int32)
+        q = torch.randn(B, H, D, device=plan.device, dtype=torch.bfloat16)
+        t = timed(lambda: paged_decode(q, k, v, tables, lens, D ** -0.5, ctx), plan)
+        kc, vc = (x.view(B, -1, KVH, D)[:, :ctx].transpose(1, 2) for x in (k, v))
+        t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kc, vc,
+                                                                                 enable_gqa=True), plan)
+        gbs = 2 * B * ctx * KVH * D * 2 / t / 1e9
         rows.append(dict(context=ctx, paged_ms=t * 1e3, sdpa_ms=t_sdpa * 1e3, GBps=gbs, frac_bw=gbs * 1e9 / bw))
     return rows
 
 
-def bench_paged_prefill(prefix: int = 1536, new: int = 512, batch: int = 4) -> dict:
+def bench_paged_prefill(plan: Plan) -> dict:
     """Prefill after a prefix-cache hit: the Triton kernel over pages vs gather + SDPA (the torch backend)."""
     from etr.kernels.paged_prefill import paged_prefill, paged_prefill_reference
-    H, KVH, D, BS = 28, 4, 128, 16
-    ctx = prefix + new
-    blocks = batch * ctx // BS
-    k = torch.randn(blocks, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
+    p = plan.prefill
+    batch, new, ctx, BS, D = p["batch"], p["new"], p["prefix"] + p["new"], 16, p["head_dim"]
+    blocks = batch * -(-ctx // BS)
+    k = torch.randn(blocks, BS, p["kv_heads"], D, device=plan.device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    tables = torch.arange(blocks, device="cuda", dtype=torch.int32).view(batch, -1)
-    q = torch.randn(batch * new, H, D, device="cuda", dtype=torch.bfloat16)
-    cu = torch.arange(0, batch * new + 1, new, device="cuda", dtype=torch.int32)
-    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    t = cuda_time(lambda: paged_prefill(q, k, v, tables, cu, lens, new, D ** -0.5, block_m=64, block_n=64))
-    t_ref = cuda_time(lambda: paged_prefill_reference(q, k, v, tables, [new] * batch, [ctx] * batch, D ** -0.5))
-    got = paged_prefill(q, k, v, tables, cu, lens, new, D ** -0.5, block_m=64, block_n=64)
-    err = (got.float() - paged_prefill_reference(q, k, v, tables, [new] * batch, [ctx] * batch, D ** -0.5).float())
-    return dict(prefix=prefix, new=new, batch=batch, triton_ms=t * 1e3, gather_sdpa_ms=t_ref * 1e3,
-                max_abs_err=err.abs().max().item())
+    tables = torch.arange(blocks, device=plan.device, dtype=torch.int32).view(batch, -1)
+    q = torch.randn(batch * new, p["heads"], D, device=plan.device, dtype=torch.bfloat16)
+    cu = torch.arange(0, batch * new + 1, new, device=plan.device, dtype=torch.int32)
+    lens = torch.full((batch,), ctx, device=plan.device, dtype=torch.int32)
+
+    def triton():
+        return paged_prefill(q, k, v, tables, cu, lens, new, D ** -0.5, block_m=p["block"], block_n=p["block"])
+
+    def reference():
+        return paged_prefill_reference(q, k, v, tables, [new] * batch, [ctx] * batch, D ** -0.5)
+    t, t_ref = timed(triton, plan), timed(reference, plan)
+    err = (triton().float() - reference().float()).abs().max().item()
+    return dict(prefix=p["prefix"], new=new, batch=batch, triton_ms=t * 1e3, gather_sdpa_ms=t_ref * 1e3,
+                max_abs_err=err)
 
 
-SHAPES = {"qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-          "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                           num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)}
-
-
-def random_checkpoint(shape: str, root: Path) -> Path:
+def random_checkpoint(plan: Plan, shape: str, root: Path) -> Path:
+    """A Qwen2 checkpoint of ``shape`` with random bf16 weights (built once per run)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     path = root / shape
     if not path.exists():
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[shape]), dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        with torch.device(plan.device):
+            model = AutoModelForCausalLM.from_config(Qwen2Config(**plan.shapes[shape]), dtype=torch.bfloat16)
         model.save_pretrained(path)
         del model
     return path
 
 
-def bench_decode(root: Path, bw: float, new_tokens: int = 128) -> list[dict]:
+def seconds_of(fn, plan: Plan) -> float:
+    """Wall time of the second of two calls (the first warms up)."""
+    fn()
+    sync(plan.device)
+    start = time.perf_counter()
+    fn()
+    sync(plan.device)
+    return time.perf_counter() - start
+
+
+def bench_decode(plan: Plan, root: Path, bw: float) -> list[dict]:
+    """ms per decode step of the engine (torch backend eager; triton backend with CUDA graphs) vs HF generate
+    on the same weights and prompts, and the floor: weight bytes / copy bandwidth."""
     from transformers import AutoModelForCausalLM
     from etr import LLM, SamplingParams
-    rows = []
-    for shape in SHAPES:
-        path = random_checkpoint(shape, root)
+    rows, n = [], plan.new_tokens
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    for shape in plan.shapes:
+        path = random_checkpoint(plan, shape, root)
         weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-        for backend, batch in [("torch", 1), ("torch", 32), ("triton", 1), ("triton", 32)]:
-            # triton: Triton attention with CUDA graphs; torch: SDPA over gathered pages, eager
-            llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=32,
-                      attention_backend=backend)
-            prompts = [[100 + i + j for j in range(32)] for i in range(batch)]
-            params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-            llm.generate(prompts, params, use_tqdm=False)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            torch.cuda.synchronize()
-            ours = time.perf_counter() - start
-            ids = torch.tensor(prompts, device="cuda")
-            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, pad_token_id=0)
-            hf.generate(ids, **kw)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            hf.generate(ids, **kw)
-            torch.cuda.synchronize()
-            theirs = time.perf_counter() - start
-            rows.append(dict(shape=shape, backend=backend, batch=batch, etr_ms_per_step=ours / new_tokens * 1e3,
-                             hf_ms_per_step=theirs / new_tokens * 1e3, speedup=theirs / ours,
-                             floor_ms=weight_bytes / bw * 1e3))
-            del llm
-            torch.cuda.empty_cache()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(plan.device).eval()
+        hf_ms = {}
+        for batch in plan.decode_batches:
+            ids = torch.tensor(prompts_of(batch), device=plan.device)
+            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                      pad_token_id=0)
+            hf_ms[batch] = seconds_of(lambda: hf.generate(ids, **kw), plan) / n * 1e3
         del hf
-        torch.cuda.empty_cache()
+        for backend in ("torch", "triton"):
+            llm = LLM(str(path), dtype="bfloat16", device=plan.device, max_model_len=512,
+                      max_num_seqs=max(plan.decode_batches), attention_backend=backend)
+            for batch in plan.decode_batches:
+                ours = seconds_of(lambda: llm.generate(prompts_of(batch), params, use_tqdm=False), plan) / n * 1e3
+                rows.append(dict(shape=shape, backend=backend, batch=batch, etr_ms_per_step=ours,
+                                 hf_ms_per_step=hf_ms[batch], speedup=hf_ms[batch] / ours,
+                                 floor_ms=weight_bytes / bw * 1e3))
+            del llm
+            release(plan)
     return rows
 
 
-def bench_switch(root: Path) -> dict:
+def prompts_of(batch: int) -> list[list[int]]:
+    return [[100 + i + j for j in range(32)] for i in range(batch)]
+
+
+def release(plan: Plan) -> None:
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_switch(plan: Plan, root: Path) -> dict:
     from dataclasses import asdict
     from etr.switch_cost import measure
-    path = str(random_checkpoint("qwen2-7b", root))
-    return asdict(measure(path, n_queries=4, new_tokens=256, dtype="bfloat16", device="cuda", repeats=1))
+    sw = plan.switch
+    path = str(random_checkpoint(plan, sw["shape"], root))
+    cost = measure(path, n_queries=sw["queries"], new_tokens=sw["new_tokens"], dtype="bfloat16",
+                   device=plan.device, repeats=1)
+    return {"shape": sw["shape"], **asdict(cost)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", ".") + "/gpu_suite.json")
     ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "lm_head", "attention", "prefill", "decode", "switch"])
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, kernels interpreted (no GPU needed)")
+    args = ap.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
     sys.path.insert(0, str(ROOT / "tests"))
-    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
-    result["copy_GBps"] = bw = copy_bandwidth() / 1e9
-    steps = {"tests": run_tests, "lm_head": lambda: bench_lm_head(bw * 1e9),
-             "attention": lambda: bench_paged_attention(bw * 1e9), "prefill": bench_paged_prefill}
+    name = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU smoke run (figures meaningless)"
+    result = {"device": name, "date": time.strftime("%Y-%m-%d")}
+    result["copy_GBps"] = bw = copy_bandwidth(plan) / 1e9
+    steps = {"tests": lambda: run_tests(plan), "lm_head": lambda: bench_lm_head(plan, bw * 1e9),
+             "attention": lambda: bench_paged_attention(plan, bw * 1e9), "prefill": lambda: bench_paged_prefill(plan)}
     with tempfile.TemporaryDirectory() as tmp:
-        steps["decode"] = lambda: bench_decode(Path(tmp), bw * 1e9)
-        steps["switch"] = lambda: bench_switch(Path(tmp))
-        for name, fn in steps.items():
-            if name in args.skip:
+        steps["decode"] = lambda: bench_decode(plan, Path(tmp), bw * 1e9)
+        steps["switch"] = lambda: bench_switch(plan, Path(tmp))
+        for step, fn in steps.items():
+            if step in args.skip:
                 continue
+            start = time.perf_counter()
             try:
-                result[name] = fn()
+                result[step] = fn()
             except Exception as e:  # one broken step must not hide the others' figures
-                result[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"== {name}: {json.dumps(result[name], default=str)[:2000]}", flush=True)
+                result[step] = {"error": f"{type(e).__name__}: {e}"}
+            release(plan)
+            print(f"== {step} ({time.perf_counter() - start:.0f} s): {json.dumps(result[step], default=str)[:2000]}",
+                  flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(table(result))
     print(f"JSON in {args.out}")
@@ -222,6 +291,8 @@ def table(r: dict) -> str:
             add(name, "ERROR", v["error"][:60])
         elif name == "tests":
             add("GPU tests", v["summary"][:22], "all pass")
+            for line in v.get("failed", [])[:8]:
+                add("  " + line.split(" - ")[0][-42:], "", line.partition(" - ")[2][:60])
         elif name == "lm_head":
             for x in v:
                 add(f"extended head B={x['B']} (torch {x['torch_ms']:.3f} ms)",
@@ -241,7 +312,8 @@ def table(r: dict) -> str:
                     f"{x['etr_ms_per_step']:.2f} ms x{x['speedup']:.2f}",
                     f"{bar} floor {x['floor_ms']:.2f} ms; >= 1.5x (b=1) / 3x (b=32)")
         elif name == "switch":
-            add("switch overhead, 7B shape, 256 tokens", f"{v.get('overhead_pct', float('nan')):+.2f}%", "< 1%")
+            add(f"switch overhead, {v.get('shape', '?')}, {v['new_tokens']} tokens",
+                f"{v['overhead_pct']:+.2f}%", f"< 1%; expert prefill {v['expert_prefill_s_per_query'] * 1e3:.1f} ms")
     return "\n".join(lines)
 
 

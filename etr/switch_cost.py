@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from etr.models.config import load_model_config
 from etr.models.expert_head import ExpertHead, save_expert_head
 from etr.routing.nll import forward_uncached
 
@@ -47,30 +48,49 @@ def first_step_hidden(llm, prompts: list[list[int]]) -> torch.Tensor:
     return hidden[[s + len(p) - 1 for s, p in zip(starts, prompts)]].float().cpu()
 
 
+def query_prompts(llm, n: int) -> list[list[int]]:
+    """The protocol's queries in the chat template; random-weight checkpoints without a tokenizer get fixed
+    token-id prompts of a chat prompt's length instead."""
+    if llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None):
+        return [llm.chat_prompt_ids([{"role": "user", "content": q}]) for q in (QUERIES * 8)[:n]]
+    g = torch.Generator().manual_seed(0)
+    vocab = llm.engine.model_config.vocab_size
+    return [torch.randint(0, vocab, (32,), generator=g).tolist() for _ in range(n)]
+
+
 def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, new_tokens: int = 128,
             dtype: str = "bfloat16", device: str = "cpu", trace: str | None = None, repeats: int = 2) -> SwitchCost:
-    """Run the Table 5 protocol: the same queries with and without a switch at the first token."""
+    """Run the Table 5 protocol: the same queries with and without a switch at the first token.
+
+    One meta and one expert serve both conditions; only the expert row changes (zero: never chosen; a large
+    multiple of the queries' mean direction: chosen at token 0). Prefix caching is off, so every query
+    prefills its whole context, the expert's after a switch included, as a new query would.
+    """
     from etr import LLM, SamplingParams
 
-    expert_dir = expert_dir or model_dir
-    probe = LLM(model_dir, dtype=dtype, device=device, max_model_len=1024, num_kv_blocks=256)
-    prompts = [probe.chat_prompt_ids([{"role": "user", "content": q}]) for q in (QUERIES * 8)[:n_queries]]
-    h = first_step_hidden(probe, prompts)
-    direction = (h / h.norm(dim=-1, keepdim=True)).sum(0)
-    scale = 1000.0 / (h @ direction).min().clamp(min=1e-3)
-    del probe
-    prefill: dict[int, float] = {}
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    zero = torch.zeros(1, load_model_config(model_dir).hidden_size)
     with tempfile.TemporaryDirectory() as tmp:
-        llms = {label: _routed_llm(model_dir, expert_dir, dtype, device, Path(tmp) / f"{label}.safetensors", row)
-                for label, row in (("no_switch", torch.zeros_like(direction)), ("switch", direction * scale))}
+        head = save_expert_head(Path(tmp) / "zero.safetensors", ExpertHead(["expert"], zero))
+        llm = LLM(model_dir, dtype=dtype, device=device, max_model_len=1024, num_kv_blocks=512,
+                  enable_prefix_caching=False, experts={"expert": expert_dir or model_dir}, expert_head=str(head))
+    prompts = query_prompts(llm, n_queries)
+    h = first_step_hidden(llm, prompts)
+    direction = (h / h.norm(dim=-1, keepdim=True)).sum(0)
+    rows = {"no_switch": torch.zeros_like(direction)[None],
+            "switch": (direction * 1000.0 / (h @ direction).min().clamp(min=1e-3))[None]}
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    runner, router = llm.engine.runner, llm.router
+    runner.set_expert_rows(rows["switch"])
+    llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+    router.switch_bookkeeping_s, router.num_switches = 0.0, 0
     # Conditions alternate query by query and each query keeps its best of `repeats`, so machine noise
     # (larger than the effect on a shared 2-core CPU) hits both conditions alike.
-    best = {label: [float("inf")] * len(prompts) for label in llms}
+    best = {label: [float("inf")] * len(prompts) for label in rows}
+    prefill: dict[int, float] = {}
     for r in range(repeats):
         for i, prompt in enumerate(prompts):
-            order = list(llms.items())
-            for label, llm in order if (i + r) % 2 == 0 else order[::-1]:  # neither condition always runs first
+            for label in rows if (i + r) % 2 == 0 else reversed(rows):  # neither condition always runs first
+                runner.set_expert_rows(rows[label])
                 start = time.perf_counter()
                 out = llm.generate([prompt], params, use_tqdm=False)[0]
                 best[label][i] = min(best[label][i], time.perf_counter() - start)
@@ -78,21 +98,11 @@ def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, n
                 if label == "switch":
                     prefill[i] = min(prefill.get(i, float("inf")), out.metrics.switch_prefill_s)
     if trace:
-        _write_trace(llms["switch"], prompts[0], params, trace)
+        runner.set_expert_rows(rows["switch"])
+        _write_trace(llm, prompts[0], params, trace)
     n, t0, t1 = len(prompts), sum(best["no_switch"]), sum(best["switch"])
-    router = llms["switch"].router
     return SwitchCost(n, new_tokens, t0 / n, t1 / n, 100 * (t1 - t0) / t0, sum(prefill.values()) / n,
                       router.switch_bookkeeping_s / max(router.num_switches, 1))
-
-
-def _routed_llm(model_dir, expert_dir, dtype, device, head_path: Path, row: torch.Tensor):
-    from etr import LLM, SamplingParams
-    head = save_expert_head(head_path, ExpertHead(["expert"], row[None]))
-    llm = LLM(model_dir, dtype=dtype, device=device, max_model_len=1024, num_kv_blocks=512,
-              experts={"expert": expert_dir}, expert_head=str(head))
-    llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
-    llm.router.switch_bookkeeping_s, llm.router.num_switches = 0.0, 0
-    return llm
 
 
 def _check_route(label: str, i: int, out) -> None:

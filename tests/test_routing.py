@@ -237,10 +237,11 @@ def test_sampling_reaches_experts_and_frees_everything(dirs, tmp_path):
     assert llm.router.all_free()
 
 
-def test_switch_cost_protocol_routes_every_query(tmp_path):
+@pytest.mark.parametrize("tokenizer", [True, False])  # False: random-weight checkpoints (the GPU suite's)
+def test_switch_cost_protocol_routes_every_query(tokenizer, tmp_path):
     """The benchmark's head construction makes every query switch at token 0 (and none in the baseline)."""
     from etr.switch_cost import measure, report
-    meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=21, tokenizer=True, **LLAMA)
+    meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=21, tokenizer=tokenizer, **LLAMA)
     cost = measure(str(meta), n_queries=3, new_tokens=4, dtype="float32", repeats=1)
     assert cost.queries == 3 and cost.expert_prefill_s_per_query > 0
     assert "overhead" in report(cost)

@@ -1,0 +1,54 @@
+"""bench/gpu_suite.py: its summary table from a made-up result, and the whole suite at toy sizes on the CPU
+(``--smoke``), so the code a lent GPU runs has run before."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def load_suite():
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_lists_every_figure_and_errors():
+    import os
+    before = os.environ.get("TRITON_INTERPRET")
+    suite = load_suite()
+    assert os.environ.get("TRITON_INTERPRET") == before  # later interpreted-kernel tests depend on it
+    result = {"device": "FakeGPU", "date": "2026-11-23", "copy_GBps": 3000.0,
+              "tests": {"rc": 1, "summary": "1 failed, 8 passed in 3.2s",
+                        "failed": ["FAILED tests/test_gpu.py::test_x - AssertionError: bad"]},
+              "lm_head": [{"B": 1, "kernel_ms": 0.41, "torch_ms": 0.9, "GBps": 3030.0, "frac_bw": 0.93,
+                           "argmax_equal": True}],
+              "attention": {"error": "RuntimeError: boom"},
+              "prefill": {"prefix": 1536, "new": 512, "batch": 4, "triton_ms": 1.25, "gather_sdpa_ms": 3.5,
+                          "max_abs_err": 0.01},
+              "decode": [{"shape": "qwen2-7b", "batch": 1, "etr_ms_per_step": 6.1, "hf_ms_per_step": 20.0,
+                          "speedup": 3.3, "floor_ms": 5.1}],
+              "switch": {"shape": "qwen2-7b", "new_tokens": 256, "overhead_pct": 0.4,
+                         "expert_prefill_s_per_query": 0.012}}
+    text = suite.table(result)
+    assert "FakeGPU" in text and "8 passed" in text and "test_x" in text and "AssertionError: bad" in text
+    assert "0.410 ms 93%bw" in text and "qwen2-7b, 256 tokens" in text and "prefill 12.0 ms" in text
+    assert "1.250 ms" in text and "gather+SDPA 3.500 ms" in text
+    assert "ERROR" in text and "boom" in text and "6.10 ms x3.30" in text and "+0.40%" in text
+
+
+def test_smoke_run_covers_every_step(tmp_path, capsys):
+    """Every step of the suite runs on the CPU at toy sizes without an error, and the JSON holds them all."""
+    import json
+    suite = load_suite()
+    assert suite.main(["--smoke", "--out", str(tmp_path / "s.json")]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    steps = ("tests", "lm_head", "attention", "prefill", "decode", "switch")
+    assert [s for s in steps if s not in result or "error" in result[s]] == []
+    assert result["tests"]["rc"] in (0, 5) and all(r["argmax_equal"] for r in result["lm_head"])
+    assert {(r["backend"], r["batch"]) for r in result["decode"]} == {("torch", 1), ("torch", 3), ("triton", 1),
+                                                                        ("triton", 3)}
+    assert result["prefill"]["max_abs_err"] < 5e-2
+    assert "ERROR" not in capsys.readouterr().out
