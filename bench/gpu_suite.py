@@ -194,8 +194,9 @@ def seconds_of(fn, plan: Plan) -> float:
 
 
 def bench_decode(plan: Plan, root: Path, bw: float) -> list[dict]:
-    """ms per decode step of the engine (torch backend eager; triton backend with CUDA graphs) vs HF generate
-    on the same weights and prompts, and the floor: weight bytes / copy bandwidth."""
+    """ms per decode step of the engine (torch backend eager; triton backend with CUDA graphs, without and
+    with the fused elementwise kernels) vs HF generate on the same weights and prompts, and the floor:
+    weight bytes / copy bandwidth."""
     from transformers import AutoModelForCausalLM
     from etr import LLM, SamplingParams
     rows, n = [], plan.new_tokens
@@ -211,9 +212,10 @@ def bench_decode(plan: Plan, root: Path, bw: float) -> list[dict]:
                       pad_token_id=0)
             hf_ms[batch] = seconds_of(lambda: hf.generate(ids, **kw), plan) / n * 1e3
         del hf
-        for backend in ("torch", "triton"):
+        for backend in ("torch", "triton", "triton+fused"):
             llm = LLM(str(path), dtype="bfloat16", device=plan.device, max_model_len=512,
-                      max_num_seqs=max(plan.decode_batches), attention_backend=backend)
+                      max_num_seqs=max(plan.decode_batches), attention_backend=backend.split("+")[0],
+                      fused_ops=backend.endswith("+fused"))
             for batch in plan.decode_batches:
                 ours = seconds_of(lambda: llm.generate(prompts_of(batch), params, use_tqdm=False), plan) / n * 1e3
                 rows.append(dict(shape=shape, backend=backend, batch=batch, etr_ms_per_step=ours,

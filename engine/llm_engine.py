@@ -35,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     cuda_graphs: bool | None = None  # None: on for CUDA with a capturable backend
+    fused_ops: bool = False  # Triton add+RMSNorm, rotary, SiLU-mul (see DecoderLM.use_fused_ops)
 
 
 class LLMEngine:
@@ -44,7 +45,7 @@ class LLMEngine:
         cfg.block_size = block_size_for(cfg.attention_backend, cfg.block_size)
         self.config = cfg
         self.runner = ModelRunner(cfg.model, cfg.dtype, cfg.device, cfg.block_size, cfg.max_model_len,
-                                  cfg.attention_backend, cfg.cuda_graphs, cfg.max_num_seqs)
+                                  cfg.attention_backend, cfg.cuda_graphs, cfg.max_num_seqs, cfg.fused_ops)
         self.model_config = self.runner.config
         self.tokenizer = load_tokenizer(cfg.model)
         self.block_manager: BlockManager | None = None  # with the scheduler, created by init_kv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +19,29 @@ from etr.errors import ConfigError
 from etr.models.loader import load_model
 
 
+def check_fused_ops(device: torch.device) -> None:
+    """The fused Triton ops need Triton, and on the CPU its interpreter."""
+    if lm_head.triton is None:
+        raise ConfigError("fused_ops=True needs triton, which does not import here")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("fused_ops=True on the CPU runs only under TRITON_INTERPRET=1 (a testing aid); "
+                          "use it on CUDA")
+
+
 class ModelRunner:
     """One model on its device with its KV pool, attention backend and decode graphs."""
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, block_size: int,
                  max_model_len: int, attention_backend: str = "auto", cuda_graphs: bool | None = None,
-                 max_num_seqs: int = 64):
+                 max_num_seqs: int = 64, fused_ops: bool = False):
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.model = load_model(model_dir, dtype, device, max_positions=max_model_len)
         if wants_fp32_gemm(device, dtype):
             use_fp32_gemm(self.model)
         self.config = self.model.config
+        if fused_ops:
+            check_fused_ops(device)
+            self.model.use_fused_ops()
         self.backend = get_backend(attention_backend, device)
         self.num_blocks = 0
         self.kv_caches: list = []

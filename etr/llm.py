@@ -41,6 +41,9 @@ class LLM:
         cuda_graphs: decode through CUDA graphs captured per batch size (every model its own). None: on for
             CUDA with the "triton" or "flash" backend; True on the CPU runs the same padded static-buffer path
             eagerly (a testing aid); False: off.
+        fused_ops: run residual add + RMSNorm, rotary and SiLU-mul as Triton kernels instead of torch's
+            elementwise ops (CUDA; on the CPU only under TRITON_INTERPRET=1, for tests). Off by default until a
+            GPU run of ``bench/gpu_suite.py`` shows it pays (its decode rows measure both).
     """
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
@@ -48,7 +51,8 @@ class LLM:
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 8192,
                  experts: dict[str, str] | None = None, expert_head: str | list[str] | None = None,
-                 expert_devices: dict[str, str] | None = None, cuda_graphs: bool | None = None):
+                 expert_devices: dict[str, str] | None = None, cuda_graphs: bool | None = None,
+                 fused_ops: bool = False):
         dev = parse_device(device)
         model_cfg = load_model_config(model)
         if (block_size is not None and block_size < 1) or max_num_seqs < 1:
@@ -62,7 +66,7 @@ class LLM:
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
-                cuda_graphs=cuda_graphs))
+                cuda_graphs=cuda_graphs, fused_ops=fused_ops))
 
         self.engine = make_engine(model, dev)
         self.router = Router(self.engine, {}, [])

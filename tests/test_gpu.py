@@ -157,3 +157,40 @@ def test_routing_on_cuda_runs_each_model_on_its_own_stream(tmp_path):
     assert len({(s.device, s.stream_id) for s in streams}) == 2
     assert all(s != torch.cuda.default_stream(s.device) for s in streams)
     assert outs[DEV] == outs["cpu"] and outs[DEV][0][:2] == ("e", 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ops_compiled(dtype):
+    """Compiled, the residual stream of the fused add+RMSNorm is torch's add bit for bit (round to nearest
+    even), and every fused kernel is within the CPU test's tolerance of its reference."""
+    from test_fused_ops_kernels import TOL
+    from etr.kernels.fused_norm import fused_add_rms_norm, fused_add_rms_norm_reference
+    from etr.kernels.rotary import rotary_, rotary_reference
+    from etr.kernels.silu_mul import silu_mul, silu_mul_reference
+    g = torch.Generator().manual_seed(3)
+    x, r = ((torch.randn(9, 1000, generator=g) * 3).to(DEV, dtype) for _ in range(2))
+    w = torch.rand(1000, generator=g).to(DEV, dtype) + 0.5
+    got, got_sum = fused_add_rms_norm(x, r, w, 1e-6)
+    want, want_sum = fused_add_rms_norm_reference(x, r, w, 1e-6)
+    assert torch.equal(got_sum, want_sum)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    gu = (torch.randn(9, 3000, generator=g) * 4).to(DEV, dtype)
+    torch.testing.assert_close(silu_mul(gu), silu_mul_reference(gu), **TOL[dtype])
+    freqs = torch.rand(20, generator=g) * torch.arange(64)[:, None]
+    cos, sin = (f(torch.cat([freqs, freqs], -1)).to(DEV) for f in (torch.cos, torch.sin))
+    qk = torch.randn(9, 11, 40, generator=g).to(DEV, dtype)
+    pos = torch.randint(0, 64, (9,), generator=g).to(DEV)
+    want = rotary_reference(qk.clone(), pos, cos, sin)
+    torch.testing.assert_close(rotary_(qk, pos, cos, sin), want, **TOL[dtype])
+
+
+def test_fused_ops_engine_on_cuda(tiny_dir, hf_model_of):
+    """fused_ops with the Triton backend and CUDA graphs: float32 greedy tokens equal HF's."""
+    from etr import LLM, SamplingParams
+    path = tiny_dir("qwen2_untied")
+    llm = LLM(str(path), dtype="float32", device=DEV, num_kv_blocks=128, attention_backend="triton",
+              fused_ops=True)
+    prompts = [[5, 6, 7], list(range(40, 80))]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.model.fused
+    assert [o.token_ids for o in outs] == [hf_greedy(hf_model_of(path), p, 20) for p in prompts]

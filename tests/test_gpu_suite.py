@@ -48,7 +48,7 @@ def test_smoke_run_covers_every_step(tmp_path, capsys):
     steps = ("tests", "lm_head", "attention", "prefill", "decode", "switch")
     assert [s for s in steps if s not in result or "error" in result[s]] == []
     assert result["tests"]["rc"] in (0, 5) and all(r["argmax_equal"] for r in result["lm_head"])
-    assert {(r["backend"], r["batch"]) for r in result["decode"]} == {("torch", 1), ("torch", 3), ("triton", 1),
-                                                                        ("triton", 3)}
+    assert {(r["backend"], r["batch"]) for r in result["decode"]} == \
+        {(b, n) for b in ("torch", "triton", "triton+fused") for n in (1, 3)}
     assert result["prefill"]["max_abs_err"] < 5e-2
     assert "ERROR" not in capsys.readouterr().out

@@ -8,6 +8,7 @@ import torch
 from conftest import TINY_SPECS, hf_greedy, make_tiny_checkpoint
 from etr import LLM, SamplingParams
 from etr.engine.attention import TorchAttentionBackend, causal_metadata
+from etr.errors import ConfigError
 from etr.models import load_model
 
 PROMPT_LENS = (1, 2, 7, 15, 16, 17, 31, 33, 48, 70)  # around block boundaries of 16
@@ -108,3 +109,25 @@ def test_triton_backend_matches_hf(name, tiny_dir, hf_model_of):
     assert outs[3].metrics.num_cached_prompt_tokens == 24
     hf = hf_model_of(path)
     assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in prompts + hits]
+
+
+@pytest.mark.parametrize("name", ["llama_tied_gqa", "qwen2_untied"])
+def test_fused_ops_keep_float32_greedy_parity(name, tiny_dir, hf_model_of):
+    """The fused Triton add+RMSNorm, rotary and SiLU-mul (interpreted here) give HF's greedy tokens in float32,
+    through the eager path and the padded decode-graph path."""
+    pytest.importorskip("triton")
+    path = tiny_dir(name)
+    prompts = [[5, 6, 7], list(range(40, 75))]
+    want = [hf_greedy(hf_model_of(path), p, 12) for p in prompts]
+    for graphs in (False, True):
+        llm = LLM(str(path), dtype="float32", num_kv_blocks=64, fused_ops=True, cuda_graphs=graphs,
+                  attention_backend="triton" if graphs else "torch")
+        assert llm.engine.runner.model.fused
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        assert [o.token_ids for o in outs] == want
+
+
+def test_fused_ops_refused_on_the_cpu_without_the_interpreter(tiny_dir, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        LLM(str(tiny_dir("llama_tied_gqa")), dtype="float32", num_kv_blocks=8, fused_ops=True)
