@@ -79,13 +79,34 @@ class TorchAttentionBackend:
         return out
 
     def _decode(self, q, kv_cache, meta, scale):
-        slots = meta.extra["slots"]
+        slots, mask = meta.extra["slots"], meta.extra["mask"]
         k_pages, v_pages = kv_cache
         keys = k_pages.view(-1, *k_pages.shape[2:])[slots].transpose(1, 2)  # [B, kv_heads, L, D]
         values = v_pages.view(-1, *v_pages.shape[2:])[slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.extra["mask"],
+        batch, length = slots.shape
+        if q.device.type == "cpu" and (batch > 1 or length > SDPA_MAX_LEN_CPU):
+            return grouped_decode_attention(q, keys, values, mask, scale)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=None if batch == 1 else mask,
                                              scale=scale, enable_gqa=True)
         return out.squeeze(2)
+
+
+# On a 2-core Zen 4, for one decode query per sequence (bf16, 9 heads / 3 KV heads, head dim 64), SDPA's CPU
+# flash kernel takes 440 us at batch 16 x 64 keys where two float32 matmuls take 105 us (1782 vs 282 at 300
+# keys); it wins only for one sequence of few keys (33 vs 46 us at 64 keys).
+SDPA_MAX_LEN_CPU = 128
+
+
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """One query token per sequence, ``q`` ``[B, H, D]``, against ``[B, kv_heads, L, D]`` keys and values, in
+    float32 matmuls with the query heads grouped by KV head (no repeated K/V); ``mask`` ``[B, 1, 1, L]``."""
+    batch, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, dim).float()
+    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(scale).add_(mask.float())
+    out = torch.matmul(scores.softmax(-1), values.float())
+    return out.view(batch, heads, dim).to(q.dtype)
 
 
 def _offset_causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
