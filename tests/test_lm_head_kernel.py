@@ -27,7 +27,7 @@ def inputs(B, E, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,E", [(1, 1), (3, 2), (7, 5), (5, 4)])
+@pytest.mark.parametrize("B,E", [(1, 1), (3, 2), (7, 5), (5, 4), (37, 2), (70, 3)])  # 37: one 64-row block; 70: two
 def test_full_logits_match_reference(B, E, dtype):
     h, wv, we = inputs(B, E, dtype, seed=B * 10 + E)
     got = extended_logits(h, wv, we)
@@ -37,7 +37,7 @@ def test_full_logits_match_reference(B, E, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,E", [(1, 3), (4, 1), (7, 5)])
+@pytest.mark.parametrize("B,E", [(1, 3), (4, 1), (7, 5), (70, 2)])
 def test_argmax_matches_reference(B, E, dtype):
     h, wv, we = inputs(B, E, dtype, seed=100 + B * 10 + E)
     we[0] = h[0] * 3  # make row 0 route to expert 0 so both halves of the head win somewhere
