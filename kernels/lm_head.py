@@ -62,12 +62,12 @@ if triton is not None:
                          other=0.0)
             we = tl.load(we_ptr + (rows - V)[:, None] * stride_we + ds[None, :], mask=in_e[:, None] & d_ok[None, :],
                          other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
+            if UPCAST:  # float32 models get float32 products (tl.dot would round them to tf32 on the GPU)
                 w = wv.to(tl.float32) + we.to(tl.float32)
+                acc += tl.dot(h.to(tl.float32), tl.trans(w), input_precision="ieee")
             else:
                 w = wv + we.to(wv.dtype)  # each row is loaded from exactly one matrix, the other reads 0
-            acc += tl.dot(h.to(w.dtype), tl.trans(w))
+                acc += tl.dot(h.to(w.dtype), tl.trans(w))
         if WRITE_LOGITS:
             ok = b_ok[:, None] & (in_v | in_e)[None, :]
             tl.store(out_ptr + bs[:, None] * stride_out + rows[None, :], acc, mask=ok)

@@ -17,7 +17,7 @@ from conftest import hf_greedy  # noqa: E402
 DEV = "cuda"
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 5e-2), (torch.float32, 5e-2)])  # fp32 tl.dot runs as tf32
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 5e-2), (torch.float32, 1e-4)])  # fp32: ieee products
 @pytest.mark.parametrize("B,E", [(1, 1), (7, 5), (64, 6)])
 def test_lm_head_compiled(B, E, dtype, atol):
     from etr.kernels.lm_head import extended_argmax, extended_logits, extended_logits_reference
