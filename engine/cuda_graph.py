@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from etr.engine.attention import AttentionMetadata
+from etr.kernels.paged_attention import split_plan
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 CAPTURABLE_BACKENDS = ("triton", "flash")  # the torch backend sizes its gathers on the host every step
@@ -36,12 +37,11 @@ class GraphBuffers:
 
 class DecodeGraphs:
     """One model's decode graphs, one per batch size in ``sizes`` (see the module docstring)."""
-    def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool, pages_per_split: int = 32):
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool):
         self.runner, self.capture = runner, capture
         self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // runner.block_size)
-        self.num_splits = -(-self.max_blocks // pages_per_split)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.buffers = {b: self._buffers(b) for b in self.sizes}
         if capture:
@@ -57,7 +57,9 @@ class DecodeGraphs:
             context_lens=torch.zeros(b, dtype=torch.int32, device=dev),
             block_tables=torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
             block_size=self.runner.block_size, dtype=self.runner.dtype)
-        meta.extra["num_splits"] = self.num_splits
+        # The attention grid of this batch size, fixed to cover max_model_len (see kernels/paged_attention.py).
+        meta.extra["pages_per_split"], meta.extra["num_splits"] = split_plan(
+            b, self.runner.config.num_key_value_heads, self.max_blocks, self.runner.block_size, dev.type == "cuda")
         return GraphBuffers(torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
                             meta)
 

@@ -59,8 +59,9 @@ if triton is not None:
         has = l > 0
         out = acc / tl.where(has, l, 1.0)[:, None]
         lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+        # A split past the context (a graph's fixed grid) writes only its -inf lse; the combine skips it.
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out,
-                 mask=g_ok[:, None] & d_ok[None, :])
+                 mask=(g_ok & (first + 0 * g < last))[:, None] & d_ok[None, :])
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
@@ -76,8 +77,9 @@ if triton is not None:
         top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0
         w = tl.exp(lse - top)
         w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
+        live = (s < S) & (lse > float("-inf"))  # empty splits were never written: not read either
         part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-                       mask=(s[:, None] < S) & (d[None, :] < D), other=0.0)
+                       mask=live[:, None] & (d[None, :] < D), other=0.0)
         out = tl.sum(w[:, None] * part, axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
@@ -98,20 +100,42 @@ def combine_splits_triton(part: torch.Tensor, lse: torch.Tensor, dtype: torch.dt
     return out
 
 
+# Programs to aim for in one launch on a GPU: a few per SM of an H100 (132 SMs), so that enough K/V loads are in
+# flight to stream at bandwidth even at batch 1 (one program per sequence and KV head would be 4 programs for
+# a Qwen2-7B shape). A split covers at least MIN_SPLIT_TOKENS, which keeps the float32 partials it writes
+# and the combine reads to about a tenth of the K/V bytes it reads (7 query heads per KV head, head dim 128).
+TARGET_PROGRAMS = 512
+MIN_SPLIT_TOKENS = 128
+
+
+def split_plan(batch: int, kv_heads: int, max_pages: int, block_size: int, on_gpu: bool = True) -> tuple[int, int]:
+    """``(pages_per_split, num_splits)`` for a decode launch over up to ``max_pages`` pages per sequence.
+    Off the GPU (the interpreter runs programs one by one) one split covers everything."""
+    max_pages = max(1, max_pages)
+    if not on_gpu:
+        return max_pages, 1
+    min_pages = max(1, -(-MIN_SPLIT_TOKENS // block_size))
+    splits = max(1, min(-(-TARGET_PROGRAMS // (batch * kv_heads)), max_pages // min_pages))
+    per_split = -(-max_pages // splits)
+    return per_split, -(-max_pages // per_split)
+
+
 def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, max_context: int, pages_per_split: int = 32,
+                 context_lens: torch.Tensor, scale: float, max_context: int, pages_per_split: int | None = None,
                  num_splits: int | None = None) -> torch.Tensor:
     """Triton: decode attention of ``q`` ``[B, H, D]`` over paged K/V ``[blocks, block_size, kv_heads, D]``,
     in two launches (split-K partials, then the combine).
 
     ``num_splits`` fixes the grid (splits past a sequence's context write an empty partial that the combine
     weighs 0), so a CUDA graph captured once serves every context up to ``num_splits * pages_per_split``
-    pages; by default the splits follow ``max_context``.
+    pages; by default the splits follow ``max_context``, and ``pages_per_split`` follows ``split_plan``.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     B, H, D = q.shape
     _, block_size, kv_heads, _ = k_pages.shape
+    if pages_per_split is None:
+        pages_per_split = split_plan(B, kv_heads, triton.cdiv(max_context, block_size), block_size, q.is_cuda)[0]
     needed = max(1, triton.cdiv(triton.cdiv(max_context, block_size), pages_per_split))
     if num_splits is not None and num_splits < needed:
         raise ValueError(f"num_splits={num_splits} cannot cover max_context={max_context} "

@@ -22,7 +22,7 @@ def test_padded_graph_batches_match_hf(tiny_dir, hf_model_of):
     llm = LLM(str(path), dtype="float32", attention_backend="triton", cuda_graphs=True, block_size=8,
               num_kv_blocks=64, max_num_seqs=6, max_model_len=96)
     graphs = llm.engine.runner.graphs
-    assert graphs.sizes == [1, 2, 4, 6] and graphs.num_splits == 1
+    assert graphs.sizes == [1, 2, 4, 6] and graphs.buffers[4].meta.extra["num_splits"] == 1
     hf = hf_model_of(path)
     g = torch.Generator().manual_seed(7)
     for lengths in [(5,), (3, 20, 9), (1, 2, 3, 4, 30)]:  # batches of 1, 3 (in the 4-graph), 5 (in the 6-graph)
@@ -56,3 +56,18 @@ def test_graphs_need_a_capturable_backend(tiny_dir):
     with pytest.raises(ConfigError, match="cuda_graphs=True needs a capturable attention backend"):
         LLM(str(tiny_dir("qwen2_untied")), dtype="float32", attention_backend="torch", cuda_graphs=True)
     assert LLM(str(tiny_dir("qwen2_untied")), dtype="float32", num_kv_blocks=8).engine.runner.graphs is None
+
+
+def test_graph_grid_with_many_splits_matches_hf(tiny_dir, hf_model_of, monkeypatch):
+    """The GPU's split plan (many splits, most of them past a short context) on the padded graph path."""
+    import etr.engine.cuda_graph as cg
+    import etr.kernels.paged_attention as pa
+    monkeypatch.setattr(pa, "MIN_SPLIT_TOKENS", 16)
+    monkeypatch.setattr(cg, "split_plan", lambda b, kvh, pages, bs, on_gpu: pa.split_plan(b, kvh, pages, bs, True))
+    path = tiny_dir("qwen2_untied")
+    llm = LLM(str(path), dtype="float32", attention_backend="triton", cuda_graphs=True, block_size=8,
+              num_kv_blocks=64, max_num_seqs=4, max_model_len=96)
+    assert llm.engine.runner.graphs.buffers[2].meta.extra["num_splits"] == 6  # 12 pages, 2 per split
+    prompts = [[3, 1, 4], list(range(50, 75))]
+    outs = llm.generate(prompts, greedy(8), use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf_model_of(path), p, 8) for p in prompts]

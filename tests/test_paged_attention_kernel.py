@@ -73,3 +73,13 @@ def test_combine_kernel_matches_reference():
     want = combine_splits(part, lse)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[2, 1], torch.zeros(24))
+
+
+def test_split_plan():
+    from etr.kernels.paged_attention import split_plan
+    assert split_plan(1, 4, 256, 16, on_gpu=False) == (256, 1)  # the interpreter: one split
+    assert split_plan(1, 4, 256, 16) == (8, 32)       # batch 1, 7B shape, 4096 tokens: 128-token splits
+    assert split_plan(1, 4, 2048, 16) == (16, 128)    # 32k tokens: 512 programs
+    assert split_plan(64, 8, 2048, 16) == (2048, 1)   # a big batch fills the GPU by itself
+    assert split_plan(8, 8, 32, 16) == (8, 4)         # 512 tokens: never below 128 tokens a split
+    assert split_plan(1, 1, 3, 16) == (3, 1)

@@ -29,4 +29,4 @@ class TritonAttentionBackend(TorchAttentionBackend):
             return paged_prefill(q, k_pages, v_pages, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
                                  max(meta.query_lens), scale)
         return paged_decode(q, k_pages, v_pages, meta.block_tables, meta.context_lens, scale,
-                            max(meta.context_lens_list), num_splits=meta.extra.get("num_splits"))
+                            max(meta.context_lens_list), meta.extra.get("pages_per_split"), meta.extra.get("num_splits"))
