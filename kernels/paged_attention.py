@@ -1,14 +1,17 @@
 """Paged decode attention (one query token per sequence), flash-decoding style.
 
-Grid: (sequence, kv head, split). Each program walks its split's pages through the block table, keeps an
-online softmax for the ``group`` query heads that share the kv head (GQA without repeating K/V), and writes
-a partial output and its log-sum-exp; a second kernel merges the splits (``combine_splits`` is its
-torch reference). ``paged_decode_reference`` is
-the torch backend's gather + SDPA. Tiles are upcast to float32 (exact for the interpreter's bf16 pitfall,
-and the accumulation precision on the GPU anyway); only tl.exp/tl.log are used, no libdevice.
+Grid: (sequence, kv head, split). Each program walks its split's tokens 64 at a time, finding each token's
+page through the block table, keeps an online softmax for the ``group`` query heads that share the kv head
+(GQA without repeating K/V; the group is padded to 16 rows for tl.dot), and writes a partial output and its
+log-sum-exp; a second kernel merges the splits (``combine_splits`` is its torch reference). The torch
+backend's gather + attention is the reference for the whole. bf16 tiles go to tl.dot as they are on the GPU
+(float32 accumulation); float32 models and the interpreter (whose bf16 is raw bits) multiply float32 tiles
+in IEEE precision. Only tl.exp/tl.log are used, no libdevice.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,45 +26,54 @@ if triton is not None:
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, lse_ptr, scale,
                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                              stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                             G, D, PAGES_PER_SPLIT, PAGE,
-                             BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                             G, D, SPLIT_TOKENS, PAGE,
+                             BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                             UPCAST: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        ctx = tl.load(ctx_ptr + b)
-        first = split * PAGES_PER_SPLIT
-        last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(ctx, PAGE))
+        start = split * SPLIT_TOKENS
+        end = tl.minimum(start + SPLIT_TOKENS, tl.load(ctx_ptr + b))
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         heads = kvh * G + g
         g_ok, d_ok = g < G, d < D
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        s_idx = tl.arange(0, BLOCK_S)  # page slots, padded to a power of two
-        for page in range(first, last):
-            block = tl.load(bt_ptr + b * stride_bt + page).to(tl.int64)
-            valid = (s_idx < PAGE) & (page * PAGE + s_idx < ctx)
-            offs = block * stride_kb + s_idx[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+        for t0 in range(start, end, BLOCK_T):
+            # BLOCK_T tokens at a time, whatever the page size: each token finds its page in the block table.
+            t = t0 + tl.arange(0, BLOCK_T)
+            valid = t < end
+            block = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=valid, other=0).to(tl.int64)
+            offs = block[:, None] * stride_kb + (t % PAGE)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
             kv_mask = valid[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-            scores = tl.where(valid[None, :], scores, float("-inf"))
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+            if UPCAST:  # float32 products: the interpreter's bf16 is raw bits; float32 models want ieee
+                scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            if UPCAST:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         has = l > 0
         out = acc / tl.where(has, l, 1.0)[:, None]
         lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
         # A split past the context (a graph's fixed grid) writes only its -inf lse; the combine skips it.
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out,
-                 mask=(g_ok & (first + 0 * g < last))[:, None] & d_ok[None, :])
+                 mask=(g_ok & (start + 0 * g < end))[:, None] & d_ok[None, :])
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
@@ -106,6 +118,7 @@ def combine_splits_triton(part: torch.Tensor, lse: torch.Tensor, dtype: torch.dt
 # and the combine reads to about a tenth of the K/V bytes it reads (7 query heads per KV head, head dim 128).
 TARGET_PROGRAMS = 512
 MIN_SPLIT_TOKENS = 128
+BLOCK_T = 64  # tokens per step of a program's loop (two tl.dot tiles of [query heads x 64] and [64 x head dim])
 
 
 def split_plan(batch: int, kv_heads: int, max_pages: int, block_size: int, on_gpu: bool = True) -> tuple[int, int]:
@@ -148,6 +161,7 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
         q, k_pages, v_pages, block_tables, context_lens, out, lse, scale,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        group, D, pages_per_split, block_size,
-        BLOCK_S=triton.next_power_of_2(block_size), BLOCK_G=triton.next_power_of_2(group), BLOCK_D=triton.next_power_of_2(D))
+        group, D, pages_per_split * block_size, block_size, BLOCK_T=BLOCK_T,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot: >= 16
+        UPCAST=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
     return combine_splits_triton(out, lse, q.dtype)

@@ -41,6 +41,8 @@ def reference(q, k_pages, v_pages, tables, ctx, block_size, scale):
     ([1], 4, 4, 8, 16, 32),                 # one token, MHA
     ([1, 13, 37], 6, 2, 24, 5, 2),          # GQA groups of 3, awkward head_dim and page size, split-K
     ([70, 3], 9, 3, 64, 16, 1),             # SmolLM2's head layout, one page per split
+    ([150, 9], 8, 2, 40, 16, 32),           # 150 tokens in one split: three 64-token steps, the last partial
+    ([130, 64], 4, 1, 16, 5, 100),          # pages of 5 inside 64-token steps, groups of 4
 ])
 def test_paged_decode_matches_torch(context_lens, heads, kv_heads, head_dim, block_size, pages_per_split, dtype):
     q, k_pages, v_pages, tables, ctx = case(context_lens, heads, kv_heads, head_dim, block_size, dtype)
