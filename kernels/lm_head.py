@@ -79,6 +79,16 @@ if triton is not None:
             tl.store(pidx_ptr + pid_n * B + bs, idx, mask=b_ok)
 
 
+if triton is not None:
+    # On the GPU the depth of each weight-tile load and the pipelining are tuned once per shape (the head
+    # streams 1.2 GB per call at a 7B shape, so these decide the bandwidth reached); the interpreter runs
+    # the plain kernel with BLOCK_D=64.
+    _tuned_head_kernel = triton.autotune(
+        configs=[triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
+                 for bd, w, s in [(64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 4, 4), (128, 8, 4)]],
+        key=["V", "E", "D", "BLOCK_B", "WRITE_LOGITS"])(_extended_head_kernel)
+
+
 def _launch(h, w_vocab, w_expert, write_logits: bool, block_n: int = 64, block_d: int = 64):
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -92,10 +102,14 @@ def _launch(h, w_vocab, w_expert, write_logits: bool, block_n: int = 64, block_d
     out = torch.empty((B, V + E), device=h.device, dtype=torch.float32) if write_logits else h.new_empty(1)
     pmax = torch.empty((n_tiles, B), device=h.device, dtype=torch.float32)
     pidx = torch.empty((n_tiles, B), device=h.device, dtype=torch.int32)
-    _extended_head_kernel[grid](h, w_vocab, w_expert, out, pmax, pidx, B, V, E, D,
-                                h.stride(0), w_vocab.stride(0), w_expert.stride(0), out.stride(0) if write_logits else 0,
-                                BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, WRITE_LOGITS=write_logits,
-                                UPCAST=interpreted() or h.dtype == torch.float32)
+    args = (h, w_vocab, w_expert, out, pmax, pidx, B, V, E, D,
+            h.stride(0), w_vocab.stride(0), w_expert.stride(0), out.stride(0) if write_logits else 0)
+    flags = dict(BLOCK_B=block_b, BLOCK_N=block_n, WRITE_LOGITS=write_logits,
+                 UPCAST=interpreted() or h.dtype == torch.float32)
+    if h.is_cuda and not interpreted():
+        _tuned_head_kernel[grid](*args, **flags)
+    else:
+        _extended_head_kernel[grid](*args, BLOCK_D=block_d, **flags)
     return out, pmax, pidx
 
 
