@@ -19,6 +19,7 @@ Status 2026-11-23: no device has been lent to this project yet, so the suite has
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -212,6 +213,7 @@ def bench_decode(plan: Plan, root: Path, bw: float) -> list[dict]:
                       pad_token_id=0)
             hf_ms[batch] = seconds_of(lambda: hf.generate(ids, **kw), plan) / n * 1e3
         del hf
+        release(plan)  # the engine loads the same weights next: never both on the GPU
         for backend in ("torch", "triton", "triton+fused"):
             llm = LLM(str(path), dtype="bfloat16", device=plan.device, max_model_len=512,
                       max_num_seqs=max(plan.decode_batches), attention_backend=backend.split("+")[0],
@@ -231,6 +233,8 @@ def prompts_of(batch: int) -> list[list[int]]:
 
 
 def release(plan: Plan) -> None:
+    """Give freed models' memory back before the next one loads."""
+    gc.collect()
     if plan.device == "cuda":
         torch.cuda.empty_cache()
 
