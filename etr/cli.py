@@ -26,14 +26,19 @@ def _import_gguf(args) -> None:
 
 def _generate(args) -> None:
     from etr import LLM, SamplingParams
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    experts = dict(_name_dir(e) for e in args.expert or [])
+    devices = dict(_name_dir(e, "--expert-device", "NAME=DEVICE") for e in args.expert_device or [])
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
+              fused_ops=args.fused_ops, experts=experts or None, expert_head=args.expert_head,
+              expert_devices=devices or None)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:
         outs = llm.generate(args.prompt, params)
     for prompt, out in zip(args.prompt, outs):
-        print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]")
+        routed = f", expert {out.expert} from token {out.switch_index}" if out.expert else ""
+        print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}{routed}]")
 
 
 def _demo(args) -> None:
@@ -186,10 +191,10 @@ def _miniexpert(args) -> None:
           f"{len(results['bars']) - len(failed)}/{len(results['bars'])}")
 
 
-def _name_dir(text: str) -> tuple[str, str]:
+def _name_dir(text: str, flag: str = "--expert", form: str = "NAME=DIR") -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise SystemExit(f"etr: --expert {text!r}: use NAME=DIR")
+        raise SystemExit(f"etr: {flag} {text!r}: use {form}")
     return name, path
 
 
@@ -216,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "triton", "torch"])
+    gen.add_argument("--fused-ops", action="store_true", help="Triton add+RMSNorm, rotary and SiLU-mul")
+    gen.add_argument("--expert", action="append", help="NAME=DIR, repeat per expert")
+    gen.add_argument("--expert-head", action="append", help="expert head file(s) (rows for the experts)")
+    gen.add_argument("--expert-device", action="append", help="NAME=DEVICE: put that expert on another device")
     gen.set_defaults(func=_generate)
     d = sub.add_parser("demo", help="chat with the embedded SmolLM2-135M-Instruct (imported on first use)")
     d.add_argument("--max-tokens", type=int, default=48)

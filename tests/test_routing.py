@@ -281,3 +281,18 @@ def test_route_pins_requests_to_experts(dirs, hf_model_of):
     with pytest.raises(ValueError, match="2 routes for 3 prompts"):
         llm.generate(PROMPTS, greedy(), route=["astro", "law"])
     assert llm.router.all_free()
+
+
+def test_generate_cli_routes_to_an_expert(tmp_path, capsys):
+    from etr.cli import main
+    meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=41, tokenizer=True, **LLAMA)
+    expert = make_tiny_checkpoint(tmp_path / "expert", "llama", seed=42, tokenizer=True, **LLAMA)
+    ids = LLM(str(meta), dtype="float32", num_kv_blocks=8).tokenizer("hello there").input_ids
+    _, hidden, max_logits = meta_trace(meta, ids, 4)
+    head = write_head(tmp_path / "h.safetensors", ["e"], [switch_row(hidden, max_logits, 0)])
+    args = ["generate", "--model", str(meta), "--prompt", "hello there", "--max-tokens", "4", "--dtype", "float32",
+            "--expert", f"e={expert}", "--expert-head", str(head)]
+    main(args + ["--expert-device", "e=cpu"])
+    assert "expert e from token 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--expert-device 'cpu'.*NAME=DEVICE"):
+        main(args + ["--expert-device", "cpu"])
