@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", ".") + "/gpu_suite.json")
     ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "lm_head", "attention", "prefill", "decode", "switch"])
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, kernels interpreted (no GPU needed)")
+    ap.add_argument("--budget-s", type=float, default=510,
+                    help="start no step after this many seconds (the device allows 10 minutes a call)")
     args = ap.parse_args(argv)
+    began = time.perf_counter()
     plan = SMOKE if args.smoke else FULL
     sys.path.insert(0, str(ROOT / "tests"))
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU smoke run (figures meaningless)"
@@ -269,13 +273,18 @@ def main(argv: list[str] | None = None) -> int:
             if step in args.skip:
                 continue
             start = time.perf_counter()
+            if start - began > args.budget_s:
+                result[step] = {"error": f"not run: {start - began:.0f} s spent of the {args.budget_s:.0f} s budget"}
+                continue
             try:
                 result[step] = fn()
             except Exception as e:  # one broken step must not hide the others' figures
-                result[step] = {"error": f"{type(e).__name__}: {e}"}
+                result[step] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
             release(plan)
+            result.setdefault("seconds", {})[step] = round(time.perf_counter() - start, 1)
             print(f"== {step} ({time.perf_counter() - start:.0f} s): {json.dumps(result[step], default=str)[:2000]}",
                   flush=True)
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))  # a run cut off keeps its figures
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(table(result))
     print(f"JSON in {args.out}")
@@ -284,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(r: dict) -> str:
     """The short summary: one line per measured figure, with the issue's bar beside it."""
-    lines = [f"{r['device']}, {r['date']}, copy bandwidth {r['copy_GBps']:.0f} GB/s", "",
+    spent = sum(r.get("seconds", {}).values())
+    lines = [f"{r['device']}, {r['date']}, copy bandwidth {r['copy_GBps']:.0f} GB/s, steps took {spent:.0f} s", "",
              f"{'what':<44}{'measured':>22}  bar"]
 
     def add(what, measured, bar=""):

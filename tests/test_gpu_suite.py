@@ -52,3 +52,13 @@ def test_smoke_run_covers_every_step(tmp_path, capsys):
         {(b, n) for b in ("torch", "triton", "triton+fused") for n in (1, 3)}
     assert result["prefill"]["max_abs_err"] < 5e-2
     assert "ERROR" not in capsys.readouterr().out
+    assert set(result["seconds"]) == set(steps)
+
+
+def test_steps_past_the_budget_are_reported_not_run(tmp_path, capsys):
+    import json
+    suite = load_suite()
+    suite.main(["--smoke", "--budget-s", "0", "--skip", "tests", "--out", str(tmp_path / "s.json")])
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert "tests" not in result and "budget" in result["lm_head"]["error"] and "budget" in result["switch"]["error"]
+    assert "not run" in capsys.readouterr().out
