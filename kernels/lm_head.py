@@ -54,20 +54,19 @@ if triton is not None:
         in_e = (rows >= V) & (rows < V + E)
         b_ok = bs < B
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        # Each row's own matrix: one load per tile whether it is a vocabulary row or an expert row.
+        w_rows = tl.where(in_v, wv_ptr + rows.to(tl.int64) * stride_wv,
+                          we_ptr + tl.where(in_e, rows - V, 0).to(tl.int64) * stride_we)
+        row_ok = in_v | in_e
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             h = tl.load(h_ptr + bs[:, None] * stride_h + ds[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
-            wv = tl.load(wv_ptr + rows[:, None] * stride_wv + ds[None, :], mask=in_v[:, None] & d_ok[None, :],
-                         other=0.0)
-            we = tl.load(we_ptr + (rows - V)[:, None] * stride_we + ds[None, :], mask=in_e[:, None] & d_ok[None, :],
-                         other=0.0)
+            w = tl.load(w_rows[:, None] + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:  # float32 models get float32 products (tl.dot would round them to tf32 on the GPU)
-                w = wv.to(tl.float32) + we.to(tl.float32)
-                acc += tl.dot(h.to(tl.float32), tl.trans(w), input_precision="ieee")
+                acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
-                w = wv + we.to(wv.dtype)  # each row is loaded from exactly one matrix, the other reads 0
-                acc += tl.dot(h.to(w.dtype), tl.trans(w))
+                acc += tl.dot(h, tl.trans(w))
         if WRITE_LOGITS:
             ok = b_ok[:, None] & (in_v | in_e)[None, :]
             tl.store(out_ptr + bs[:, None] * stride_out + rows[None, :], acc, mask=ok)
@@ -82,10 +81,11 @@ if triton is not None:
 if triton is not None:
     # On the GPU the depth of each weight-tile load and the pipelining are tuned once per shape (the head
     # streams 1.2 GB per call at a 7B shape, so these decide the bandwidth reached); the interpreter runs
-    # the plain kernel with BLOCK_D=64.
+    # the plain kernel with BLOCK_D=64. Every configuration here compiles for sm_90 without register spills
+    # in bf16 (tests/sm90_compile.py reads the cubins; 128-deep tiles spill with 4 warps).
     _tuned_head_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
-                 for bd, w, s in [(64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 4, 4), (128, 8, 4)]],
+                 for bd, w, s in [(64, 4, 3), (64, 4, 5), (64, 8, 4), (128, 8, 3), (128, 8, 4)]],
         key=["V", "E", "D", "BLOCK_B", "WRITE_LOGITS"])(_extended_head_kernel)
 
 
@@ -94,7 +94,9 @@ def _launch(h, w_vocab, w_expert, write_logits: bool, block_n: int = 64, block_d
         raise RuntimeError("triton is not installed")
     B, D = h.shape
     V, E = w_vocab.shape[0], w_expert.shape[0]
-    h, w_vocab, w_expert = h.contiguous(), w_vocab.contiguous(), w_expert.contiguous()
+    # One pointer type for both matrices (the kernel picks each row's); h in the weights' dtype for tl.dot.
+    h, w_vocab = h.to(w_vocab.dtype).contiguous(), w_vocab.contiguous()
+    w_expert = w_expert.to(w_vocab.dtype).contiguous()
     # One row block up to 64 rows, so the weights stream from memory once for every decode batch up to 64
     # (16 is tl.dot's smallest M).
     n_tiles, block_b = triton.cdiv(V + E, block_n), min(64, max(16, triton.next_power_of_2(B)))

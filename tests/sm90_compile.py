@@ -4,7 +4,8 @@ Triton's NVIDIA backend and the ``ptxas`` it ships need no device to turn a kern
 type errors, tl.dot shape rules and shared-memory use of the compiled path show up here; the interpreter,
 which runs the kernels' Python, catches none of them. Run in a process with ``TRITON_INTERPRET=0`` (the
 code generator follows that setting); ``python tests/sm90_compile.py`` prints one JSON line per kernel
-configuration: its name, whether it compiled (else the error) and its shared memory in bytes.
+configuration: its name, whether it compiled (else the error), its shared memory in bytes, and its registers
+per thread and stack bytes (spills) as the cuobjdump Triton ships reads them from the cubin.
 """
 
 from __future__ import annotations
@@ -19,9 +20,24 @@ SHARED_LIMIT = 232_448  # bytes of shared memory one block may use on sm_90 (227
 BF, F32 = "bf16", "fp32"
 
 
-def compile_sm90(kernel, ptrs: dict[str, str], constexprs: dict, **options) -> int:
-    """Compile ``kernel`` for sm_90; returns its shared memory. Integer arguments compile as i32, ``scale``
-    and ``eps`` as fp32, pointers as given."""
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack (spill) bytes of a cubin, from the cuobjdump Triton ships."""
+    import re
+    import subprocess
+    import tempfile
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return dict(regs=int(found[1]), stack=int(found[2])) if found else {}
+
+
+def compile_sm90(kernel, ptrs: dict[str, str], constexprs: dict, **options) -> dict:
+    """Compile ``kernel`` for sm_90; returns its shared memory, registers and stack bytes. Integer arguments
+    compile as i32, ``scale`` and ``eps`` as fp32, pointers as given."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -30,7 +46,7 @@ def compile_sm90(kernel, ptrs: dict[str, str], constexprs: dict, **options) -> i
     sig = {n: "constexpr" if n in constexprs else "*" + ptrs[n] if n in ptrs else
            "fp32" if n in ("scale", "eps") else "i32" for n in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
-    return compiled.metadata.shared
+    return dict(shared=compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]))
 
 
 def cases():
@@ -42,12 +58,13 @@ def cases():
                dict(k_ptr=dt, v_ptr=dt, k_cache_ptr=dt, v_cache_ptr=dt, slot_ptr="i64"), dict(BLOCK=512), {})
         yield (f"paged_decode {dt} group 7, d 128", paged_attention._paged_decode_kernel,
                dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, bt_ptr="i32", ctx_ptr="i32", out_ptr=F32, lse_ptr=F32),
-               dict(BLOCK_T=paged_attention.BLOCK_T, BLOCK_G=16, BLOCK_D=128, UPCAST=up), {})
+               dict(BLOCK_T=paged_attention.BLOCK_T, BLOCK_G=16, BLOCK_D=128, UPCAST=up),
+               dict(num_warps=paged_attention.NUM_WARPS))
         yield (f"combine {dt} 128 splits", paged_attention._combine_kernel,
                dict(part_ptr=F32, lse_ptr=F32, out_ptr=dt), dict(BLOCK_S=128, BLOCK_D=128), {})
         yield (f"paged_prefill {dt} 64x64, d 128", paged_prefill._paged_prefill_kernel,
                dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, out_ptr=dt, bt_ptr="i32", cu_q_ptr="i32", ctx_ptr="i32"),
-               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, UPCAST=up), {})
+               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, UPCAST=up), dict(num_warps=8))
         for res in (False, True):
             yield (f"add_rms_norm {dt} 4096 residual={res}", fused_norm._add_rms_norm_kernel,
                    dict(x_ptr=dt, r_ptr=dt, w_ptr=dt, out_ptr=dt, sum_ptr=dt), dict(HAS_RESIDUAL=res, BLOCK=4096), {})
@@ -67,7 +84,7 @@ def main() -> None:
         raise SystemExit("run with TRITON_INTERPRET=0: the code generator follows that setting")
     for name, kernel, ptrs, constexprs, options in cases():
         try:
-            row = dict(name=name, ok=True, shared=compile_sm90(kernel, ptrs, constexprs, **options))
+            row = dict(name=name, ok=True, **compile_sm90(kernel, ptrs, constexprs, **options))
         except Exception as e:  # report every configuration, not just the first failure
             row = dict(name=name, ok=False, error=f"{type(e).__name__}: {str(e)[-800:]}")
         print(json.dumps(row), flush=True)
