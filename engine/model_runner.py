@@ -73,6 +73,9 @@ class ModelRunner:
     def set_expert_rows(self, weight: torch.Tensor | None) -> None:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""
         self.expert_weight = None if weight is None else weight.to(self.device, self.dtype).contiguous()
+        if self.expert_weight is not None and self.use_triton_head and self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                lm_head.warm_up(self.model.lm_head_weight, self.expert_weight, self.max_num_seqs)
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)

@@ -115,6 +115,15 @@ def _launch(h, w_vocab, w_expert, write_logits: bool, block_n: int = 64, block_d
     return out, pmax, pidx
 
 
+def warm_up(w_vocab: torch.Tensor, w_expert: torch.Tensor, max_rows: int) -> None:
+    """Run both modes once for every row block a batch of up to ``max_rows`` uses, so that on the GPU the
+    autotuner has picked its configurations before the first request rather than during it."""
+    for rows in [n for n in (1, 17, 33) if n <= max(max_rows, 1)]:  # row blocks of 16, 32 and 64
+        h = torch.zeros(rows, w_vocab.shape[1], device=w_vocab.device, dtype=w_vocab.dtype)
+        extended_argmax(h, w_vocab, w_expert)
+        extended_logits(h, w_vocab, w_expert)
+
+
 def extended_logits(h: torch.Tensor, w_vocab: torch.Tensor, w_expert: torch.Tensor) -> torch.Tensor:
     """Triton: ``[B, V+E]`` float32 logits of ``h`` against the vocabulary and expert rows."""
     return _launch(h, w_vocab, w_expert, write_logits=True)[0]

@@ -54,3 +54,16 @@ def test_ties_pick_lowest_index():
     assert extended_argmax(h, wv, we).tolist() == [5, 5]
     we[1] = 1.0  # an expert row tying with vocab row 5 loses to the lower index
     assert extended_argmax(h, wv, we).tolist() == [5, 5]
+
+
+def test_warm_up_runs_every_row_block():
+    h, wv, we = inputs(1, 2, torch.float32, seed=5)
+    from etr.kernels import lm_head
+    calls = []
+    real = lm_head._launch
+    lm_head._launch = lambda h, *a, **k: calls.append(h.shape[0]) or real(h, *a, **k)
+    try:
+        lm_head.warm_up(wv, we, max_rows=20)
+    finally:
+        lm_head._launch = real
+    assert calls == [1, 1, 17, 17]  # batches up to 20 use the 16- and 32-row blocks
