@@ -13,7 +13,7 @@ from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
 from etr.engine.pending_step import DeviceStream
 from etr.engine.sequence import Sequence
-from etr.kernels import lm_head
+from etr.kernels import fused_norm, lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, wants_fp32_gemm
 from etr.errors import ConfigError
 from etr.models.loader import load_model
@@ -21,7 +21,7 @@ from etr.models.loader import load_model
 
 def check_fused_ops(device: torch.device) -> None:
     """The fused Triton ops need Triton, and on the CPU its interpreter."""
-    if lm_head.triton is None:
+    if fused_norm.triton is None:
         raise ConfigError("fused_ops=True needs triton, which does not import here")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("fused_ops=True on the CPU runs only under TRITON_INTERPRET=1 (a testing aid); "

@@ -140,8 +140,8 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
     """Triton: decode attention of ``q`` ``[B, H, D]`` over paged K/V ``[blocks, block_size, kv_heads, D]``,
     in two launches (split-K partials, then the combine).
 
-    ``num_splits`` fixes the grid (splits past a sequence's context write an empty partial that the combine
-    weighs 0), so a CUDA graph captured once serves every context up to ``num_splits * pages_per_split``
+    ``num_splits`` fixes the grid (a split past a sequence's context writes only a -inf log-sum-exp, which the
+    combine weighs 0 without reading its partial), so a CUDA graph captured once serves every context up to ``num_splits * pages_per_split``
     pages; by default the splits follow ``max_context``, and ``pages_per_split`` follows ``split_plan``.
     """
     if triton is None:

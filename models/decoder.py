@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from etr.models.config import ModelConfig
 from etr.kernels.fused_norm import fused_add_rms_norm
 from etr.kernels.rotary import rotary_
 from etr.kernels.silu_mul import silu_mul
+from etr.models.config import ModelConfig
 from etr.models.rope import apply_rotary, cos_sin_table
 
 
