@@ -81,8 +81,9 @@ if triton is not None:
 if triton is not None:
     # On the GPU the depth of each weight-tile load and the pipelining are tuned once per shape (the head
     # streams 1.2 GB per call at a 7B shape, so these decide the bandwidth reached); the interpreter runs
-    # the plain kernel with BLOCK_D=64. Every configuration here compiles for sm_90 without register spills
-    # in bf16 (tests/sm90_compile.py reads the cubins; 128-deep tiles spill with 4 warps).
+    # the plain kernel with BLOCK_D=64. In bf16 for sm_90 (tests/sm90_compile.py reads the cubins) none of
+    # these spills in greedy mode and only the 4-warp ones spill (40 bytes) when writing 64 rows of logits;
+    # 128-deep tiles with 4 warps, left out, spilled 0.7-1.7 KB.
     _tuned_head_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
                  for bd, w, s in [(64, 4, 3), (64, 4, 5), (64, 8, 4), (128, 8, 3), (128, 8, 4)]],
