@@ -54,15 +54,18 @@ if triton is not None:
         in_e = (rows >= V) & (rows < V + E)
         b_ok = bs < B
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-        # Each row's own matrix: one load per tile whether it is a vocabulary row or an expert row.
-        w_rows = tl.where(in_v, wv_ptr + rows.to(tl.int64) * stride_wv,
-                          we_ptr + tl.where(in_e, rows - V, 0).to(tl.int64) * stride_we)
-        row_ok = in_v | in_e
+        # Two masked loads per tile, one per matrix: a row reads from exactly one of them (the other load is
+        # masked off, moves no bytes and reads 0, so the sum is exact in any dtype). Selecting each row's
+        # pointer instead (one load) compiles to scalar 2-byte loads on sm_90: the compiler loses the
+        # pointers' alignment through the select.
+        wv_rows = wv_ptr + tl.where(in_v, rows, 0).to(tl.int64) * stride_wv
+        we_rows = we_ptr + tl.where(in_e, rows - V, 0).to(tl.int64) * stride_we
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             h = tl.load(h_ptr + bs[:, None] * stride_h + ds[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_rows[:, None] + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(wv_rows[:, None] + ds[None, :], mask=in_v[:, None] & d_ok[None, :], other=0.0) + \
+                tl.load(we_rows[:, None] + ds[None, :], mask=in_e[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:  # float32 models get float32 products (tl.dot would round them to tf32 on the GPU)
                 acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
@@ -81,12 +84,11 @@ if triton is not None:
 if triton is not None:
     # On the GPU the depth of each weight-tile load and the pipelining are tuned once per shape (the head
     # streams 1.2 GB per call at a 7B shape, so these decide the bandwidth reached); the interpreter runs
-    # the plain kernel with BLOCK_D=64. In bf16 for sm_90 (tests/sm90_compile.py reads the cubins) none of
-    # these spills in greedy mode and only the 4-warp ones spill (40 bytes) when writing 64 rows of logits;
-    # 128-deep tiles with 4 warps, left out, spilled 0.7-1.7 KB.
+    # the plain kernel with BLOCK_D=64. Compiled for sm_90 in bf16 (tests/sm90_compile.py reads the cubins)
+    # none of these spills and every weight load is a vectorized asynchronous copy.
     _tuned_head_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
-                 for bd, w, s in [(64, 4, 3), (64, 4, 5), (64, 8, 4), (128, 8, 3), (128, 8, 4)]],
+                 for bd, w, s in [(64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4)]],
         key=["V", "E", "D", "BLOCK_B", "WRITE_LOGITS"])(_extended_head_kernel)
 
 

@@ -98,7 +98,7 @@ def paged_prefill(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), out.stride(0),
         out.stride(1), block_tables.stride(0), H // kv_heads, D, page,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=upcast,
-        num_warps=8 if block_m >= 64 else 4)  # sm_90, 64x64, head dim 128, bf16: 4 warps spill 584 bytes, 8 none
+        num_warps=8 if block_m >= 64 else 4)  # sm_90, 64x64, head dim 128, bf16: 141 registers (4 warps: 190)
     return out
 
 

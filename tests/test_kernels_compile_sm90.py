@@ -34,9 +34,11 @@ def test_every_kernel_compiles_for_sm90():
     assert [(r["name"], r["error"]) for r in rows if not r["ok"]] == []
     too_big = [(r["name"], r["shared"]) for r in rows if r["shared"] > SHARED_LIMIT]
     assert [n for n, _ in too_big if not n.startswith("lm_head")] == []
-    # bf16 is the GPU's path: no kernel there may spill registers to local memory. The head's autotuner
+    # bf16 is the GPU's path: every load there is vectorized (no 2-byte scalar loads), and no kernel there may
+    # spill registers to local memory. The head's autotuner
     # skips configurations that do not fit and times the rest; every shape must keep two that fit, and in
     # bf16 two that fit without a spill.
+    assert [(r["name"], r["scalar_loads"]) for r in rows if " bf16" in r["name"] and r["scalar_loads"]] == []
     assert [(r["name"], r["stack"]) for r in rows
             if " bf16" in r["name"] and not r["name"].startswith("lm_head") and r.get("stack", 0) > 0] == []
     fitting = defaultdict(int)
