@@ -14,7 +14,7 @@ from etr.engine.kv_cache import allocate_kv_cache
 from etr.engine.pending_step import DeviceStream
 from etr.engine.sequence import Sequence
 from etr.kernels import fused_norm, lm_head
-from etr.kernels.cpu_gemm import use_fp32_gemm, wants_fp32_gemm
+from etr.kernels.cpu_gemm import use_fp32_gemm, use_packed_bf16, wants_fp32_gemm, wants_packed_bf16
 from etr.errors import ConfigError
 from etr.models.loader import load_model
 
@@ -38,6 +38,8 @@ class ModelRunner:
         self.model = load_model(model_dir, dtype, device, max_positions=max_model_len)
         if wants_fp32_gemm(device, dtype):
             use_fp32_gemm(self.model)
+        elif wants_packed_bf16(device, dtype):
+            use_packed_bf16(self.model)
         self.config = self.model.config
         if fused_ops:
             check_fused_ops(device)

@@ -24,3 +24,40 @@ def test_fp32_backed_linear_equals_a_bf16_linear(rows):
     got = cpu_gemm.Bf16ViaFp32Linear(w, b)(x)
     want = F.linear(x.float(), w.float(), b.float())  # bf16 inputs, fp32 accumulation, one rounding
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1.6e-2)
+
+
+needs_packing = pytest.mark.skipif(not cpu_gemm.packed_bf16_available(), reason="torch without oneDNN prepacking")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 3, 16, 70])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_a_bf16_linear(rows, bias):
+    g = torch.Generator().manual_seed(rows + bias)
+    w = torch.randn(97, 40, generator=g).bfloat16()
+    b = torch.randn(97, generator=g).bfloat16() if bias else None
+    x = torch.randn(40, rows, generator=g).bfloat16().t()  # a non-contiguous input
+    got = cpu_gemm.PackedBf16Linear(w, b)(x)
+    assert got.shape == (rows, 97) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-2, rtol=8e-3)  # within 1 bf16 ulp
+
+
+@needs_packing
+def test_packed_model_keeps_its_plain_head(tiny_dir):
+    """Every layer packed, a packed copy of the head; the plain head (tied to the embedding) stays."""
+    from etr.models import load_model
+    model = load_model(tiny_dir("llama_tied_gqa"), torch.bfloat16, "cpu")
+    plain = model.lm_head_weight
+    hidden = torch.randn(3, model.config.hidden_size).bfloat16()
+    want = F.linear(hidden, plain)
+    cpu_gemm.use_packed_bf16(model)
+    assert model.lm_head_weight is plain and not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    torch.testing.assert_close(model.compute_logits(hidden), want, atol=2e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("flags,packed", [({"avx2"}, False), ({"avx512_bf16"}, True)])
+def test_packing_chosen_only_with_native_bf16(flags, packed, monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(cpu_gemm, "packed_bf16_available", lambda: True)
+    assert cpu_gemm.wants_packed_bf16(torch.device("cpu"), torch.bfloat16) is packed
+    assert not cpu_gemm.wants_packed_bf16(torch.device("cpu"), torch.float32)
