@@ -196,9 +196,10 @@ def seconds_of(fn, plan: Plan) -> float:
 
 
 def bench_decode(plan: Plan, root: Path, bw: float) -> list[dict]:
-    """ms per decode step of the engine (torch backend eager; triton backend with CUDA graphs, without and
-    with the fused elementwise kernels) vs HF generate on the same weights and prompts, and the floor:
-    weight bytes / copy bandwidth."""
+    """ms per decode step (a whole generate of 32-token prompts / new tokens, so the prefill is included) and
+    tok/s of the engine (torch backend eager; triton backend with CUDA graphs, without and with the fused
+    elementwise kernels) vs HF generate on the same weights and prompts, and the floor: weight bytes / copy
+    bandwidth."""
     from transformers import AutoModelForCausalLM
     from etr import LLM, SamplingParams
     rows, n = [], plan.new_tokens
@@ -222,7 +223,7 @@ def bench_decode(plan: Plan, root: Path, bw: float) -> list[dict]:
             for batch in plan.decode_batches:
                 ours = seconds_of(lambda: llm.generate(prompts_of(batch), params, use_tqdm=False), plan) / n * 1e3
                 rows.append(dict(shape=shape, backend=backend, batch=batch, etr_ms_per_step=ours,
-                                 hf_ms_per_step=hf_ms[batch], speedup=hf_ms[batch] / ours,
+                                 tok_s=batch * 1e3 / ours, hf_ms_per_step=hf_ms[batch], speedup=hf_ms[batch] / ours,
                                  floor_ms=weight_bytes / bw * 1e3))
             del llm
             release(plan)
@@ -325,7 +326,7 @@ def table(r: dict) -> str:
             for x in v:
                 bar = {("qwen2-7b", 1): "<= 6.3 ms", ("qwen2-1.5b", 1): "<= 1.8 ms"}.get((x["shape"], x["batch"]), "")
                 add(f"decode {x['shape']} {x.get('backend', '')} b={x['batch']} (HF {x['hf_ms_per_step']:.2f})",
-                    f"{x['etr_ms_per_step']:.2f} ms x{x['speedup']:.2f}",
+                    f"{x['etr_ms_per_step']:.2f} ms {x.get('tok_s', 0):.0f} t/s x{x['speedup']:.2f}",
                     f"{bar} floor {x['floor_ms']:.2f} ms; >= 1.5x (b=1) / 3x (b=32)")
         elif name == "switch":
             add(f"switch overhead, {v.get('shape', '?')}, {v['new_tokens']} tokens",

@@ -28,7 +28,7 @@ def test_table_lists_every_figure_and_errors():
               "attention": {"error": "RuntimeError: boom"},
               "prefill": {"prefix": 1536, "new": 512, "batch": 4, "triton_ms": 1.25, "gather_sdpa_ms": 3.5,
                           "max_abs_err": 0.01},
-              "decode": [{"shape": "qwen2-7b", "batch": 1, "etr_ms_per_step": 6.1, "hf_ms_per_step": 20.0,
+              "decode": [{"shape": "qwen2-7b", "batch": 1, "etr_ms_per_step": 6.1, "tok_s": 163.9, "hf_ms_per_step": 20.0,
                           "speedup": 3.3, "floor_ms": 5.1}],
               "switch": {"shape": "qwen2-7b", "new_tokens": 256, "overhead_pct": 0.4,
                          "expert_prefill_s_per_query": 0.012}}
@@ -36,7 +36,7 @@ def test_table_lists_every_figure_and_errors():
     assert "FakeGPU" in text and "8 passed" in text and "test_x" in text and "AssertionError: bad" in text
     assert "0.410 ms 93%bw" in text and "qwen2-7b, 256 tokens" in text and "prefill 12.0 ms" in text
     assert "1.250 ms" in text and "gather+SDPA 3.500 ms" in text
-    assert "ERROR" in text and "boom" in text and "6.10 ms x3.30" in text and "+0.40%" in text
+    assert "ERROR" in text and "boom" in text and "6.10 ms 164 t/s x3.30" in text and "+0.40%" in text
 
 
 def test_smoke_run_covers_every_step(tmp_path, capsys):
