@@ -13,6 +13,8 @@ twice the bf16 weight memory, which is why this is on only where it pays.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,13 +25,15 @@ MIN_ROWS = 8  # measured crossover for a 49152x576 head; layers cross over earli
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
+                        frozenset())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def cpu_lacks_native_bf16() -> bool:
@@ -73,6 +77,7 @@ def use_fp32_gemm(model: nn.Module) -> nn.Module:
     return _swap_linears(model, Bf16ViaFp32Linear)
 
 
+@functools.cache
 def packed_bf16_available() -> bool:
     """Whether this torch build can prepack a bf16 weight for oneDNN and multiply with it."""
     try:
