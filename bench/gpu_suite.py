@@ -330,7 +330,8 @@ def table(r: dict) -> str:
                     f"{bar} floor {x['floor_ms']:.2f} ms; >= 1.5x (b=1) / 3x (b=32)")
         elif name == "switch":
             add(f"switch overhead, {v.get('shape', '?')}, {v['new_tokens']} tokens",
-                f"{v['overhead_pct']:+.2f}%", f"< 1%; expert prefill {v['expert_prefill_s_per_query'] * 1e3:.1f} ms")
+                f"{v['overhead_pct']:+.2f}%", f"< 1%; expert prefill {v['expert_prefill_s_per_query'] * 1e3:.1f} ms, "
+                f"pairs median {v.get('paired_median_pct', float('nan')):+.2f}%")
     return "\n".join(lines)
 
 

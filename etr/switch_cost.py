@@ -9,6 +9,7 @@ Queries run one at a time (batch 1), as a user would send them.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ class SwitchCost:
     overhead_pct: float
     expert_prefill_s_per_query: float
     bookkeeping_s_per_query: float
+    paired_median_pct: float  # median over (query, repeat) of the two conditions run back to back
+    paired_quartiles_pct: tuple[float, float]  # their 25th and 75th percentiles: the noise to read it against
 
 
 @torch.inference_mode()
@@ -87,22 +90,28 @@ def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, n
     # (larger than the effect on a shared 2-core CPU) hits both conditions alike.
     best = {label: [float("inf")] * len(prompts) for label in rows}
     prefill: dict[int, float] = {}
+    paired = []  # relative cost of the switch in each back-to-back pair of runs
     for r in range(repeats):
         for i, prompt in enumerate(prompts):
+            took = {}
             for label in rows if (i + r) % 2 == 0 else reversed(rows):  # neither condition always runs first
                 runner.set_expert_rows(rows[label])
                 start = time.perf_counter()
                 out = llm.generate([prompt], params, use_tqdm=False)[0]
-                best[label][i] = min(best[label][i], time.perf_counter() - start)
+                took[label] = time.perf_counter() - start
+                best[label][i] = min(best[label][i], took[label])
                 _check_route(label, i, out)
                 if label == "switch":
                     prefill[i] = min(prefill.get(i, float("inf")), out.metrics.switch_prefill_s)
+            paired.append(100 * (took["switch"] - took["no_switch"]) / took["no_switch"])
     if trace:
         runner.set_expert_rows(rows["switch"])
         _write_trace(llm, prompts[0], params, trace)
     n, t0, t1 = len(prompts), sum(best["no_switch"]), sum(best["switch"])
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
     return SwitchCost(n, new_tokens, t0 / n, t1 / n, 100 * (t1 - t0) / t0, sum(prefill.values()) / n,
-                      router.switch_bookkeeping_s / max(router.num_switches, 1))
+                      router.switch_bookkeeping_s / max(router.num_switches, 1), statistics.median(paired),
+                      (quartiles[0], quartiles[2]))
 
 
 def _check_route(label: str, i: int, out) -> None:
@@ -126,7 +135,9 @@ def report(cost: SwitchCost) -> str:
         f"{'condition':<28}{'s/query':>10}",
         f"{'no switch (meta decodes)':<28}{cost.no_switch_s_per_query:>10.3f}",
         f"{'switch at first token':<28}{cost.switch_s_per_query:>10.3f}",
-        f"overhead: {cost.overhead_pct:+.2f}%",
+        f"overhead: {cost.overhead_pct:+.2f}% (sum of each query's best run); back-to-back pairs: median "
+        f"{cost.paired_median_pct:+.2f}%, quartiles {cost.paired_quartiles_pct[0]:+.2f}% .. "
+        f"{cost.paired_quartiles_pct[1]:+.2f}%",
         f"switch cost split per query: expert prefill {cost.expert_prefill_s_per_query * 1e3:.1f} ms, "
         f"bookkeeping {cost.bookkeeping_s_per_query * 1e6:.0f} us",
         f"expert prefill as a share of a no-switch query: "

@@ -244,7 +244,9 @@ def test_switch_cost_protocol_routes_every_query(tokenizer, tmp_path):
     meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=21, tokenizer=tokenizer, **LLAMA)
     cost = measure(str(meta), n_queries=3, new_tokens=4, dtype="float32", repeats=1)
     assert cost.queries == 3 and cost.expert_prefill_s_per_query > 0
-    assert "overhead" in report(cost)
+    low, high = cost.paired_quartiles_pct
+    assert low <= cost.paired_median_pct <= high
+    assert "overhead" in report(cost) and "quartiles" in report(cost)
 
 
 def test_pools_sized_after_all_models_load(dirs, tmp_path, monkeypatch):
