@@ -27,10 +27,16 @@ CAPTURABLE_BACKENDS = ("triton", "flash")  # the torch backend sizes its gathers
 
 @dataclass(slots=True)
 class GraphBuffers:
-    """The static inputs, metadata and output of one batch size's graph."""
+    """The static inputs, metadata and output of one batch size's graph. The inputs are views of two device
+    tensors (int64: token ids, positions, KV slots; int32: context lengths, block tables), each filled from
+    a host staging copy (pinned on CUDA) by one copy per step."""
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
+    long_inputs: torch.Tensor
+    int_inputs: torch.Tensor
+    long_stage: torch.Tensor
+    int_stage: torch.Tensor
     hidden: torch.Tensor | None = None
     graph: object = None  # torch.cuda.CUDAGraph once captured
 
@@ -50,18 +56,21 @@ class DecodeGraphs:
 
     def _buffers(self, b: int) -> GraphBuffers:
         dev = self.runner.device
+        pin = dev.type == "cuda"
+        long_stage = torch.zeros(3, b, dtype=torch.long, pin_memory=pin)
+        long_stage[2] = -1  # padding rows write no KV
+        int_stage = torch.zeros(b * (1 + self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        long_inputs, int_inputs = long_stage.to(dev, copy=True), int_stage.to(dev, copy=True)
         meta = AttentionMetadata(
             is_prefill=False, query_lens=[1] * b, context_lens_list=[self.max_model_len] * b,
             cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((b,), -1, dtype=torch.long, device=dev),
-            context_lens=torch.zeros(b, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
+            slot_mapping=long_inputs[2], context_lens=int_inputs[:b],
+            block_tables=int_inputs[b:].view(b, self.max_blocks),
             block_size=self.runner.block_size, dtype=self.runner.dtype)
         # The attention grid of this batch size, fixed to cover max_model_len (see kernels/paged_attention.py).
         meta.extra["pages_per_split"], meta.extra["num_splits"] = split_plan(
             b, self.runner.config.num_key_value_heads, self.max_blocks, self.runner.block_size, dev.type == "cuda")
-        return GraphBuffers(torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
-                            meta)
+        return GraphBuffers(long_inputs[0], long_inputs[1], meta, long_inputs, int_inputs, long_stage, int_stage)
 
     def _forward(self, buf: GraphBuffers) -> torch.Tensor:
         runner = self.runner
@@ -82,18 +91,23 @@ class DecodeGraphs:
     def size_for(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states ``[n, hidden]`` of a decode batch of n <= the largest size (see ``size_for``)."""
-        n = input_ids.shape[0]
-        buf = self.buffers[self.size_for(n)]
-        m = buf.meta
-        buf.input_ids[:n].copy_(input_ids)
-        buf.positions[:n].copy_(positions)
-        m.slot_mapping[:n].copy_(meta.slot_mapping)
-        m.slot_mapping[n:].fill_(-1)
-        m.context_lens[:n].copy_(meta.context_lens)
-        m.context_lens[n:].zero_()
-        m.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states ``[n, hidden]`` of a decode batch of n <= the largest size (see ``size_for``), from
+        the host-side inputs: staged on the host, then two copies into the graph's buffers. The staging
+        copy is reused only after the previous step's tokens arrived (the engine waits for them), so its
+        last copy has completed."""
+        n = len(token_ids)
+        b = self.size_for(n)
+        buf = self.buffers[b]
+        longs, ints = buf.long_stage.numpy(), buf.int_stage.numpy()
+        longs[0, :n], longs[1, :n], longs[2, :n], longs[2, n:] = token_ids, positions, slots, -1
+        ints[:n], ints[n:b] = context_lens, 0
+        tables = ints[b:].reshape(b, self.max_blocks)
+        for row, table in zip(tables, block_tables):
+            row[:len(table)] = table
+        buf.long_inputs.copy_(buf.long_stage, non_blocking=True)
+        buf.int_inputs.copy_(buf.int_stage, non_blocking=True)
         if buf.graph is not None:
             buf.graph.replay()
         else:

@@ -120,9 +120,11 @@ class ModelRunner:
     @torch.inference_mode()
     def hidden_states(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Final hidden state at the last position of every sequence, ``[len(seqs), hidden]``."""
-        input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
         if not is_prefill and self.graphs is not None and self.graphs.size_for(len(seqs)) is not None:
-            return self.graphs.run(input_ids, positions, meta)
+            return self.graphs.run([s.last_token for s in seqs], [len(s) - 1 for s in seqs],
+                                   [self._slot(s, len(s) - 1) for s in seqs], [len(s) for s in seqs],
+                                   [s.block_table for s in seqs])
+        input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
         self.backend.prepare(meta)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         if is_prefill:
