@@ -131,3 +131,27 @@ def test_fused_ops_refused_on_the_cpu_without_the_interpreter(tiny_dir, monkeypa
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
         LLM(str(tiny_dir("llama_tied_gqa")), dtype="float32", num_kv_blocks=8, fused_ops=True)
+
+
+@pytest.mark.parametrize("gemm", ["plain", "fp32", "packed"])
+@pytest.mark.parametrize("name", ["llama_tied_gqa", "qwen2_untied"])
+def test_engine_bf16_tokens_are_near_best_for_hf(name, gemm, tiny_dir, hf_model_of, monkeypatch):
+    """The engine in bf16 through each CPU linear path (kernels/cpu_gemm.py): every greedy token is one HF
+    bf16 also rates within 0.1 nats of its best, scored by HF on the engine's own sequence."""
+    import etr.engine.model_runner as mr
+    from etr.kernels import cpu_gemm
+    if gemm == "packed" and not cpu_gemm.packed_bf16_available():
+        pytest.skip("torch without oneDNN prepacking")
+    monkeypatch.setattr(mr, "wants_fp32_gemm", lambda device, dtype: gemm == "fp32")
+    monkeypatch.setattr(mr, "wants_packed_bf16", lambda device, dtype: gemm == "packed")
+    path = tiny_dir(name)
+    prompt = random_prompts((21,), seed=8)[0]
+    llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=32)
+    out = llm.generate([prompt], greedy(16), use_tqdm=False)[0]
+    kinds = {type(m).__name__ for m in llm.engine.runner.model.modules()}
+    assert {"plain": "Linear", "fp32": "Bf16ViaFp32Linear", "packed": "PackedBf16Linear"}[gemm] in kinds
+    with torch.no_grad():
+        logp = hf_model_of(path, torch.bfloat16)(torch.tensor([prompt + out.token_ids])).logits[0].float()
+    logp = logp[len(prompt) - 1:-1].log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
+    assert (logp.max(-1).values - chosen).max().item() < 0.1
