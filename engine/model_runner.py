@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from etr.engine.attention import AttentionMetadata, get_backend
 from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
-from etr.engine.pending_step import DeviceStream
+from etr.engine.pending_step import DeviceStream, host_to_device
 from etr.engine.sequence import Sequence
 from etr.kernels import fused_norm, lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, use_packed_bf16, wants_fp32_gemm, wants_packed_bf16
@@ -80,8 +80,7 @@ class ModelRunner:
                 lm_head.warm_up(self.model.lm_head_weight, self.expert_weight, self.max_num_seqs)
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        return t if self.device.type == "cpu" else t.pin_memory().to(self.device, non_blocking=True)
+        return host_to_device(data, dtype, self.device)
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size

@@ -40,6 +40,14 @@ class PendingStep:
         return self.started.elapsed_time(self.ready) / 1e3
 
 
+def host_to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without making the host wait: on CUDA through pinned
+    memory, copied asynchronously on the current stream (a copy from pageable memory would first wait for
+    every kernel already queued on it)."""
+    t = torch.tensor(data, dtype=dtype)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 class DeviceStream:
     """A model's own CUDA stream and device; on the CPU, nothing."""
     def __init__(self, device: torch.device):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from etr.engine.pending_step import host_to_device
 from etr.engine.sequence import Sequence
 
 
@@ -39,30 +40,33 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if all(greedy):
             return tokens
-        rows = [i for i, g in enumerate(greedy) if not g]
-        tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
+        rows = host_to_device([i for i, g in enumerate(greedy) if not g], torch.long, logits.device)
+        tokens[rows] = self._sample(logits[rows], [s for s, g in zip(seqs, greedy) if not g])
         return tokens
 
     def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Until ``min_tokens`` are out, EOS (unless ignored) and stop ids cannot be drawn."""
+        rows, cols = [], []
         for i, seq in enumerate(seqs):
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
-                if banned:
-                    logits[i, banned] = float("-inf")
+                rows += [i] * len(banned)
+                cols += banned
+        if rows:
+            index = host_to_device([rows, cols], torch.long, logits.device)
+            logits[index[0], index[1]] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
-        temps = torch.tensor([s.params.temperature for s in seqs], device=device)
-        logits = logits / temps[:, None]
+
+        def per_row(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return host_to_device([getattr(s.params, name) for s in seqs], dtype, device)
+        logits = logits / per_row("temperature", torch.float32)[:, None]
         if any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):
-            logits = filter_logits(
-                logits,
-                torch.tensor([s.params.top_k for s in seqs], device=device),
-                torch.tensor([s.params.top_p for s in seqs], device=device),
-                torch.tensor([s.params.min_p for s in seqs], device=device))
+            logits = filter_logits(logits, per_row("top_k", torch.long), per_row("top_p", torch.float32),
+                                   per_row("min_p", torch.float32))
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for i, seq in enumerate(seqs):
