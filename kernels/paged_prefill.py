@@ -110,10 +110,10 @@ def paged_prefill_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     page = k_pages.shape[1]
     out, start = torch.empty_like(q), 0
     for i, (n, ctx) in enumerate(zip(query_lens, context_lens)):
-        pos = torch.arange(ctx)
-        slots = block_tables[i, pos // page].long() * page + pos % page
+        pos = torch.arange(ctx, device=q.device)
+        slots = block_tables[i].to(q.device)[pos // page].long() * page + pos % page
         k, v = (p.reshape(-1, *p.shape[2:])[slots].transpose(0, 1) for p in (k_pages, v_pages))
-        mask = pos[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+        mask = pos[None, :] <= pos[ctx - n:, None]
         o = torch.nn.functional.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), k, v,
                                                              attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:start + n] = o.transpose(0, 1)
