@@ -251,6 +251,18 @@ def bench_switch(plan: Plan, root: Path) -> dict:
     return {"shape": sw["shape"], **asdict(cost)}
 
 
+def versions() -> str:
+    """torch, Triton, transformers and flash-attn versions of this machine, for the record."""
+    import importlib.metadata as md
+    found = []
+    for pkg in ("torch", "triton", "transformers", "flash-attn"):
+        try:
+            found.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            found.append(f"{pkg} -")
+    return ", ".join(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", ".") + "/gpu_suite.json")
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else FULL
     sys.path.insert(0, str(ROOT / "tests"))
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU smoke run (figures meaningless)"
-    result = {"device": name, "date": time.strftime("%Y-%m-%d")}
+    result = {"device": name, "date": time.strftime("%Y-%m-%d"), "versions": versions()}
     result["copy_GBps"] = bw = copy_bandwidth(plan) / 1e9
     steps = {"tests": lambda: run_tests(plan), "lm_head": lambda: bench_lm_head(plan, bw * 1e9),
              "attention": lambda: bench_paged_attention(plan, bw * 1e9), "prefill": lambda: bench_paged_prefill(plan)}
@@ -295,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 def table(r: dict) -> str:
     """The short summary: one line per measured figure, with the issue's bar beside it."""
     spent = sum(r.get("seconds", {}).values())
-    lines = [f"{r['device']}, {r['date']}, copy bandwidth {r['copy_GBps']:.0f} GB/s, steps took {spent:.0f} s", "",
+    lines = [f"{r['device']}, {r['date']}, copy bandwidth {r['copy_GBps']:.0f} GB/s, steps took {spent:.0f} s",
+             r.get("versions", ""), "",
              f"{'what':<44}{'measured':>22}  bar"]
 
     def add(what, measured, bar=""):
