@@ -66,7 +66,7 @@ class DecodeGraphs:
             cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=dev),
             slot_mapping=long_inputs[2], context_lens=int_inputs[:b],
             block_tables=int_inputs[b:].view(b, self.max_blocks),
-            block_size=self.runner.block_size, dtype=self.runner.dtype)
+            block_size=self.runner.block_size, dtype=self.runner.dtype, has_padding=True)
         # The attention grid of this batch size, fixed to cover max_model_len (see kernels/paged_attention.py).
         meta.extra["pages_per_split"], meta.extra["num_splits"] = split_plan(
             b, self.runner.config.num_key_value_heads, self.max_blocks, self.runner.block_size, dev.type == "cuda")

@@ -85,3 +85,20 @@ def test_split_plan():
     assert split_plan(64, 8, 2048, 16) == (2048, 1)   # a big batch fills the GPU by itself
     assert split_plan(8, 8, 32, 16) == (8, 4)         # 512 tokens: never below 128 tokens a split
     assert split_plan(1, 1, 3, 16) == (3, 1)
+
+
+def test_torch_backend_skips_padding_rows():
+    """A padded batch (``has_padding``: slot -1, context 0) writes nothing for its padding rows, and the real
+    row attends to its own token."""
+    backend = TorchAttentionBackend()
+    k_pages, v_pages = torch.zeros(4, 4, 1, 8), torch.zeros(4, 4, 1, 8)
+    q, k, v = torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    meta = AttentionMetadata(is_prefill=False, query_lens=[1, 1], context_lens_list=[1, 0],
+                             cu_seqlens_q=torch.arange(3), slot_mapping=torch.tensor([4, -1]),
+                             context_lens=torch.tensor([1, 0], dtype=torch.int32),
+                             block_tables=torch.tensor([[1], [0]], dtype=torch.int32), block_size=4,
+                             has_padding=True)
+    backend.prepare(meta)
+    out = backend.forward(q, k, v, (k_pages, v_pages), meta, 0.3)
+    assert torch.equal(k_pages[1, 0], k[0]) and k_pages.count_nonzero() == k[0].count_nonzero()
+    torch.testing.assert_close(out[0], v[0].expand(2, 8))

@@ -26,6 +26,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     block_size: int = 16
     dtype: torch.dtype = torch.float32  # activations' dtype (for masks built once per step)
+    has_padding: bool = False  # rows with slot -1 (a CUDA graph's padded batch) may be present
     extra: dict = field(default_factory=dict)  # backend-specific tensors, built once per step by prepare()
 
     @property

@@ -49,8 +49,8 @@ class TorchAttentionBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.block_tables is None:
             return
-        keep = meta.slot_mapping >= 0
-        meta.extra["keep"] = None if bool(keep.all()) else keep
+        # Known on the host: asking the device whether any slot is -1 would wait for it every step.
+        meta.extra["keep"] = meta.slot_mapping >= 0 if meta.has_padding else None
         if not meta.is_prefill:
             slots, valid = page_slots(meta.block_tables, meta.context_lens, max(meta.context_lens_list), meta.block_size)
             # An additive float mask: SDPA would otherwise convert a boolean one in every layer.
