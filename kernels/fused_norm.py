@@ -1,8 +1,8 @@
 """Residual add + RMSNorm in one pass over the row (one program per token).
 
 ``fused_add_rms_norm(x, residual, weight, eps)`` returns ``(normed, x + residual)``: the sum is rounded to the
-activations' dtype and the norm is taken of that rounded sum, as the unfused ``x = x + r; norm(x)`` does, so
-the two differ only in where the norm's own product is rounded (<= 1 ulp). ``residual=None`` is a plain
+activations' dtype and the norm is taken of that rounded sum, as the unfused ``x = x + r; norm(x)`` does, and
+the norm rounds where transformers' does (the normalized row, then its product with the weight). ``residual=None`` is a plain
 RMSNorm that hands ``x`` back as the residual. ``fused_add_rms_norm_reference`` is the torch definition.
 """
 
@@ -31,16 +31,18 @@ if triton is not None:
             x = rounded.to(tl.float32)
         inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * stride_o + offs, (x * inv * w).to(out_ptr.dtype.element_ty), mask=ok)
+        # Rounded where transformers rounds: the normalized row, then its product with the weight.
+        normed = (x * inv).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        tl.store(out_ptr + t * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch: ``s = x + residual`` in x's dtype, then ``rms_norm(s) * weight`` computed in float32."""
+    """Torch: ``s = x + residual`` in x's dtype, then transformers' RMSNorm of it (normalized in float32,
+    rounded to x's dtype, times the weight)."""
     s = x if residual is None else x + residual
     s32 = s.float()
-    normed = s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return normed.to(x.dtype), s
+    return weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), s
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
