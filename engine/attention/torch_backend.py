@@ -77,12 +77,16 @@ class TorchAttentionBackend:
             if prefix_slots is not None and meta.context_lens_list[i] > n:
                 ki, vi = (gather_slots(pages, prefix_slots[i]) for pages in kv_cache)
                 mask = _offset_causal_mask(n, meta.context_lens_list[i], q.device)
-                oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
-                                                    scale=scale, enable_gqa=True)
+                oi = F.scaled_dot_product_attention(qi[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
+                                                    attn_mask=mask, scale=scale, enable_gqa=True)
             else:
                 ki, vi = k[start:start + n].transpose(0, 1), v[start:start + n].transpose(0, 1)
-                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
-            out[start:start + n] = oi.transpose(0, 1)
+                # With a batch dimension, as transformers calls it: the 3-D call takes another CPU kernel path
+                # whose bf16 output differs (by up to 1/128 on SmolLM2's first layer); the 4-D one is HF's, bit
+                # for bit.
+                oi = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True, scale=scale,
+                                                    enable_gqa=True)
+            out[start:start + n] = oi[0].transpose(0, 1)
             start += n
         return out
 
