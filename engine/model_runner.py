@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
 from etr.engine.pending_step import DeviceStream, host_to_device
 from etr.engine.sequence import Sequence
-from etr.kernels import fused_norm, lm_head
+from etr.kernels import fused_norm, interpreted, lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, use_packed_bf16, wants_fp32_gemm, wants_packed_bf16
 from etr.errors import ConfigError
 from etr.models.loader import load_model
@@ -23,7 +22,7 @@ def check_fused_ops(device: torch.device) -> None:
     """The fused Triton ops need Triton, and on the CPU its interpreter."""
     if fused_norm.triton is None:
         raise ConfigError("fused_ops=True needs triton, which does not import here")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and not interpreted():
         raise ConfigError("fused_ops=True on the CPU runs only under TRITON_INTERPRET=1 (a testing aid); "
                           "use it on CUDA")
 

@@ -13,10 +13,10 @@ engine uses them.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from etr.kernels import interpreted
 
 try:
     import triton
@@ -33,11 +33,6 @@ def extended_logits_reference(h: torch.Tensor, w_vocab: torch.Tensor, w_expert: 
 def extended_argmax_reference(h: torch.Tensor, w_vocab: torch.Tensor, w_expert: torch.Tensor) -> torch.Tensor:
     """Plain torch: argmax of ``[W_V; W_E] h`` per row (lowest index on ties)."""
     return extended_logits_reference(h, w_vocab, w_expert).argmax(dim=-1)
-
-
-def interpreted() -> bool:
-    """Whether Triton runs under its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

@@ -11,9 +11,9 @@ in IEEE precision. Only tl.exp/tl.log are used, no libdevice.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from etr.kernels import interpreted
 
 try:
     import triton
@@ -164,5 +164,5 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         group, D, pages_per_split * block_size, block_size, BLOCK_T=BLOCK_T,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot: >= 16
-        UPCAST=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", num_warps=NUM_WARPS)
+        UPCAST=q.dtype == torch.float32 or interpreted(), num_warps=NUM_WARPS)
     return combine_splits_triton(out, lse, q.dtype)

@@ -11,9 +11,9 @@ tiles feed the tensor cores. ``paged_prefill_reference`` is the torch backend's 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from etr.kernels import interpreted
 
 try:
     import triton
@@ -91,7 +91,7 @@ def paged_prefill(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     tokens, H, D = q.shape
     _, page, kv_heads, _ = k_pages.shape
     out = torch.empty_like(q)
-    upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = q.dtype == torch.float32 or interpreted()
     grid = (len(context_lens), H, triton.cdiv(max_query_len, block_m))
     _paged_prefill_kernel[grid](
         q, k_pages, v_pages, out, block_tables, cu_seqlens_q, context_lens, scale,

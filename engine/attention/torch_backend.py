@@ -53,8 +53,10 @@ class TorchAttentionBackend:
         meta.extra["keep"] = meta.slot_mapping >= 0 if meta.has_padding else None
         if not meta.is_prefill:
             slots, valid = page_slots(meta.block_tables, meta.context_lens, max(meta.context_lens_list), meta.block_size)
-            # An additive float mask: SDPA would otherwise convert a boolean one in every layer.
-            mask = torch.zeros(valid.shape, dtype=meta.dtype, device=valid.device)
+            # An additive float mask, built once per step in the dtype each layer adds it in: the activations'
+            # for SDPA, float32 for the CPU's grouped matmuls.
+            dtype = torch.float32 if valid.device.type == "cpu" else meta.dtype
+            mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
             meta.extra["slots"], meta.extra["mask"] = slots, mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
         elif meta.has_cached_prefix:
             meta.extra["prefix_slots"] = [
@@ -110,11 +112,11 @@ SDPA_MAX_LEN_CPU = 128
 def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                              scale: float) -> torch.Tensor:
     """One query token per sequence, ``q`` ``[B, H, D]``, against ``[B, kv_heads, L, D]`` keys and values, in
-    float32 matmuls with the query heads grouped by KV head (no repeated K/V); ``mask`` ``[B, 1, 1, L]``."""
+    float32 matmuls with the query heads grouped by KV head (no repeated K/V); ``mask`` ``[B, 1, 1, L]`` float32."""
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     grouped = q.view(batch, kv_heads, heads // kv_heads, dim).float()
-    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(scale).add_(mask.float())
+    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(scale).add_(mask)
     out = torch.matmul(scores.softmax(-1), values.float())
     return out.view(batch, heads, dim).to(q.dtype)
 
