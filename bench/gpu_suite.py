@@ -102,10 +102,42 @@ def copy_bandwidth(plan: Plan) -> float:
     return 2 * src.numel() / timed(lambda: dst.copy_(src), plan)
 
 
+SUBPACKAGES = ("engine", "kernels", "models", "routing")  # top-level folders installed as etr.<name> (pyproject)
+
+
+def source_tree(tree: Path) -> Path:
+    """Lay out the installed package ``etr`` (etr/ with the subpackages inside) in ``tree`` as symlinks
+    into the checkout; returns ``tree``."""
+    (tree / "etr").mkdir(parents=True)
+    for item in (ROOT / "etr").iterdir():
+        (tree / "etr" / item.name).symlink_to(item)
+    for name in SUBPACKAGES:
+        (tree / "etr" / name).symlink_to(ROOT / name)
+    return tree
+
+
+def importable_from_source() -> Path | None:
+    """Make ``import etr`` work where the checkout arrived as source and nothing was installed (the GPU
+    machine): the installed layout, built of symlinks in a temporary folder, goes first on ``sys.path`` and
+    on ``PYTHONPATH`` (the tests' subprocess). Returns that folder; None where ``etr`` already imports."""
+    try:
+        import etr.engine  # noqa: F401
+        return None
+    except ModuleNotFoundError:
+        for name in [m for m in sys.modules if m == "etr" or m.startswith("etr.")]:
+            del sys.modules[name]
+    tree = source_tree(Path(tempfile.mkdtemp(prefix="etr-source-")))
+    sys.path.insert(0, str(tree))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    return tree
+
+
 def run_tests(plan: Plan) -> dict:
-    """The GPU-marked tests in a subprocess, kernels compiled (all skip without CUDA)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "test_gpu.py")],
-                          capture_output=True, text=True, cwd=ROOT,
+    """The GPU-marked tests in a subprocess, kernels compiled (all skip without CUDA). Not run from the
+    checkout's root, whose ``etr`` folder (the facade alone) would shadow a source tree on PYTHONPATH."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--rootdir", str(ROOT),
+                           str(ROOT / "tests" / "test_gpu.py")],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir(),
                           env={**os.environ, "TRITON_INTERPRET": "0" if plan.device == "cuda" else "1"})
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     return {"rc": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1], "failed": failed}
@@ -274,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     plan = SMOKE if args.smoke else FULL
     sys.path.insert(0, str(ROOT / "tests"))
+    importable_from_source()
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU smoke run (figures meaningless)"
     result = {"device": name, "date": time.strftime("%Y-%m-%d"), "versions": versions()}
     result["copy_GBps"] = bw = copy_bandwidth(plan) / 1e9

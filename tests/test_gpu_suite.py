@@ -62,3 +62,22 @@ def test_steps_past_the_budget_are_reported_not_run(tmp_path, capsys):
     result = json.loads((tmp_path / "s.json").read_text())
     assert "tests" not in result and "budget" in result["lm_head"]["error"] and "budget" in result["switch"]["error"]
     assert "not run" in capsys.readouterr().out
+
+
+def test_source_tree_imports_like_the_installed_package(tmp_path):
+    """The GPU machine gets the checkout as source only: the suite's symlinked layout must import every
+    subpackage from it (here ahead of the installed copy) and match pyproject's package-dir."""
+    import os
+    import subprocess
+    import pytest
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    suite = load_suite()
+    pyproject = tomllib.loads((suite.ROOT / "pyproject.toml").read_text())
+    dirs = pyproject["tool"]["setuptools"]["package-dir"]
+    assert {k: v for k, v in dirs.items() if k != "etr"} == {f"etr.{n}": n for n in suite.SUBPACKAGES}
+    tree = suite.source_tree(tmp_path / "tree")
+    code = "import etr, etr.engine, etr.kernels.lm_head, etr.models, etr.routing.miniexpert; print(etr.engine.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tree)}, check=True).stdout
+    assert out.strip() == str(tree / "etr" / "engine" / "__init__.py")
+    assert not (suite.ROOT / "etr" / "engine").exists()  # nothing written into the checkout
