@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.etr-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-mirror clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+
+gpu-mirror:  # the GPU machines' torch/Triton/transformers versions, on the CPU (bench/gpu_mirror.sh)
+	bash bench/gpu_mirror.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHARED_LIMIT = 232_448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 BF, F32 = "bf16", "fp32"
 UNALIGNED_STRIDES = {"stride_bt", "stride_lb", "stride_lh", "stride_os", "stride_ps", "stride_out"}  # grid-sized
