@@ -13,7 +13,8 @@
 ``--smoke`` runs every step on the CPU at toy sizes with the kernels interpreted: it proves the suite's own
 code on machines without a GPU (tests/test_gpu_suite.py runs it in CI); its figures mean nothing.
 
-Status 2026-11-23: no device has been lent to this project yet, so the suite has run only as ``--smoke``.
+Status 2026-11-23: no device has been lent to this project yet, so the suite has run only as ``--smoke``, also
+under the GPU machines' torch/Triton/transformers versions (``bench/gpu_mirror.sh``).
 """
 
 from __future__ import annotations
