@@ -91,6 +91,7 @@ class LLMEngine:
                                      f"KV blocks; the pool has {self.block_manager.num_blocks}")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
+        """Queue a request (validated first: see ``validate_prompt``); returns its sequence."""
         self.validate_prompt(prompt_token_ids, params)
         seq = Sequence(prompt_token_ids, params, self.config.block_size, self.config.device, prompt)
         self.scheduler.add(seq)
@@ -148,6 +149,7 @@ class LLMEngine:
             seq.finish_time = now
 
     def has_unfinished(self) -> bool:
+        """Whether this model still holds a waiting or running sequence."""
         return self.scheduler.has_unfinished()
 
     def abort(self, seqs: list[Sequence]) -> None:
@@ -158,6 +160,7 @@ class LLMEngine:
         self.switched = [s for s in self.switched if s not in seqs]
 
     def output_of(self, seq: Sequence) -> RequestOutput:
+        """The user-facing result of ``seq`` (token ids, text, finish reason, timings, expert used)."""
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time,
                                  seq.num_cached_tokens, seq.num_preemptions, seq.switch_prefill_s or 0.0)
         return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,

@@ -17,10 +17,12 @@ class RequestMetrics:
 
     @property
     def time_to_first_token(self) -> float | None:
+        """Seconds from arrival to the first output token (None before it)."""
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
     @property
     def total_time(self) -> float | None:
+        """Seconds from arrival to the end of the request (None while it runs)."""
         return None if self.finish_time is None else self.finish_time - self.arrival_time
 
 

@@ -28,6 +28,7 @@ class PendingStep:
     host_seconds: float  # wall time of the launch (on the CPU: of the whole step)
 
     def wait(self) -> list[int]:
+        """The step's tokens, one per sequence, once the device has produced them."""
         if self.ready is not None:
             self.ready.synchronize()
         return self.tokens.tolist()

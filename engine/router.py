@@ -22,6 +22,7 @@ class Router:
         self.switch_bookkeeping_s = 0.0
 
     def has_unfinished(self) -> bool:
+        """Whether any model still holds a waiting or running sequence."""
         return any(e.has_unfinished() for e in self.engines)
 
     def step(self, track_text: bool = False) -> list[Sequence]:
@@ -47,6 +48,7 @@ class Router:
         self.switch_bookkeeping_s += time.perf_counter() - start
 
     def abort(self, seqs: list[Sequence]) -> None:
+        """Drop ``seqs`` wherever they are (any model, or between two), freeing their KV blocks."""
         for engine in self.engines:
             engine.abort(seqs)
         for seq in seqs:  # handed over but not yet adopted
@@ -54,4 +56,5 @@ class Router:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
 
     def all_free(self) -> bool:
+        """Whether every model's KV pool is back to all free (no block leaked)."""
         return all(e.block_manager.all_free() for e in self.engines)

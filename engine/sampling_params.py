@@ -48,4 +48,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Whether this request decodes greedily (``temperature == 0``)."""
         return self.temperature == 0.0
