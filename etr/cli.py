@@ -203,34 +203,56 @@ def _bench_switch(args) -> None:
     run(args)
 
 
+DTYPE_HELP = "float32, bfloat16 (bf16), float16 or auto (bfloat16 on CUDA, float32 on the CPU)"
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that names an option's default where it has a real one (not None, not an off flag)."""
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and not action.required and not (default is None or default is False
+                                                                  or default is argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parsers: ``--help`` shows each option's default."""
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``etr`` argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="etr", description="Expert Token Routing engine")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("import-gguf", help="write an HF checkpoint directory from a GGUF file")
-    g.add_argument("src")
-    g.add_argument("dest")
-    g.add_argument("--dtype", default="float32", help="float32 (default) or bf16")
+    g.add_argument("src", help="GGUF file")
+    g.add_argument("dest", help="checkpoint directory to write")
+    g.add_argument("--dtype", default="float32", help="float32 or bf16")
     g.set_defaults(func=_import_gguf)
     gen = sub.add_parser("generate", help="generate from text prompts")
-    gen.add_argument("--model", required=True)
+    gen.add_argument("--model", required=True, help="meta checkpoint directory")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "triton", "torch"])
+    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    gen.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "triton", "torch"],
+                     help="auto: flash if importable on CUDA, else triton on CUDA, else torch")
     gen.add_argument("--fused-ops", action="store_true", help="Triton add+RMSNorm, rotary and SiLU-mul")
     gen.add_argument("--expert", action="append", help="NAME=DIR, repeat per expert")
     gen.add_argument("--expert-head", action="append", help="expert head file(s) (rows for the experts)")
     gen.add_argument("--expert-device", action="append", help="NAME=DEVICE: put that expert on another device")
     gen.set_defaults(func=_generate)
     d = sub.add_parser("demo", help="chat with the embedded SmolLM2-135M-Instruct (imported on first use)")
-    d.add_argument("--max-tokens", type=int, default=48)
-    d.add_argument("--dtype", default="float32")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most")
+    d.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     d.set_defaults(func=_demo)
     c = sub.add_parser("collect", help="expert query sets by loss gap (Eq. 2-3)")
     c.add_argument("--meta", required=True, help="meta checkpoint directory")
@@ -240,41 +262,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ties", choices=["all", "best"], default="all",
                    help="all: a pair joins every qualifying expert; best: only the largest gap")
     c.add_argument("--per-expert", type=int, default=None, help="down-sample each set to this many pairs")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="for --per-expert down-sampling")
     c.add_argument("--chat-template", action="store_true", help="render queries with the meta's chat template")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--max-len", type=int, default=4096)
-    c.add_argument("--dtype", default="float32")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--out", required=True)
+    c.add_argument("--batch-size", type=int, default=16, help="pairs per loss forward")
+    c.add_argument("--max-len", type=int, default=4096, help="longer query+response pairs are skipped")
+    c.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    c.add_argument("--out", required=True, help="query-set JSONL to write")
     c.set_defaults(func=_collect)
     t = sub.add_parser("train", help="train expert-token rows on query sets (Eq. 4)")
-    t.add_argument("--meta", required=True)
+    t.add_argument("--meta", required=True, help="meta checkpoint directory")
     t.add_argument("--sets", required=True, help="JSONL written by etr collect")
     t.add_argument("--out", required=True, help="head file to write (a training log goes beside it)")
     t.add_argument("--extend", default=None, help="existing head: its rows stay frozen, new experts are added")
     t.add_argument("--expert", action="append", metavar="NAME",
                    help="give NAME a row even when the sets hold no query for it (it learns to stay unpicked)")
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--weight-decay", type=float, default=1.0)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-len", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=1.0, help="AdamW weight decay")
+    t.add_argument("--batch-size", type=int, default=16, help="queries per step")
+    t.add_argument("--epochs", type=int, default=5, help="passes over the query sets")
+    t.add_argument("--seed", type=int, default=0, help="shuffling, holdout and row initialisation")
+    t.add_argument("--max-len", type=int, default=4096, help="longer queries are skipped")
     t.add_argument("--negatives", action=argparse.BooleanOptionalAction, default=True,
-                   help="train pairs no expert qualified for with the meta's own first token (default: on)")
+                   help="train pairs no expert qualified for with the meta's own first token")
     t.add_argument("--holdout", type=float, default=0.1,
                    help="share of each expert's (and the negatives') queries held out to report routing")
     t.set_defaults(func=_train)
     r = sub.add_parser("router", help="train the router-classifier baseline on query sets")
-    r.add_argument("--meta", required=True)
+    r.add_argument("--meta", required=True, help="meta checkpoint directory (its features feed the classifier)")
     r.add_argument("--sets", required=True, help="JSONL written by etr collect (negatives become class 'meta')")
-    r.add_argument("--out", required=True)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--max-len", type=int, default=4096)
+    r.add_argument("--out", required=True, help="classifier file to write")
+    r.add_argument("--seed", type=int, default=0, help="shuffling and initialisation")
+    r.add_argument("--max-len", type=int, default=4096, help="longer queries are skipped")
     r.set_defaults(func=_router)
     e = sub.add_parser("eval", help="accuracy and routing accuracy of ETR and baselines")
-    e.add_argument("--meta", required=True)
+    e.add_argument("--meta", required=True, help="meta checkpoint directory")
     e.add_argument("--expert", action="append", help="NAME=DIR, repeat per expert")
     e.add_argument("--head", default=None, help="expert head file (enables method etr)")
     e.add_argument("--router", default=None, help="classifier file from etr router (enables method router)")
@@ -284,32 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", default=None, help="comma list of meta,oracle,random,router,etr (default: all "
                                                    "that the given files allow)")
     e.add_argument("--limit", type=int, default=None, help="first N questions of each domain")
-    e.add_argument("--max-tokens", type=int, default=16)
-    e.add_argument("--chat-template", action="store_true")
+    e.add_argument("--max-tokens", type=int, default=16, help="new tokens per answer at most")
+    e.add_argument("--chat-template", action="store_true", help="render questions with the meta's chat template")
     e.add_argument("--seed", type=int, default=0, help="for random routing")
-    e.add_argument("--dtype", default="float32")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.add_argument("--out", required=True, help="directory for eval.md, eval.json and routing.png")
     e.set_defaults(func=_eval)
-    mx = sub.add_parser("miniexpert", help="the MiniExpert library").add_subparsers(dest="action", required=True)
+    mx = sub.add_parser("miniexpert", help="the MiniExpert library").add_subparsers(dest="action", required=True,
+                                                                                  parser_class=_Parser)
     mb = mx.add_parser("build", help="train a meta and domain experts here, then collect, train, extend, evaluate")
     mb.add_argument("dir", help="output directory (must not exist or be empty)")
     mb.add_argument("--profile", choices=["quick", "default"], default="default",
                     help="quick: <= 3 min, for tests; default: <= 15 min, the bars' profile")
-    mb.add_argument("--seed", type=int, default=0)
-    mb.add_argument("--no-progress", action="store_true")
+    mb.add_argument("--seed", type=int, default=0, help="data, initialisation and training order")
+    mb.add_argument("--no-progress", action="store_true", help="no progress bars")
     mb.set_defaults(func=_miniexpert)
-    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, parser_class=_Parser)
     sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol")
     sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")
     sw.add_argument("--expert", default=None, help="expert checkpoint (default: the meta's)")
-    sw.add_argument("--queries", type=int, default=8)
-    sw.add_argument("--new-tokens", type=int, default=128)
-    sw.add_argument("--dtype", default="bfloat16")
-    sw.add_argument("--device", default="cpu")
+    sw.add_argument("--queries", type=int, default=8, help="prompts, each run in both conditions")
+    sw.add_argument("--new-tokens", type=int, default=128, help="tokens generated per query")
+    sw.add_argument("--dtype", default="bfloat16", help=DTYPE_HELP)
+    sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sw.add_argument("--repeats", type=int, default=2, help="each query keeps its best time of this many runs")
     sw.add_argument("--trace", default=None, help="write a Chrome trace of one switched request here")
-    sw.add_argument("--json", default=None)
+    sw.add_argument("--json", default=None, help="also write the figures here as JSON")
     sw.set_defaults(func=_bench_switch)
     return p
 
