@@ -20,6 +20,6 @@ fi
 OUT_DIR="$(mktemp -d)"
 "$PY" "$ROOT/bench/gpu_suite.py" --smoke --out "$OUT_DIR/gpu_suite.json" | tail -16
 TREE="$(mktemp -d)"
-"$PY" -c "import sys, pathlib; sys.path.insert(0, '$ROOT/bench'); import gpu_suite; gpu_suite.source_tree(pathlib.Path('$TREE'))"
+"$PY" -c "import sys, pathlib; sys.path.insert(0, '$ROOT/bench'); import suite_process; suite_process.source_tree(pathlib.Path('$TREE'))"
 cd "$TREE"  # not the checkout's root, whose etr/ (the facade alone) would shadow the tree
 PYTHONPATH="$TREE" "$PY" -m pytest -q --rootdir "$ROOT" "$ROOT/tests"

@@ -10,6 +10,10 @@
 5. end-to-end decode tok/s, Qwen2-1.5B / 7B shapes with random bf16 weights, vs HF generate and the floor
 6. switching cost (paper Table 5) at 7B shape
 
+Each step runs in a process of its own, killed at the suite's deadline (bench/suite_process.py): a CUDA fault
+or a hang costs that step only, and the table prints before the device's 10-minute limit. Nothing needs to
+be installed: where ``etr`` does not import, the suite imports it from the checkout.
+
 ``--smoke`` runs every step on the CPU at toy sizes with the kernels interpreted: it proves the suite's own
 code on machines without a GPU (tests/test_gpu_suite.py runs it in CI); its figures mean nothing.
 
@@ -35,7 +39,9 @@ if __name__ == "__main__":  # importing this module (tests) must not change the 
     os.environ["TRITON_INTERPRET"] = "1" if "--smoke" in sys.argv else "0"
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the suite's sibling modules, however it is loaded
+from suite_process import ROOT, importable_from_source, run_step  # noqa: E402
+from suite_table import table  # noqa: E402
 
 
 @dataclass(slots=True)
@@ -101,36 +107,6 @@ def copy_bandwidth(plan: Plan) -> float:
     src = torch.empty(plan.copy_bytes, dtype=torch.uint8, device=plan.device)
     dst = torch.empty_like(src)
     return 2 * src.numel() / timed(lambda: dst.copy_(src), plan)
-
-
-SUBPACKAGES = ("engine", "kernels", "models", "routing")  # top-level folders installed as etr.<name> (pyproject)
-
-
-def source_tree(tree: Path) -> Path:
-    """Lay out the installed package ``etr`` (etr/ with the subpackages inside) in ``tree`` as symlinks
-    into the checkout; returns ``tree``."""
-    (tree / "etr").mkdir(parents=True)
-    for item in (ROOT / "etr").iterdir():
-        (tree / "etr" / item.name).symlink_to(item)
-    for name in SUBPACKAGES:
-        (tree / "etr" / name).symlink_to(ROOT / name)
-    return tree
-
-
-def importable_from_source() -> Path | None:
-    """Make ``import etr`` work where the checkout arrived as source and nothing was installed (the GPU
-    machine): the installed layout, built of symlinks in a temporary folder, goes first on ``sys.path`` and
-    on ``PYTHONPATH`` (the tests' subprocess). Returns that folder; None where ``etr`` already imports."""
-    try:
-        import etr.engine  # noqa: F401
-        return None
-    except ModuleNotFoundError:
-        for name in [m for m in sys.modules if m == "etr" or m.startswith("etr.")]:
-            del sys.modules[name]
-    tree = source_tree(Path(tempfile.mkdtemp(prefix="etr-source-")))
-    sys.path.insert(0, str(tree))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
-    return tree
 
 
 def run_tests(plan: Plan) -> dict:
@@ -296,38 +272,71 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def main(argv: list[str] | None = None) -> int:
+STEPS = ("tests", "lm_head", "attention", "prefill", "decode", "switch")
+
+
+def step_function(step: str, plan: Plan, workdir: Path, bw: float):
+    """The callable that runs ``step`` (``bw``: copy bandwidth in bytes/s; ``workdir``: shared checkpoints)."""
+    return {"tests": lambda: run_tests(plan), "lm_head": lambda: bench_lm_head(plan, bw),
+            "attention": lambda: bench_paged_attention(plan, bw), "prefill": lambda: bench_paged_prefill(plan),
+            "decode": lambda: bench_decode(plan, workdir, bw), "switch": lambda: bench_switch(plan, workdir)}[step]
+
+
+def run_guarded(step: str, plan: Plan, workdir: Path, bw: float) -> dict:
+    """``step`` in this process; an exception becomes the step's error (one broken step must not hide the
+    others' figures)."""
+    try:
+        return step_function(step, plan, workdir, bw)()
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+    finally:
+        release(plan)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", ".") + "/gpu_suite.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "lm_head", "attention", "prefill", "decode", "switch"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=STEPS)
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, kernels interpreted (no GPU needed)")
     ap.add_argument("--budget-s", type=float, default=510,
                     help="start no step after this many seconds (the device allows 10 minutes a call)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--deadline-s", type=float, default=580,
+                    help="kill a step still running this many seconds after the start, so the table still prints")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every step in this process (default: one process per step, see bench/suite_process.py)")
+    ap.add_argument("--only", choices=STEPS, help=argparse.SUPPRESS)  # a child process of the suite
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--copy-gbps", type=float, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     began = time.perf_counter()
     plan = SMOKE if args.smoke else FULL
     sys.path.insert(0, str(ROOT / "tests"))
     importable_from_source()
+    if args.only:  # one step for a parent suite: its result goes to --out
+        result = {args.only: run_guarded(args.only, plan, Path(args.workdir), args.copy_gbps * 1e9)}
+        Path(args.out).write_text(json.dumps(result, default=str))
+        return 0
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU smoke run (figures meaningless)"
     result = {"device": name, "date": time.strftime("%Y-%m-%d"), "versions": versions()}
     result["copy_GBps"] = bw = copy_bandwidth(plan) / 1e9
-    steps = {"tests": lambda: run_tests(plan), "lm_head": lambda: bench_lm_head(plan, bw * 1e9),
-             "attention": lambda: bench_paged_attention(plan, bw * 1e9), "prefill": lambda: bench_paged_prefill(plan)}
+    release(plan)
     with tempfile.TemporaryDirectory() as tmp:
-        steps["decode"] = lambda: bench_decode(plan, Path(tmp), bw * 1e9)
-        steps["switch"] = lambda: bench_switch(plan, Path(tmp))
-        for step, fn in steps.items():
+        for step in STEPS:
             if step in args.skip:
                 continue
             start = time.perf_counter()
             if start - began > args.budget_s:
                 result[step] = {"error": f"not run: {start - began:.0f} s spent of the {args.budget_s:.0f} s budget"}
                 continue
-            try:
-                result[step] = fn()
-            except Exception as e:  # one broken step must not hide the others' figures
-                result[step] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            release(plan)
+            if args.in_process:
+                result[step] = run_guarded(step, plan, Path(tmp), bw * 1e9)
+            else:
+                child = ["--copy-gbps", str(bw)] + (["--smoke"] if args.smoke else [])
+                result[step] = run_step(step, child, Path(tmp), began + args.deadline_s - start)
             result.setdefault("seconds", {})[step] = round(time.perf_counter() - start, 1)
             print(f"== {step} ({time.perf_counter() - start:.0f} s): {json.dumps(result[step], default=str)[:2000]}",
                   flush=True)
@@ -336,50 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     print(f"JSON in {args.out}")
     return 0
-
-
-def table(r: dict) -> str:
-    """The short summary: one line per measured figure, with the issue's bar beside it."""
-    spent = sum(r.get("seconds", {}).values())
-    lines = [f"{r['device']}, {r['date']}, copy bandwidth {r['copy_GBps']:.0f} GB/s, steps took {spent:.0f} s",
-             r.get("versions", ""), "",
-             f"{'what':<44}{'measured':>22}  bar"]
-
-    def add(what, measured, bar=""):
-        lines.append(f"{what:<44}{measured:>22}  {bar}")
-    for name in ("tests", "lm_head", "attention", "prefill", "decode", "switch"):
-        v = r.get(name)
-        if v is None:
-            continue
-        if isinstance(v, dict) and "error" in v:
-            add(name, "ERROR", v["error"][:60])
-        elif name == "tests":
-            add("GPU tests", v["summary"][:22], "all pass")
-            for line in v.get("failed", [])[:8]:
-                add("  " + line.split(" - ")[0][-42:], "", line.partition(" - ")[2][:60])
-        elif name == "lm_head":
-            for x in v:
-                add(f"extended head B={x['B']} (torch {x['torch_ms']:.3f} ms)",
-                    f"{x['kernel_ms']:.3f} ms {100 * x['frac_bw']:.0f}%bw", "<= 0.46 ms, argmax equal: "
-                    + str(x["argmax_equal"]))
-        elif name == "attention":
-            for x in v:
-                add(f"paged decode ctx={x['context']} (SDPA {x['sdpa_ms']:.3f} ms)",
-                    f"{x['paged_ms']:.3f} ms {x['GBps']:.0f} GB/s")
-        elif name == "prefill":
-            add(f"prefill {v['new']} new after {v['prefix']} cached, b={v['batch']}",
-                f"{v['triton_ms']:.3f} ms", f"gather+SDPA {v['gather_sdpa_ms']:.3f} ms, err {v['max_abs_err']:.3f}")
-        elif name == "decode":
-            for x in v:
-                bar = {("qwen2-7b", 1): "<= 6.3 ms", ("qwen2-1.5b", 1): "<= 1.8 ms"}.get((x["shape"], x["batch"]), "")
-                add(f"decode {x['shape']} {x.get('backend', '')} b={x['batch']} (HF {x['hf_ms_per_step']:.2f})",
-                    f"{x['etr_ms_per_step']:.2f} ms {x.get('tok_s', 0):.0f} t/s x{x['speedup']:.2f}",
-                    f"{bar} floor {x['floor_ms']:.2f} ms; >= 1.5x (b=1) / 3x (b=32)")
-        elif name == "switch":
-            add(f"switch overhead, {v.get('shape', '?')}, {v['new_tokens']} tokens",
-                f"{v['overhead_pct']:+.2f}%", f"< 1%; expert prefill {v['expert_prefill_s_per_query'] * 1e3:.1f} ms, "
-                f"pairs median {v.get('paired_median_pct', float('nan')):+.2f}%")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def test_source_tree_imports_like_the_installed_package(tmp_path):
     import subprocess
     import pytest
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    suite = load_suite()
+    load_suite()  # puts bench/ on sys.path
+    import suite_process as suite
     pyproject = tomllib.loads((suite.ROOT / "pyproject.toml").read_text())
     dirs = pyproject["tool"]["setuptools"]["package-dir"]
     assert {k: v for k, v in dirs.items() if k != "etr"} == {f"etr.{n}": n for n in suite.SUBPACKAGES}
@@ -81,3 +82,24 @@ def test_source_tree_imports_like_the_installed_package(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(tree)}, check=True).stdout
     assert out.strip() == str(tree / "etr" / "engine" / "__init__.py")
     assert not (suite.ROOT / "etr" / "engine").exists()  # nothing written into the checkout
+
+
+def test_a_step_past_the_deadline_is_killed_and_the_table_still_prints(tmp_path, capsys):
+    """Each step runs in its own process with the suite's deadline: a hang costs that step only."""
+    import json
+    suite = load_suite()
+    skip = ["tests", "attention", "prefill", "decode", "switch"]
+    assert suite.main(["--smoke", "--deadline-s", "0", "--skip", *skip, "--out", str(tmp_path / "s.json")]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["lm_head"]["error"].startswith("killed after")
+    assert "ERROR" in capsys.readouterr().out
+
+
+def test_in_process_steps(tmp_path):
+    """``--in-process``: the same steps without child processes."""
+    import json
+    suite = load_suite()
+    skip = ["tests", "decode", "switch"]
+    assert suite.main(["--smoke", "--in-process", "--skip", *skip, "--out", str(tmp_path / "s.json")]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert all("error" not in result[s] for s in ("lm_head", "attention", "prefill"))
