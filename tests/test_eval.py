@@ -1,6 +1,7 @@
 """etr eval: question formats, answer extraction, every method against direct generation, metrics, reports."""
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -126,5 +127,8 @@ def test_eval_cli_with_etr_and_router(models, tmp_path, capsys):
     assert report["summary"]["oracle"]["routing_accuracy"] == 1.0
     assert len(report["records"]) == 5 * 6
     assert (out / "eval.md").read_text().startswith("| method | astro | law |")
-    assert (out / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib"):  # the [plot] extra; without it no plot is written, by design
+        assert (out / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not (out / "routing.png").exists()
     assert "| etr |" in capsys.readouterr().out
