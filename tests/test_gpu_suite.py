@@ -1,18 +1,13 @@
 """bench/gpu_suite.py: its summary table from a made-up result, and the whole suite at toy sizes on the CPU
 (``--smoke``), so the code a lent GPU runs has run before."""
 
-import importlib.util
 import sys
-from pathlib import Path
+
+from conftest import load_bench
 
 
 def load_suite():
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("gpu_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_suite")
 
 
 def test_table_lists_every_figure_and_errors():

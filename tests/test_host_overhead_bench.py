@@ -1,20 +1,10 @@
 """bench/host_overhead.py runs (both paths) and reports a figure per batch; its numbers are not asserted."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_host_overhead_both_paths(capsys):
-    bench = load("host_overhead")
+    bench = load_bench("host_overhead")
     assert bench.main(["--batch", "1", "3", "--steps", "6"]) == 0
     assert bench.main(["--batch", "2", "--steps", "6", "--graph-path"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
