@@ -8,8 +8,10 @@ hang costs that step's figures only, and the table still prints.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +45,7 @@ def importable_from_source() -> Path | None:
         for name in [m for m in sys.modules if m == "etr" or m.startswith("etr.")]:
             del sys.modules[name]
     tree = source_tree(Path(tempfile.mkdtemp(prefix="etr-source-")))
+    atexit.register(shutil.rmtree, tree, ignore_errors=True)  # symlinks only: the checkout is untouched
     sys.path.insert(0, str(tree))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
     return tree
