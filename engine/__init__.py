@@ -1,6 +1,7 @@
 """The paged KV-cache generation engine (installed as ``etr.engine``)."""
 
-from etr.engine.llm_engine import EngineConfig, LLMEngine
+from etr.engine.config import EngineConfig
+from etr.engine.llm_engine import LLMEngine
 from etr.engine.outputs import RequestMetrics, RequestOutput, StreamDelta
 from etr.engine.sampling_params import SamplingParams
 

@@ -38,19 +38,19 @@ def size_kv_pools(engines: list) -> None:
     by_device: dict[torch.device, list] = {}
     for e in engines:
         if e.block_manager is None:
-            by_device.setdefault(e.config.device, []).append(e)
+            by_device.setdefault(e.device, []).append(e)
     for device, group in by_device.items():
         fraction = GPU_MEMORY_FRACTION if device.type == "cuda" else CPU_MEMORY_FRACTION
         budget = free_memory_bytes(device) * fraction
-        per_block = [bytes_per_block(e.model_config, e.config.block_size, e.config.dtype) for e in group]
-        wanted = [e.config.max_num_seqs * -(-e.config.max_model_len // e.config.block_size) for e in group]
+        per_block = [bytes_per_block(e.model_config, e.block_size, e.config.dtype) for e in group]
+        wanted = [e.config.max_num_seqs * -(-e.config.max_model_len // e.block_size) for e in group]
         total = sum(w * b for w, b in zip(wanted, per_block))
         scale = min(1.0, budget / total)
         for e, w, b in zip(group, wanted, per_block):
             blocks = int(w * scale)
-            needed = -(-e.config.max_model_len // e.config.block_size)
+            needed = -(-e.config.max_model_len // e.block_size)
             if blocks < needed:
-                raise KVCacheError(f"only {blocks} KV blocks of {e.config.model} fit in free memory on {device}; "
+                raise KVCacheError(f"only {blocks} KV blocks of {e.model_dir} fit in free memory on {device}; "
                                    f"one sequence of max_model_len={e.config.max_model_len} needs {needed}: "
                                    "lower max_model_len or max_num_seqs")
             e.init_kv(blocks)

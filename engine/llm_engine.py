@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 
-from etr.engine.attention import block_size_for, resolve_backend
 from etr.engine.block_manager import BlockManager
+from etr.engine.config import EngineConfig
 from etr.engine.model_runner import ModelRunner
-from etr.engine.outputs import RequestMetrics, RequestOutput
+from etr.engine.outputs import RequestMetrics, RequestOutput, StreamDelta
 from etr.engine.pending_step import PendingStep
 from etr.engine.sampler import Sampler
 from etr.engine.sampling_params import SamplingParams
@@ -21,47 +19,30 @@ from etr.errors import InvalidPromptError, PromptTooLongError
 from etr.models.tokenizer import load_tokenizer
 
 
-@dataclass(slots=True)
-class EngineConfig:
-    """Everything one model's engine is built from."""
-    model: str
-    dtype: torch.dtype
-    device: torch.device
-    block_size: int | None = None  # None: the backend's page size (16; 256 for flash-attn)
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
-    num_kv_blocks: int | None = None
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    cuda_graphs: bool | None = None  # None: on for CUDA with a capturable backend
-    fused_ops: bool = False  # Triton add+RMSNorm, rotary, SiLU-mul (see DecoderLM.use_fused_ops)
-
-
 class LLMEngine:
     """One model's generation loop: admit, schedule, run, sample, stop, free."""
-    def __init__(self, cfg: EngineConfig):
-        cfg.attention_backend = resolve_backend(cfg.attention_backend, cfg.device)
-        cfg.block_size = block_size_for(cfg.attention_backend, cfg.block_size)
-        self.config = cfg
-        self.runner = ModelRunner(cfg.model, cfg.dtype, cfg.device, cfg.block_size, cfg.max_model_len,
-                                  cfg.attention_backend, cfg.cuda_graphs, cfg.max_num_seqs, cfg.fused_ops)
+    def __init__(self, config: EngineConfig, model: str | None = None, device: torch.device | None = None):
+        """``model``/``device``: this engine's checkpoint and device (default: the config's meta and device)."""
+        self.config = config
+        self.model_dir = str(model or config.model)
+        self.runner = ModelRunner(config, self.model_dir, config.device if device is None else device)
+        self.device, self.block_size = self.runner.device, self.runner.block_size
         self.model_config = self.runner.config
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.block_manager: BlockManager | None = None  # with the scheduler, created by init_kv
         self.scheduler: Scheduler | None = None
-        if cfg.num_kv_blocks is not None:
-            self.init_kv(cfg.num_kv_blocks)
+        if config.num_kv_blocks is not None:
+            self.init_kv(config.num_kv_blocks)
         eos = self.model_config.eos_token_ids
         self.sampler = Sampler(eos)
-        self.stop_checker = StopChecker(eos, cfg.max_model_len, self.tokenizer)
+        self.stop_checker = StopChecker(eos, config.max_model_len, self.tokenizer)
         self.switched: list[Sequence] = []  # sequences that chose an expert token this step
 
     def init_kv(self, num_blocks: int) -> None:
         """Allocate the KV pool and the block accounting over it (see ``kv_cache.size_kv_pools``)."""
         cfg = self.config
         self.runner.allocate_kv(num_blocks)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    max(cfg.max_num_batched_tokens, cfg.max_model_len))
 
@@ -70,8 +51,8 @@ class LLMEngine:
         context; ``num_prompt_tokens`` is unchanged, so ``max_tokens`` and stops count the whole output)."""
         if len(seq) >= self.config.max_model_len:
             raise PromptTooLongError(f"context of {len(seq)} tokens does not fit max_model_len="
-                                     f"{self.config.max_model_len} of {self.config.model}")
-        seq.block_size = self.config.block_size
+                                     f"{self.config.max_model_len} of {self.model_dir}")
+        seq.block_size = self.block_size
         self.scheduler.add(seq)
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -85,7 +66,7 @@ class LLMEngine:
         if n >= limit:
             raise PromptTooLongError(f"prompt of {n} tokens does not fit max_model_len={limit} "
                                      f"(prompt plus at least one new token must fit)")
-        blocks = -(-min(n + params.max_tokens, limit) // self.config.block_size)
+        blocks = -(-min(n + params.max_tokens, limit) // self.block_size)
         if blocks > self.block_manager.num_blocks:
             raise PromptTooLongError(f"prompt of {n} tokens with max_tokens={params.max_tokens} needs {blocks} "
                                      f"KV blocks; the pool has {self.block_manager.num_blocks}")
@@ -93,15 +74,15 @@ class LLMEngine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
         """Queue a request (validated first: see ``validate_prompt``); returns its sequence."""
         self.validate_prompt(prompt_token_ids, params)
-        seq = Sequence(prompt_token_ids, params, self.config.block_size, self.config.device, prompt)
+        seq = Sequence(prompt_token_ids, params, self.block_size, self.device, prompt)
         self.scheduler.add(seq)
         return seq
 
     @torch.inference_mode()
-    def step(self, track_text: bool = False) -> list[Sequence]:
+    def step(self) -> list[Sequence]:
         """Run one scheduled batch; returns the sequences that received a token."""
         pending = self.launch()
-        return [] if pending is None else self.finish(pending, track_text)
+        return [] if pending is None else self.finish(pending)
 
     @torch.inference_mode()
     def launch(self) -> PendingStep | None:
@@ -121,17 +102,17 @@ class LLMEngine:
             host, ready = runner.stream.to_host(tokens)
         return PendingStep(seqs, is_prefill, host, ready, started, time.perf_counter() - start)
 
-    def finish(self, pending: PendingStep, track_text: bool = False) -> list[Sequence]:
+    def finish(self, pending: PendingStep) -> list[Sequence]:
         """Wait for a launched step's tokens and append them (stops, switches, finished requests)."""
         tokens = pending.wait()
         now = time.perf_counter()
         for seq, token in zip(pending.seqs, tokens):
             if pending.is_prefill and seq.expert is not None and seq.switch_prefill_s is None:
                 seq.switch_prefill_s = pending.seconds()
-            self._append(seq, token, now, track_text)
+            self._append(seq, token, now)
         return pending.seqs
 
-    def _append(self, seq: Sequence, token: int, now: float, track_text: bool) -> None:
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
         vocab = self.model_config.vocab_size
         if token >= vocab:
             # An expert token: never part of the context, the output or max_tokens. Hand the sequence over.
@@ -142,7 +123,7 @@ class LLMEngine:
         seq.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        reason = self.stop_checker.check(seq, track_text)
+        reason = self.stop_checker.check(seq)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             seq.text = self.stop_checker.final_text(seq)
@@ -158,6 +139,22 @@ class LLMEngine:
             if not seq.is_finished and self.scheduler.holds(seq):
                 self.scheduler.abort(seq)
         self.switched = [s for s in self.switched if s not in seqs]
+
+    def take_delta(self, seq: Sequence) -> StreamDelta | None:
+        """What ``seq`` produced since the previous call: its new token ids and the text that can no longer
+        change (None when there is neither). The last delta (``finished``) carries the whole output, and
+        every delta's text joined is the final text. Needs ``seq.stream`` set before its first token."""
+        new_ids = seq.output_token_ids[seq.num_streamed_tokens:]
+        seq.num_streamed_tokens += len(new_ids)
+        if seq.is_finished:
+            text, seq.num_streamed_chars = seq.text[seq.num_streamed_chars:], len(seq.text)
+            return StreamDelta(seq.seq_id, new_ids, text, True, seq.finish_reason, self.output_of(seq))
+        # Hold back a trailing partial character and anything a stop string could still cut off.
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        safe = len(seq.text.rstrip("\ufffd")) - hold
+        text = seq.text[seq.num_streamed_chars:max(safe, seq.num_streamed_chars)]
+        seq.num_streamed_chars += len(text)
+        return StreamDelta(seq.seq_id, new_ids, text) if new_ids or text else None
 
     def output_of(self, seq: Sequence) -> RequestOutput:
         """The user-facing result of ``seq`` (token ids, text, finish reason, timings, expert used)."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from etr.engine.attention import AttentionMetadata, get_backend
+from etr.engine.config import EngineConfig
 from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
 from etr.engine.pending_step import DeviceStream, host_to_device
@@ -29,24 +30,23 @@ def check_fused_ops(device: torch.device) -> None:
 
 class ModelRunner:
     """One model on its device with its KV pool, attention backend and decode graphs."""
-    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, block_size: int,
-                 max_model_len: int, attention_backend: str = "auto", cuda_graphs: bool | None = None,
-                 max_num_seqs: int = 64, fused_ops: bool = False):
-        self.device, self.dtype, self.block_size = device, dtype, block_size
-        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
-        self.model = load_model(model_dir, dtype, device, max_positions=max_model_len)
+    def __init__(self, config: EngineConfig, model_dir: str, device: torch.device):
+        dtype = config.dtype
+        self.device, self.dtype, self.block_size = device, dtype, config.block_size_for(device)
+        self.max_model_len, self.max_num_seqs = config.max_model_len, config.max_num_seqs
+        self.model = load_model(model_dir, dtype, device, max_positions=config.max_model_len)
         if wants_fp32_gemm(device, dtype):
             use_fp32_gemm(self.model)
         elif wants_packed_bf16(device, dtype):
             use_packed_bf16(self.model)
         self.config = self.model.config
-        if fused_ops:
+        if config.fused_ops:
             check_fused_ops(device)
             self.model.use_fused_ops()
-        self.backend = get_backend(attention_backend, device)
+        self.backend = get_backend(config.backend_for(device), device)
         self.num_blocks = 0
         self.kv_caches: list = []
-        self.cuda_graphs = self._wants_graphs(cuda_graphs)
+        self.cuda_graphs = self._wants_graphs(config.cuda_graphs)
         self.graphs: DecodeGraphs | None = None  # built with the KV pool
         self.expert_weight: torch.Tensor | None = None  # W_E: expert-token rows after the vocabulary
         # The Triton extended head runs on CUDA; tests switch it on for the CPU under TRITON_INTERPRET=1.

@@ -5,6 +5,7 @@ decodes on. Only token ids cross devices."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from etr.engine.llm_engine import LLMEngine
 from etr.engine.sequence import Sequence, SequenceStatus
@@ -19,20 +20,21 @@ class Router:
         # Several names may share one engine (same checkpoint on the same device): step each once.
         self.engines = list({id(e): e for e in [meta, *experts.values()]}.values())
         self.num_switches = 0
+        self.switches: Counter[str] = Counter()  # hand-overs per expert name
         self.switch_bookkeeping_s = 0.0
 
     def has_unfinished(self) -> bool:
         """Whether any model still holds a waiting or running sequence."""
         return any(e.has_unfinished() for e in self.engines)
 
-    def step(self, track_text: bool = False) -> list[Sequence]:
+    def step(self) -> list[Sequence]:
         """One step of every engine with work; returns the sequences that progressed. Every engine's step is
         launched before any is waited for, so on CUDA the models run side by side on their own streams."""
         launched = [(e, e.launch()) for e in self.engines if e.has_unfinished()]
         progressed = []
         for engine, pending in launched:
             if pending is not None:
-                progressed += engine.finish(pending, track_text)
+                progressed += engine.finish(pending)
         self._hand_over()
         return progressed
 
@@ -45,6 +47,7 @@ class Router:
                 seq.expert, seq.switch_index, seq.pending_expert = name, seq.num_output_tokens, None
                 self.experts[name].adopt(seq)
                 self.num_switches += 1
+                self.switches[name] += 1
         self.switch_bookkeeping_s += time.perf_counter() - start
 
     def abort(self, seqs: list[Sequence]) -> None:

@@ -37,7 +37,9 @@ class Sequence:
         self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
         self.num_preemptions = 0
         self.text = ""            # detokenized output, kept current only when stop strings or streaming need it
+        self.stream = False       # someone reads this sequence's output as it grows (keep ``text`` current)
         self.num_streamed_chars = 0
+        self.num_streamed_tokens = 0
         self.stop_string_hit = False
         self.pending_expert: int | None = None  # expert row the meta just chose, until the router moves it
         self.expert: str | None = None

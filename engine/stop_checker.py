@@ -32,13 +32,13 @@ class StopChecker:
         p = seq.params
         return (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
 
-    def check(self, seq: Sequence, track_text: bool = False) -> str | None:
+    def check(self, seq: Sequence) -> str | None:
         """The finish reason after ``seq``'s newest token, or None; trims ``seq.text`` at a stop string."""
         p = seq.params
         if self._is_stop_token(seq, seq.last_token) and seq.num_output_tokens >= p.min_tokens:
             seq.finish_reason = "stop"
             return "stop"
-        if p.stop or track_text:
+        if p.stop or seq.stream:
             previous = len(seq.text)
             seq.text = self.decode(seq)
             if p.stop and seq.num_output_tokens >= p.min_tokens and self._trim_at_stop_string(seq, previous):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from etr.engine import LLMEngine
@@ -14,7 +13,7 @@ from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprin
 def check_same_vocabulary(meta: LLMEngine, expert: LLMEngine, name: str) -> None:
     """Experts continue the meta's token ids, so both must mean the same thing by every id."""
     m, e = meta.model_config, expert.model_config
-    where = f"meta {meta.config.model} vs expert {name!r} ({expert.config.model})"
+    where = f"meta {meta.model_dir} vs expert {name!r} ({expert.model_dir})"
     if m.vocab_size != e.vocab_size:
         raise VocabularyMismatchError(f"vocab_size differs: {m.vocab_size} vs {e.vocab_size} ({where})")
     mt, et = meta.tokenizer, expert.tokenizer
@@ -38,7 +37,7 @@ def check_head(head: ExpertHead, meta: LLMEngine, expert_names: list[str]) -> No
     if rowless:
         raise ExpertHeadError(f"expert(s) {rowless} have no row in the head ({head.sources})")
     if head.hidden_size != cfg.hidden_size:
-        raise ExpertHeadError(f"head rows have hidden size {head.hidden_size}; meta {meta.config.model} has "
+        raise ExpertHeadError(f"head rows have hidden size {head.hidden_size}; meta {meta.model_dir} has "
                               f"{cfg.hidden_size}")
     if head.vocab_size is not None and head.vocab_size != cfg.vocab_size:
         raise ExpertHeadError(f"head was trained for vocab_size {head.vocab_size}; meta has {cfg.vocab_size}")
@@ -46,29 +45,28 @@ def check_head(head: ExpertHead, meta: LLMEngine, expert_names: list[str]) -> No
         actual = meta_fingerprint(meta.runner.model.lm_head_weight)
         if actual != head.meta_fingerprint:
             raise ExpertHeadError(f"head was trained against meta fingerprint {head.meta_fingerprint}; "
-                                  f"{meta.config.model} has {actual}")
+                                  f"{meta.model_dir} has {actual}")
 
 
-def build_router(meta: LLMEngine, experts: dict[str, str], expert_head, expert_devices: dict | None,
-                 make_engine: Callable[[str, object], LLMEngine]) -> Router:
-    """Load the experts (one engine per distinct checkpoint and device), check them, extend the meta's head."""
-    if not experts:
-        raise ExpertHeadError(f"expert_head={expert_head!r} given without experts= to route to")
-    expert_devices = dict(expert_devices or {})
-    stray = sorted(set(expert_devices) - set(experts))
-    if stray:
-        raise ExpertHeadError(f"expert_devices names unknown expert(s) {stray}")
+def build_router(meta: LLMEngine) -> Router:
+    """Load the config's experts (one engine per distinct checkpoint and device), check them, and extend the
+    meta's head by the expert rows."""
+    config = meta.config
+    if not config.experts:
+        if config.expert_head is not None:
+            raise ExpertHeadError(f"expert_head={list(config.expert_head)} given without experts= to route to")
+        return Router(meta, {}, [])
     # Without a head the meta never switches; experts are then reached only by pinning (generate(route=)).
-    head = load_expert_head(expert_head) if expert_head is not None else None
+    head = load_expert_head(list(config.expert_head)) if config.expert_head is not None else None
     if head is not None:
-        check_head(head, meta, list(experts))
+        check_head(head, meta, list(config.experts))
     loaded: dict[tuple[str, str], LLMEngine] = {}
     engines = {}
-    for name, path in experts.items():
-        device = expert_devices.get(name, meta.config.device)
+    for name, path in config.experts.items():
+        device = config.expert_devices[name]
         key = (str(Path(path).resolve()), str(device))
         if key not in loaded:
-            loaded[key] = make_engine(str(path), device)
+            loaded[key] = LLMEngine(config, path, device)
             check_same_vocabulary(meta, loaded[key], name)
             if loaded[key].tokenizer is None:  # same ids, so the meta's tokenizer writes the expert's text
                 loaded[key].tokenizer = loaded[key].stop_checker.tokenizer = meta.tokenizer

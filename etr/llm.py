@@ -2,33 +2,41 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence as Seq
-
-import torch
+from dataclasses import dataclass
 
 from etr.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams, StreamDelta
 from etr.engine.kv_cache import size_kv_pools
-from etr.engine.router import Router
+from etr.engine.sequence import Sequence
 from etr.errors import ConfigError, InvalidPromptError, TokenizerMissingError
 from etr.experts import build_router
-from etr.models.config import load_model_config
-from etr.options import parse_device, parse_dtype
 
 Prompt = str | list[int]
 
 
-class LLM:
-    """A model loaded for generation.
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request encoded and validated against every model, not yet queued."""
+    prompt_token_ids: list[int]
+    prompt: str | None
+    params: SamplingParams
+    route: str | None = None  # the expert it is pinned to, or None (the meta starts)
 
-    Args:
+
+class LLM:
+    """A model loaded for generation: ``LLM(model, **options)`` or ``LLM(config=EngineConfig(...))``.
+
+    Options (the fields of ``etr.engine.EngineConfig``, built once from them and passed to every engine):
         model: an HF checkpoint directory (Llama or Qwen2 family, safetensors weights).
         dtype: "auto" (bfloat16 on CUDA, float32 on the CPU), "float32", "bfloat16" or "float16".
         device: "cpu", "cuda" or "cuda:N".
         block_size: tokens per KV block; None picks the backend's (16, or 256 for flash-attn, whose paged KV
             needs multiples of 256).
         max_model_len: longest prompt + output; defaults to the model's max_position_embeddings, capped at 4096.
-        max_num_seqs: most requests decoded together.
-        num_kv_blocks: size of the KV pool in blocks; None sizes it from free memory.
+        max_num_seqs: most requests decoded together (per model).
+        max_num_batched_tokens: most prompt tokens prefilled in one step (at least max_model_len).
+        num_kv_blocks: size of each model's KV pool in blocks; None sizes it from free memory.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes across requests.
         attention_backend: "auto" (flash-attn on CUDA when it imports, else the Triton kernels on CUDA, else
             torch), "flash", "triton" or "torch".
@@ -44,35 +52,19 @@ class LLM:
         fused_ops: run residual add + RMSNorm, rotary and SiLU-mul as Triton kernels instead of torch's
             elementwise ops (CUDA; on the CPU only under TRITON_INTERPRET=1, for tests). Off by default until a
             GPU run of ``bench/gpu_suite.py`` shows it pays (its decode rows measure both).
+    Bad options raise ``ConfigError`` (or the dtype/device errors) naming the value, before any weight loads.
     """
 
-    def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-                 block_size: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
-                 num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
-                 attention_backend: str = "auto", max_num_batched_tokens: int = 8192,
-                 experts: dict[str, str] | None = None, expert_head: str | list[str] | None = None,
-                 expert_devices: dict[str, str] | None = None, cuda_graphs: bool | None = None,
-                 fused_ops: bool = False):
-        dev = parse_device(device)
-        model_cfg = load_model_config(model)
-        if (block_size is not None and block_size < 1) or max_num_seqs < 1:
-            raise ConfigError(f"block_size={block_size} and max_num_seqs={max_num_seqs} must be >= 1")
-        max_model_len = max_model_len or min(model_cfg.max_position_embeddings, 4096)
-        torch_dtype = parse_dtype(dtype, dev)
-
-        def make_engine(path: str, on_device) -> LLMEngine:
-            return LLMEngine(EngineConfig(
-                model=str(path), dtype=torch_dtype, device=parse_device(on_device), block_size=block_size,
-                max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
-                enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
-                cuda_graphs=cuda_graphs, fused_ops=fused_ops))
-
-        self.engine = make_engine(model, dev)
-        self.router = Router(self.engine, {}, [])
-        if experts or expert_head is not None:
-            self.router = build_router(self.engine, dict(experts or {}), expert_head, expert_devices, make_engine)
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options):
+        if (model is None) == (config is None):
+            raise ConfigError("give either model= (with options) or config=, not both and not neither")
+        if config is not None and options:
+            raise ConfigError(f"options {sorted(options)} given beside config=: put them in the config")
+        self.config = config if config is not None else EngineConfig(model=model, **options)
+        self.engine = LLMEngine(self.config)
+        self.router = build_router(self.engine)
         size_kv_pools(self.router.engines)
+        self.lock = threading.RLock()  # whoever holds it may step the engines, or add and abort requests
 
     @property
     def tokenizer(self):
@@ -82,7 +74,7 @@ class LLM:
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise TokenizerMissingError(f"text prompt {prompt[:40]!r} given, but {self.engine.config.model} "
+                raise TokenizerMissingError(f"text prompt {prompt[:40]!r} given, but {self.engine.model_dir} "
                                             "has no tokenizer files: pass token-id lists instead")
             return self.tokenizer(prompt).input_ids, prompt
         if isinstance(prompt, (list, tuple)):
@@ -97,8 +89,9 @@ class LLM:
             return [list(prompts)]
         return list(prompts)
 
-    def _add_all(self, prompts: list[Prompt], params, route=None) -> list:
-        """Validate every request first, so a bad one leaves nothing queued or allocated."""
+    def prepare(self, prompts: list[Prompt], params, route=None) -> list[PreparedRequest]:
+        """Encode and validate every request without touching the engines (safe from any thread), so a bad
+        one fails before anything is queued or allocated."""
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -108,13 +101,16 @@ class LLM:
         for (ids, _), p in zip(encoded, plist):
             for engine in self.router.engines:  # a request may end on any model: it must fit every pool
                 engine.validate_prompt(ids, p)
-        seqs = []
-        for (ids, text), p, name in zip(encoded, plist, routes):
-            engine = self.engine if name is None else self.router.experts[name]
-            seqs.append(engine.add_request(ids, p, text))
-            if name is not None:
-                seqs[-1].expert, seqs[-1].switch_index = name, 0
-        return seqs
+        return [PreparedRequest(ids, text, p, name) for (ids, text), p, name in zip(encoded, plist, routes)]
+
+    def submit(self, request: PreparedRequest, stream: bool = False) -> Sequence:
+        """Queue a prepared request on the model it starts on; the caller must hold ``self.lock``."""
+        engine = self.engine if request.route is None else self.router.experts[request.route]
+        seq = engine.add_request(request.prompt_token_ids, request.params, request.prompt)
+        seq.stream = stream
+        if request.route is not None:
+            seq.expert, seq.switch_index = request.route, 0
+        return seq
 
     def _routes(self, route, n: int) -> list[str | None]:
         routes = [route] * n if route is None or isinstance(route, str) else list(route)
@@ -132,50 +128,56 @@ class LLM:
         ``route`` pins requests to an expert (one name, or one name or None per prompt): a pinned request
         starts on that expert, which decodes it alone, as if the meta had chosen it before the first token
         (its output reports ``expert=name, switch_index=0``). None leaves the choice to the meta.
+
+        Safe to call from several threads at once: the calls' requests share one continuous batch (each step
+        any caller runs advances every caller's requests), and each call returns exactly its own outputs.
         """
-        seqs = self._add_all(self._as_batch(prompts), params, route)
-        bar = _progress(len(seqs), use_tqdm)
+        prepared = self.prepare(self._as_batch(prompts), params, route)
+        with self.lock:
+            seqs = [self.submit(r) for r in prepared]
+        bar, done = _progress(len(seqs), use_tqdm), 0
         try:
-            while any(not s.is_finished for s in seqs):
-                done = sum(s.is_finished for s in self.router.step())
-                if bar is not None and done:
-                    bar.update(done)
+            while done < len(seqs):
+                self._step_unless_finished(seqs)
+                now = sum(s.is_finished for s in seqs)
+                if bar is not None and now > done:
+                    bar.update(now - done)
+                done = now
         finally:
-            self.router.abort(seqs)
+            with self.lock:
+                self.router.abort(seqs)
             if bar is not None:
                 bar.close()
         return [self.engine.output_of(s) for s in seqs]
 
+    def _step_unless_finished(self, seqs: list[Sequence]) -> None:
+        with self.lock:  # another caller's step may have finished ours while we waited for the lock
+            if not all(s.is_finished for s in seqs):
+                self.router.step()
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield what each step adds to one request; closing the iterator early frees the request."""
-        (seq,) = self._add_all([prompt], params)
+        (request,) = self.prepare([prompt], params)
+        with self.lock:
+            seq = self.submit(request, stream=True)
         try:
-            while not seq.is_finished:
-                before = seq.num_output_tokens
-                self.router.step(track_text=True)
-                delta = self._delta(seq, before)
+            while True:
+                self._step_unless_finished([seq])
+                with self.lock:
+                    delta = self.engine.take_delta(seq)
                 if delta is not None:
                     yield delta
+                    if delta.finished:
+                        return
         finally:
-            self.router.abort([seq])
-
-    def _delta(self, seq, tokens_before: int) -> StreamDelta | None:
-        new_ids = seq.output_token_ids[tokens_before:]
-        if seq.is_finished:
-            text = seq.text[seq.num_streamed_chars:]
-            return StreamDelta(seq.seq_id, new_ids, text, True, seq.finish_reason, self.engine.output_of(seq))
-        # Hold back a trailing partial character and anything a stop string could still cut off.
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
-        safe = len(seq.text.rstrip("\ufffd")) - hold
-        text = seq.text[seq.num_streamed_chars:max(safe, seq.num_streamed_chars)]
-        seq.num_streamed_chars += len(text)
-        return StreamDelta(seq.seq_id, new_ids, text) if new_ids or text else None
+            with self.lock:
+                self.router.abort([seq])
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate replies."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise TokenizerMissingError(f"{self.engine.config.model} has no tokenizer with a chat template")
+            raise TokenizerMissingError(f"{self.engine.model_dir} has no tokenizer with a chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.chat_prompt_ids(c) for c in conversations]
         return self.generate(prompts, params, use_tqdm=use_tqdm)

@@ -42,7 +42,7 @@ def test_prompt_errors_leave_engine_clean(llm):
 def test_request_larger_than_pool_is_refused(llm):
     # 16 blocks of 16 tokens: a 60-token prompt fits max_model_len, and so does its output, in 4 blocks;
     # a pool of 2 blocks cannot hold it.
-    small = LLM(llm.engine.config.model, dtype="float32", max_model_len=64, num_kv_blocks=2)
+    small = LLM(llm.engine.model_dir, dtype="float32", max_model_len=64, num_kv_blocks=2)
     with pytest.raises(PromptTooLongError, match="KV blocks"):
         small.generate([[1] * 40], SamplingParams(max_tokens=10), use_tqdm=False)
 
@@ -95,6 +95,31 @@ def test_engine_settings_out_of_range(tiny_dir):
         LLM(str(tiny_dir("llama_tied_gqa")), block_size=0)
     with pytest.raises(ConfigError, match="'flash'"):
         LLM(str(tiny_dir("llama_tied_gqa")), attention_backend="flash", num_kv_blocks=8)
+    with pytest.raises(ConfigError, match="max_num_seqs=0"):
+        LLM(str(tiny_dir("llama_tied_gqa")), max_num_seqs=0)
+    with pytest.raises(ConfigError, match=r"expert_devices names unknown expert\(s\) \['law'\]"):
+        LLM(str(tiny_dir("llama_tied_gqa")), expert_devices={"law": "cpu"})
+
+
+def test_one_config_object(tiny_dir):
+    """LLM(config=...) runs exactly the given options; every engine shares that one frozen object."""
+    import dataclasses
+    from etr.engine import EngineConfig
+    path = str(tiny_dir("llama_tied_gqa"))
+    config = EngineConfig(model=path, dtype="float32", max_num_seqs=4, num_kv_blocks=16)
+    assert config.dtype == torch.float32 and config.max_model_len > 0 and config.expert_head is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_num_seqs = 8
+    llm = LLM(config=config)
+    assert llm.config is config and llm.engine.config is config and llm.engine.runner.max_num_seqs == 4
+    ids = [1, 2, 3]
+    greedy = SamplingParams(temperature=0.0, max_tokens=5)
+    assert llm.generate([ids], greedy)[0].token_ids == LLM(path, dtype="float32", max_num_seqs=4,
+                                                            num_kv_blocks=16).generate([ids], greedy)[0].token_ids
+    with pytest.raises(ConfigError, match="not both"):
+        LLM(path, config=config)
+    with pytest.raises(ConfigError, match=r"\['max_num_seqs'\] given beside config="):
+        LLM(config=config, max_num_seqs=2)
 
 
 def test_missing_config(tmp_path):

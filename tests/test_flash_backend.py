@@ -20,7 +20,7 @@ def fake_flash(monkeypatch):
 def test_flash_backend_matches_hf_with_prefix_hits(fake_flash, tiny_dir, hf_model_of):
     path = tiny_dir("llama_tied_gqa")
     llm = LLM(str(path), dtype="float32", attention_backend="flash", num_kv_blocks=8)
-    assert llm.engine.config.block_size == 256 and llm.engine.runner.backend.name == "flash"
+    assert llm.engine.block_size == 256 and llm.engine.runner.backend.name == "flash"
     shared = [(7 * i) % 250 for i in range(300)]  # > one 256-token page: the second request hits the cache
     prompts = [shared + [1, 2, 3], shared + [9] * 20, [5, 6, 7]]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -123,7 +123,7 @@ def test_steps_launched_together_finish_in_any_order(dirs, tmp_path):
                       [switch_row(h0, m0, 1), switch_row(h1, m1, 4)])
     llm = build(dirs, str(head))
     want = llm.generate(PROMPTS, greedy(), use_tqdm=False)
-    seqs, router, side_by_side = llm._add_all(PROMPTS, greedy()), llm.router, 0
+    seqs, router, side_by_side = [llm.submit(r) for r in llm.prepare(PROMPTS, greedy())], llm.router, 0
     while any(not s.is_finished for s in seqs):
         launched = [(e, e.launch()) for e in router.engines if e.has_unfinished()]
         launched = [(e, p) for e, p in launched if p is not None]
