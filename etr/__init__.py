@@ -12,6 +12,7 @@ from etr.engine.sampling_params import SamplingParams
 from etr.errors import *  # noqa: F401,F403  (the named exceptions are part of the API)
 from etr.errors import ETRError
 from etr.llm import LLM
+from etr.async_llm import AsyncLLM
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "StreamDelta", "ETRError"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "RequestMetrics", "StreamDelta", "ETRError"]

@@ -72,3 +72,16 @@ class ExpertHeadError(ETRError, ValueError):
 
 class VocabularyMismatchError(ETRError, ValueError):
     """An expert does not share the meta model's vocabulary or tokenizer."""
+
+
+class EngineDeadError(ETRError):
+    """The engine loop stopped on an error; every waiting and later request fails with this (``__cause__``
+    holds the original exception)."""
+
+
+class QueueFullError(ETRError):
+    """A request was refused because the engine already holds as many requests as it may queue."""
+
+
+class DuplicateRequestError(ETRError, ValueError):
+    """A request id is already in use by a request that has not finished."""

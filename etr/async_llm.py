@@ -1,0 +1,298 @@
+"""``AsyncLLM``: the engine as an asyncio service component.
+
+One dedicated thread owns the engines: it alone adds, steps and aborts sequences. Callers (coroutines on any
+event loop, in any thread) encode and validate their request themselves, hand it over through an inbox, and
+read its outputs from their own ``asyncio.Queue``; the engine thread fills those queues with one
+``call_soon_threadsafe`` per event loop per step. So an event loop never waits for model work, and every
+request has one owner at a time: its caller until the engine thread takes it from the inbox, then the engine
+thread until it finishes or is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from etr.engine import EngineConfig, SamplingParams, StreamDelta
+from etr.engine.sequence import Sequence
+from etr.errors import ConfigError, DuplicateRequestError, EngineDeadError, QueueFullError
+from etr.llm import LLM, PreparedRequest, Prompt
+
+META = "meta"  # the model label of the meta in stats and metrics
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot the engine thread publishes after every step (read it with ``AsyncLLM.stats``)."""
+    num_running: int = 0
+    num_waiting: int = 0  # in the engines' queues and in the inbox
+    kv_blocks_used: dict[str, int] = field(default_factory=dict)   # per model name ("meta", experts)
+    kv_blocks_total: dict[str, int] = field(default_factory=dict)
+    switches: dict[str, int] = field(default_factory=dict)          # hand-overs per expert, since start
+    generated_tokens: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    request_id: str
+    prepared: PreparedRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    seq: Sequence | None = None  # set by the engine thread when it takes the request
+    cancelled: bool = False
+
+
+class RequestStream:
+    """The outputs of one submitted request: iterate it (``async for``) for ``StreamDelta`` items; the last
+    one has ``finished`` set and carries the whole ``RequestOutput`` (expert, switch_index, metrics).
+    ``close()`` (or leaving an ``async for`` over ``AsyncLLM.generate``) aborts a request still running."""
+
+    def __init__(self, owner: AsyncLLM, request: _Request):
+        self._owner, self._request, self.finished = owner, request, False
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._request.queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self._owner._forget(self._request)
+        return item
+
+    def close(self) -> None:
+        """Abort the request if it has not finished; idempotent."""
+        if not self.finished:
+            self.finished = True
+            self._owner._cancel(self._request)
+
+
+class AsyncLLM:
+    """``LLM`` for asyncio services: concurrent requests share one continuous batch per model.
+
+    ``AsyncLLM(model, **options)`` or ``AsyncLLM(config=EngineConfig(...))`` takes the options of ``LLM``, plus
+    ``max_waiting``: how many requests may wait beyond ``max_num_seqs`` running ones before new ones are
+    refused with ``QueueFullError`` (never queued forever). Loading happens in the constructor (blocking, as
+    ``LLM``); after it, no call blocks the event loop on model work.
+
+    ``async for out in llm.generate(prompt, params, request_id=None)`` yields ``StreamDelta`` items (new
+    token ids, new text; the last one ``finished`` with ``finish_reason`` and the whole output). Leaving the
+    loop early, cancelling the consuming task or ``await llm.abort(request_id)`` frees the request's KV
+    blocks in whichever model holds it. If the engine loop dies, every waiting caller gets
+    ``EngineDeadError`` with the cause, later requests too, and ``check_health()`` raises it.
+    """
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, max_waiting: int = 1024,
+                 **options):
+        if not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ConfigError(f"max_waiting={max_waiting!r} must be an int >= 0")
+        self._llm = LLM(model, config=config, **options)
+        self.config, self.max_waiting = self._llm.config, max_waiting
+        self._requests: dict[str, _Request] = {}  # unfinished, by id; guarded by _requests_lock
+        self._requests_lock = threading.Lock()
+        self._inbox: deque[tuple[str, _Request]] = deque()
+        self._wake = threading.Event()
+        self._active: dict[Sequence, _Request] = {}  # the engine thread's own
+        self._dead: EngineDeadError | None = None
+        self._stopping = False
+        self._generated = 0
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="etr-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        """The meta's HF tokenizer (None when the checkpoint ships none)."""
+        return self._llm.tokenizer
+
+    def chat_prompt_ids(self, conversation: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered by the meta's chat template (see ``LLM.chat_prompt_ids``)."""
+        return self._llm.chat_prompt_ids(conversation)
+
+    @property
+    def stats(self) -> EngineStats:
+        """The latest snapshot of queue lengths, KV blocks, switches and tokens."""
+        return self._stats
+
+    def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if the engine loop has died."""
+        if self._dead is not None:
+            raise self._dead
+
+    # ---- the callers' side (any event loop, any thread) -------------------------------------------------
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+               route: str | None = None) -> RequestStream:
+        """Validate and queue one request now (errors raise here, before any output); returns its stream.
+        Call from a running event loop: outputs arrive on that loop."""
+        self.check_health()
+        (prepared,) = self._llm.prepare([prompt], params, route)
+        rid = uuid.uuid4().hex if request_id is None else str(request_id)
+        request = _Request(rid, prepared, asyncio.get_running_loop(), asyncio.Queue())
+        with self._requests_lock:
+            if rid in self._requests:
+                raise DuplicateRequestError(f"request id {rid!r} is already in use by an unfinished request")
+            limit = self.config.max_num_seqs + self.max_waiting
+            if len(self._requests) >= limit:
+                raise QueueFullError(f"{len(self._requests)} requests already queued or running (limit "
+                                     f"max_num_seqs + max_waiting = {limit}); request {rid!r} refused")
+            self._requests[rid] = request
+        self._send("add", request)
+        return RequestStream(self, request)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       route: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Yield one request's outputs as they are produced (see the class docstring)."""
+        stream = self.submit(prompt, params, request_id, route)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stream.close()
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request by id: its caller's stream ends with ``finish_reason="abort"``; its KV blocks are
+        freed. False when no unfinished request has that id."""
+        with self._requests_lock:
+            request = self._requests.get(str(request_id))
+        if request is None:
+            return False
+        self._send("abort", request)
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (unfinished requests are aborted); idempotent."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=60)
+
+    def _cancel(self, request: _Request) -> None:
+        request.cancelled = True
+        self._forget(request)
+        self._send("abort", request)
+
+    def _forget(self, request: _Request) -> None:
+        with self._requests_lock:
+            if self._requests.get(request.request_id) is request:
+                del self._requests[request.request_id]
+
+    def _send(self, kind: str, request: _Request) -> None:
+        self._inbox.append((kind, request))
+        self._wake.set()
+        if self._dead is not None:  # the loop may have died after the health check: fail, never hang
+            self._deliver({request.loop: [(request, self._dead)]})
+
+    # ---- the engine thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                self._apply_inbox()
+                if self._stopping:
+                    break
+                if not self._llm.router.has_unfinished():
+                    self._wake.wait()
+                    continue
+                with self._llm.lock:
+                    progressed = self._llm.router.step()
+                self._publish(progressed)
+        except BaseException as e:  # noqa: BLE001 (every caller is told, then the thread ends)
+            self._die(e)
+            return
+        self._abort_all()
+
+    def _apply_inbox(self) -> None:
+        if not self._inbox:
+            return
+        with self._llm.lock:
+            while self._inbox:
+                kind, request = self._inbox.popleft()
+                if kind == "add" and not request.cancelled and request.seq is None:
+                    request.seq = self._llm.submit(request.prepared, stream=True)
+                    self._active[request.seq] = request
+                elif kind == "abort" and request.seq is not None and request.seq in self._active:
+                    self._llm.router.abort([request.seq])
+                    del self._active[request.seq]
+                    self._publish_one(request, request.seq)
+        self._stats = self._snapshot()
+
+    def _publish(self, progressed: list[Sequence]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq in progressed:
+            request = self._active.get(seq)
+            if request is not None:
+                delta = self._take(request, seq)
+                if delta is not None:
+                    batches.setdefault(request.loop, []).append((request, delta))
+        self._deliver(batches)
+        self._stats = self._snapshot()
+
+    def _publish_one(self, request: _Request, seq: Sequence) -> None:
+        delta = self._take(request, seq)
+        if delta is not None and not request.cancelled:
+            self._deliver({request.loop: [(request, delta)]})
+
+    def _take(self, request: _Request, seq: Sequence) -> StreamDelta | None:
+        delta = self._llm.engine.take_delta(seq)
+        if delta is None:
+            return None
+        self._generated += len(delta.token_ids)
+        if delta.finished:
+            self._active.pop(seq, None)
+            output = dataclasses.replace(delta.output, request_id=request.request_id)
+            return dataclasses.replace(delta, request_id=request.request_id, output=output)
+        return dataclasses.replace(delta, request_id=request.request_id)
+
+    @staticmethod
+    def _deliver(batches: dict) -> None:
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is left to read these
+                pass
+
+    def _die(self, cause: BaseException) -> None:
+        dead = EngineDeadError(f"the engine loop died: {type(cause).__name__}: {cause}")
+        dead.__cause__ = cause
+        self._dead = dead
+        waiting = list(self._active.values()) + [r for kind, r in list(self._inbox) if kind == "add"]
+        batches: dict = {}
+        for request in waiting:
+            batches.setdefault(request.loop, []).append((request, dead))
+        self._deliver(batches)
+
+    def _abort_all(self) -> None:
+        with self._llm.lock:
+            for seq, request in list(self._active.items()):
+                self._llm.router.abort([seq])
+                self._publish_one(request, seq)
+
+    def _snapshot(self) -> EngineStats:
+        router = self._llm.router
+        models = {META: router.meta, **router.experts}
+        return EngineStats(
+            num_running=sum(len(e.scheduler.running) for e in router.engines),
+            num_waiting=sum(len(e.scheduler.waiting) for e in router.engines) + len(self._inbox),
+            kv_blocks_used={n: e.block_manager.num_blocks - e.block_manager.num_free_blocks for n, e in models.items()},
+            kv_blocks_total={n: e.block_manager.num_blocks for n, e in models.items()},
+            switches=dict(router.switches), generated_tokens=self._generated)
+
+
+def _put_all(items) -> None:
+    for request, item in items:
+        request.queue.put_nowait(item)
