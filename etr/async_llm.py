@@ -33,7 +33,7 @@ class EngineStats:
     num_waiting: int = 0  # in the engines' queues and in the inbox
     kv_blocks_used: dict[str, int] = field(default_factory=dict)   # per model name ("meta", experts)
     kv_blocks_total: dict[str, int] = field(default_factory=dict)
-    switches: dict[str, int] = field(default_factory=dict)          # hand-overs per expert, since start
+    switches: dict[str, int] = field(default_factory=dict)          # hand-overs per expert (0 too), since start
     generated_tokens: int = 0
 
 
@@ -290,7 +290,7 @@ class AsyncLLM:
             num_waiting=sum(len(e.scheduler.waiting) for e in router.engines) + len(self._inbox),
             kv_blocks_used={n: e.block_manager.num_blocks - e.block_manager.num_free_blocks for n, e in models.items()},
             kv_blocks_total={n: e.block_manager.num_blocks for n, e in models.items()},
-            switches=dict(router.switches), generated_tokens=self._generated)
+            switches={name: router.switches[name] for name in router.experts}, generated_tokens=self._generated)
 
 
 def _put_all(items) -> None:

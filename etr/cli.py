@@ -41,6 +41,17 @@ def _generate(args) -> None:
         print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}{routed}]")
 
 
+def _serve(args) -> None:
+    from etr import AsyncLLM
+    from etr.server import run_server
+    experts = dict(_name_dir(e) for e in args.expert or [])
+    llm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                   max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
+                   experts=experts or None, expert_head=args.expert_head)
+    print(f"etr: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}", flush=True)
+    run_server(llm, args.host, args.port, args.served_model_name, args.log_level)
+
+
 def _demo(args) -> None:
     from etr import LLM, SamplingParams
     from etr.default_model import default_model_dir
@@ -249,6 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--expert-head", action="append", help="expert head file(s) (rows for the experts)")
     gen.add_argument("--expert-device", action="append", help="NAME=DEVICE: put that expert on another device")
     gen.set_defaults(func=_generate)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
+    sv.add_argument("--model", required=True, help="meta checkpoint directory (also the model id by default)")
+    sv.add_argument("--expert", action="append", help="NAME=DIR, repeat per expert")
+    sv.add_argument("--expert-head", action="append", help="expert head file(s) (rows for the experts)")
+    sv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model as given)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind")
+    sv.add_argument("--port", type=int, default=8000, help="port to bind")
+    sv.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    sv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    sv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the "
+                                                                    "model's, capped at 4096)")
+    sv.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per model")
+    sv.add_argument("--max-waiting", type=int, default=1024, help="requests queued beyond those; more get 503")
+    sv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks per model "
+                                                                    "(default: sized from free memory)")
+    sv.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    sv.set_defaults(func=_serve)
     d = sub.add_parser("demo", help="chat with the embedded SmolLM2-135M-Instruct (imported on first use)")
     d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most")
     d.add_argument("--dtype", default="float32", help=DTYPE_HELP)

@@ -22,6 +22,10 @@ class CheckpointError(ETRError):
     """A checkpoint's weight files do not match its config."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A weight file is truncated or otherwise not readable as safetensors (the message names the file)."""
+
+
 class MissingTensorError(CheckpointError):
     """A tensor the model needs is not in any weight file."""
 

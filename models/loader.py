@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from etr.errors import CheckpointError, MissingTensorError, TensorShapeError, UnexpectedTensorError
+from etr.errors import (CheckpointError, CorruptCheckpointError, ETRError, MissingTensorError, TensorShapeError,
+                        UnexpectedTensorError)
 from etr.models.config import ModelConfig, load_model_config
 from etr.models.decoder import DecoderLM
 
@@ -86,15 +87,20 @@ def load_weights(model: DecoderLM, model_dir: Path) -> None:
     files = weight_files(model_dir)
     seen: set[str] = set()
     for file in files:
-        with safe_open(file, framework="pt", device=device) as f:
-            for name in f.keys():
-                if name not in expected:
-                    if _ignorable(name, cfg):
-                        continue
-                    raise UnexpectedTensorError(f"{file.name}: tensor {name!r} has no place in a "
-                                                f"{cfg.model_type} model with this config")
-                _copy_into(params, expected[name], f.get_tensor(name), name, file)
-                seen.add(name)
+        try:
+            with safe_open(file, framework="pt", device=device) as f:
+                for name in f.keys():
+                    if name not in expected:
+                        if _ignorable(name, cfg):
+                            continue
+                        raise UnexpectedTensorError(f"{file.name}: tensor {name!r} has no place in a "
+                                                    f"{cfg.model_type} model with this config")
+                    _copy_into(params, expected[name], f.get_tensor(name), name, file)
+                    seen.add(name)
+        except ETRError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise CorruptCheckpointError(f"{file}: not a readable safetensors file: {type(e).__name__}: {e}") from e
     missing = [n for n in expected if n not in seen]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
