@@ -47,6 +47,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    return_token_ids: bool = False  # vLLM's extra: each choice (and chunk) also carries its token ids
 
 
 def parse_body(raw: bytes) -> dict:
@@ -89,7 +90,7 @@ def parse_request(body: dict, kind: str) -> ParsedRequest:
     prompt = _prompt(body) if kind == "completion" else _messages(body)
     model = body.get("model")
     return ParsedRequest(kind, prompt, params, stream, bool(options.get("include_usage")) and stream,
-                         None if model is None else str(model))
+                         None if model is None else str(model), body.get("return_token_ids") is True)
 
 
 def _prompt(body: dict) -> str | list[int]:
@@ -136,11 +137,11 @@ def error_status(error: ETRError) -> int:
 class ResponseBuilder:
     """The response bodies of one request (ids, timestamps and model name fixed at creation)."""
 
-    def __init__(self, kind: str, model: str):
-        self.kind, self.model = kind, model
+    def __init__(self, kind: str, model: str, token_ids: bool = False):
+        self.kind, self.model, self.token_ids = kind, model, token_ids
         self.id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.sent_role = False
+        self.sent_role = kind == "completion"  # chat: the first chunk names the role
 
     def _envelope(self, object_name: str, choices: list, usage: dict | None = None) -> dict:
         body = {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
@@ -161,6 +162,8 @@ class ResponseBuilder:
     def full(self, output: RequestOutput) -> dict:
         """The non-streamed response."""
         choice = {"index": 0, "finish_reason": output.finish_reason, "logprobs": None, "etr": self.routing(output)}
+        if self.token_ids:
+            choice["token_ids"] = output.token_ids
         if self.kind == "completion":
             choice["text"] = output.text
             return self._envelope("text_completion", [choice], self.usage(output))
@@ -173,8 +176,10 @@ class ResponseBuilder:
         choice = {"index": 0, "logprobs": None, "finish_reason": delta.finish_reason if delta.finished else None}
         if delta.finished:
             choice["etr"] = self.routing(delta.output)
-        elif not delta.text and self.sent_role:
+        elif not delta.text and self.sent_role and not (self.token_ids and delta.token_ids):
             return None
+        if self.token_ids:
+            choice["token_ids"] = delta.token_ids
         if self.kind == "completion":
             choice["text"] = delta.text
             return self._envelope("text_completion", [choice])

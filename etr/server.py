@@ -62,7 +62,7 @@ def build_app(llm: AsyncLLM, served_model_name: str | None = None):
         parsed = parse_request(parse_body(await request.body()), kind)
         if parsed.model is not None and parsed.model != name:
             raise OpenAIError(404, f"The model `{parsed.model}` does not exist (serving `{name}`)", "model")
-        stream, builder = _submit(llm, parsed), ResponseBuilder(kind, name)
+        stream, builder = _submit(llm, parsed), ResponseBuilder(kind, name, parsed.return_token_ids)
         timing = metrics.request_started()
         if parsed.stream:
             return StreamingResponse(_events(stream, builder, parsed.include_usage, timing),
