@@ -208,9 +208,7 @@ class AsyncLLM:
                 if not self._llm.router.has_unfinished():
                     self._wake.wait()
                     continue
-                with self._llm.lock:
-                    progressed = self._llm.router.step()
-                self._publish(progressed)
+                self._step()
         except BaseException as e:  # noqa: BLE001 (every caller is told, then the thread ends)
             self._die(e)
             return
@@ -219,6 +217,7 @@ class AsyncLLM:
     def _apply_inbox(self) -> None:
         if not self._inbox:
             return
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self._llm.lock:
             while self._inbox:
                 kind, request = self._inbox.popleft()
@@ -227,25 +226,28 @@ class AsyncLLM:
                     self._active[request.seq] = request
                 elif kind == "abort" and request.seq is not None and request.seq in self._active:
                     self._llm.router.abort([request.seq])
-                    del self._active[request.seq]
-                    self._publish_one(request, request.seq)
-        self._stats = self._snapshot()
+                    self._collect(batches, request, request.seq)
+        self._publish(batches)
 
-    def _publish(self, progressed: list[Sequence]) -> None:
+    def _step(self) -> None:
+        with self._llm.lock:
+            progressed = self._llm.router.step()
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for seq in progressed:
             request = self._active.get(seq)
             if request is not None:
-                delta = self._take(request, seq)
-                if delta is not None:
-                    batches.setdefault(request.loop, []).append((request, delta))
-        self._deliver(batches)
-        self._stats = self._snapshot()
+                self._collect(batches, request, seq)
+        self._publish(batches)
 
-    def _publish_one(self, request: _Request, seq: Sequence) -> None:
+    def _collect(self, batches: dict, request: _Request, seq: Sequence) -> None:
         delta = self._take(request, seq)
         if delta is not None and not request.cancelled:
-            self._deliver({request.loop: [(request, delta)]})
+            batches.setdefault(request.loop, []).append((request, delta))
+
+    def _publish(self, batches: dict) -> None:
+        # The snapshot first: a caller that sees its last output also sees the stats that count it.
+        self._stats = self._snapshot()
+        self._deliver(batches)
 
     def _take(self, request: _Request, seq: Sequence) -> StreamDelta | None:
         delta = self._llm.engine.take_delta(seq)
@@ -277,10 +279,12 @@ class AsyncLLM:
         self._deliver(batches)
 
     def _abort_all(self) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self._llm.lock:
             for seq, request in list(self._active.items()):
                 self._llm.router.abort([seq])
-                self._publish_one(request, seq)
+                self._collect(batches, request, seq)
+        self._publish(batches)
 
     def _snapshot(self) -> EngineStats:
         router = self._llm.router
