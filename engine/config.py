@@ -18,6 +18,7 @@ from etr.errors import ConfigError
 from etr.models.config import load_model_config
 from etr.options import parse_device, parse_dtype
 
+META = "meta"  # the meta model's name wherever models are named (query sets, stats, metrics, reports)
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on the meta's max_position_embeddings when max_model_len is not given
 
 
@@ -44,6 +45,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool | None = None  # None: on for CUDA with a capturable backend
     fused_ops: bool = False  # Triton add+RMSNorm, rotary, SiLU-mul (see DecoderLM.use_fused_ops)
+    expert_placement: dict[str, str] = field(default_factory=dict)  # expert -> "local" (default) or "ray"
+    expert_resources: dict[str, dict[str, float]] = field(default_factory=dict)  # Ray resources of an actor
+    ray_address: str | None = None  # None: a running cluster if there is one, else a local one
+    ray_timeout_s: float = 120.0  # placing an expert's actor and loading its weights must finish in this time
 
     def __post_init__(self):
         self._check_ranges()
@@ -56,13 +61,38 @@ class EngineConfig:
         stray = sorted(set(self.expert_devices or {}) - set(experts))
         if stray:
             raise ConfigError(f"expert_devices names unknown expert(s) {stray} (experts: {sorted(experts)})")
-        devices = {name: parse_device((self.expert_devices or {}).get(name, device)) for name in experts}
+        placement = self._placement(experts)
+        # A remote expert's device names a device of its actor's node: it is checked there, not here.
+        devices = {name: (torch.device if placement[name] == "ray" else parse_device)(
+            (self.expert_devices or {}).get(name, device)) for name in experts}
         head = self.expert_head
         heads = None if head is None else [head] if isinstance(head, (str, os.PathLike)) else list(head)
-        self._set(experts=experts, expert_devices=devices,
+        self._set(experts=experts, expert_devices=devices, expert_placement=placement,
                   expert_head=None if heads is None else tuple(str(h) for h in heads))
-        for dev in {device, *devices.values()}:  # a bad backend or page size fails here, before any load
-            self.block_size_for(dev)
+        for name, dev in {META: device, **devices}.items():  # a bad backend or page size fails here, before any load
+            if placement.get(name) != "ray":
+                self.block_size_for(dev)
+
+    def _placement(self, experts: dict[str, str]) -> dict[str, str]:
+        given = dict(self.expert_placement or {})
+        for option, names in (("expert_placement", given), ("expert_resources", self.expert_resources or {})):
+            stray = sorted(set(names) - set(experts))
+            if stray:
+                raise ConfigError(f"{option} names unknown expert(s) {stray} (experts: {sorted(experts)})")
+        bad = {n: p for n, p in given.items() if p not in ("local", "ray")}
+        if bad:
+            raise ConfigError(f"expert_placement {bad}: use 'local' or 'ray'")
+        local = sorted(n for n in (self.expert_resources or {}) if given.get(n) != "ray")
+        if local:
+            raise ConfigError(f"expert_resources given for expert(s) {local} that are not placed on Ray")
+        if self.ray_timeout_s <= 0:
+            raise ConfigError(f"ray_timeout_s={self.ray_timeout_s!r} must be > 0")
+        return {name: given.get(name, "local") for name in experts}
+
+    @property
+    def remote_experts(self) -> list[str]:
+        """Names of the experts placed in Ray actors."""
+        return [n for n, p in self.expert_placement.items() if p == "ray"]
 
     def _check_ranges(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

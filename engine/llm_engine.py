@@ -19,8 +19,27 @@ from etr.errors import InvalidPromptError, PromptTooLongError
 from etr.models.tokenizer import load_tokenizer
 
 
+def check_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab: int, max_model_len: int,
+                 block_size: int, num_blocks: int) -> None:
+    """Raise ``InvalidPromptError``/``PromptTooLongError`` if a model with these limits cannot serve the request."""
+    n, limit = len(prompt_token_ids), max_model_len
+    if n == 0:
+        raise InvalidPromptError("empty prompt: give at least one token")
+    bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise InvalidPromptError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    if n >= limit:
+        raise PromptTooLongError(f"prompt of {n} tokens does not fit max_model_len={limit} "
+                                 f"(prompt plus at least one new token must fit)")
+    blocks = -(-min(n + params.max_tokens, limit) // block_size)
+    if blocks > num_blocks:
+        raise PromptTooLongError(f"prompt of {n} tokens with max_tokens={params.max_tokens} needs {blocks} "
+                                 f"KV blocks; the pool has {num_blocks}")
+
+
 class LLMEngine:
     """One model's generation loop: admit, schedule, run, sample, stop, free."""
+    remote = False  # the engine runs here (see engine/remote_expert.py for one in a Ray actor)
     def __init__(self, config: EngineConfig, model: str | None = None, device: torch.device | None = None):
         """``model``/``device``: this engine's checkpoint and device (default: the config's meta and device)."""
         self.config = config
@@ -57,19 +76,8 @@ class LLMEngine:
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise before anything is allocated if the request cannot be served."""
-        n, vocab, limit = len(prompt_token_ids), self.model_config.vocab_size, self.config.max_model_len
-        if n == 0:
-            raise InvalidPromptError("empty prompt: give at least one token")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidPromptError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-        if n >= limit:
-            raise PromptTooLongError(f"prompt of {n} tokens does not fit max_model_len={limit} "
-                                     f"(prompt plus at least one new token must fit)")
-        blocks = -(-min(n + params.max_tokens, limit) // self.block_size)
-        if blocks > self.block_manager.num_blocks:
-            raise PromptTooLongError(f"prompt of {n} tokens with max_tokens={params.max_tokens} needs {blocks} "
-                                     f"KV blocks; the pool has {self.block_manager.num_blocks}")
+        check_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.config.max_model_len,
+                     self.block_size, self.block_manager.num_blocks)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
         """Queue a request (validated first: see ``validate_prompt``); returns its sequence."""
@@ -133,6 +141,26 @@ class LLMEngine:
         """Whether this model still holds a waiting or running sequence."""
         return self.scheduler.has_unfinished()
 
+    def check_available(self) -> None:
+        """Raise if this model cannot take requests (an in-process engine always can)."""
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def kv_blocks_used(self) -> int:
+        """Blocks held by sequences (freed prefix-cache blocks count as free)."""
+        return self.block_manager.num_blocks - self.block_manager.num_free_blocks
+
+    def all_free(self) -> bool:
+        """Whether the KV pool is back to all free (no block leaked)."""
+        return self.block_manager.all_free()
+
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop the unfinished sequences this engine holds, freeing their blocks."""
         for seq in seqs:
@@ -159,6 +187,7 @@ class LLMEngine:
     def output_of(self, seq: Sequence) -> RequestOutput:
         """The user-facing result of ``seq`` (token ids, text, finish reason, timings, expert used)."""
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time,
-                                 seq.num_cached_tokens, seq.num_preemptions, seq.switch_prefill_s or 0.0)
+                                 seq.num_cached_tokens, seq.num_preemptions, seq.switch_prefill_s or 0.0,
+                                 seq.switch_network_s or 0.0)
         return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
                              seq.text, seq.finish_reason, metrics, seq.expert, seq.switch_index)

@@ -14,6 +14,7 @@ class RequestMetrics:
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
     switch_prefill_s: float = 0.0  # filled by expert routing
+    switch_network_s: float = 0.0  # a remote expert's hand-off over the network (0 for in-process experts)
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -31,7 +32,8 @@ class RequestOutput:
     """One request's result; ``generate`` returns these in prompt order.
 
     ``token_ids`` holds every generated id, a final EOS or stop id included; ``text`` excludes that id
-    and is trimmed before a matched stop string. ``finish_reason`` is "stop" or "length".
+    and is trimmed before a matched stop string. ``finish_reason`` is "stop" or "length" ("abort" for an aborted
+request, "error" for one whose remote expert failed).
     ``expert`` and ``switch_index`` stay None unless expert routing took the request over.
     """
     request_id: int

@@ -60,4 +60,4 @@ class Router:
 
     def all_free(self) -> bool:
         """Whether every model's KV pool is back to all free (no block leaked)."""
-        return all(e.block_manager.all_free() for e in self.engines)
+        return all(e.all_free() for e in self.engines)

@@ -45,6 +45,8 @@ class Sequence:
         self.expert: str | None = None
         self.switch_index: int | None = None
         self.switch_prefill_s: float | None = None
+        self.switch_network_s: float | None = None  # a remote expert's hand-off, network and serialization
+        self.error: Exception | None = None  # why the sequence failed (finish_reason "error"), e.g. its expert died
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None

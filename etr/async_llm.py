@@ -19,11 +19,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from etr.engine import EngineConfig, SamplingParams, StreamDelta
+from etr.engine.config import META
 from etr.engine.sequence import Sequence
-from etr.errors import ConfigError, DuplicateRequestError, EngineDeadError, QueueFullError
+from etr.errors import ConfigError, DuplicateRequestError, EngineDeadError, ETRError, QueueFullError
 from etr.llm import LLM, PreparedRequest, Prompt
-
-META = "meta"  # the model label of the meta in stats and metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,19 +99,26 @@ class AsyncLLM:
                  **options):
         if not isinstance(max_waiting, int) or max_waiting < 0:
             raise ConfigError(f"max_waiting={max_waiting!r} must be an int >= 0")
-        self._llm = LLM(model, config=config, **options)
-        self.config, self.max_waiting = self._llm.config, max_waiting
+        self.max_waiting = max_waiting
         self._requests: dict[str, _Request] = {}  # unfinished, by id; guarded by _requests_lock
         self._requests_lock = threading.Lock()
         self._inbox: deque[tuple[str, _Request]] = deque()
         self._wake = threading.Event()
+        self._ready = threading.Event()
         self._active: dict[Sequence, _Request] = {}  # the engine thread's own
         self._dead: EngineDeadError | None = None
         self._stopping = False
         self._generated = 0
-        self._stats = self._snapshot()
-        self._thread = threading.Thread(target=self._run, name="etr-engine-loop", daemon=True)
+        # The engine is built on the thread that will step it: torch's OpenMP thread team belongs to the thread
+        # that first runs parallel work, and another thread's GEMMs then ran 2-3x slower (bench/RESULTS.md).
+        built: list = []
+        self._thread = threading.Thread(target=self._run, args=(lambda: LLM(model, config=config, **options), built),
+                                        name="etr-engine-loop", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if isinstance(built[0], BaseException):
+            raise built[0]
+        self.config = self._llm.config
 
     @property
     def tokenizer(self):
@@ -198,7 +204,17 @@ class AsyncLLM:
 
     # ---- the engine thread --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, build, built: list) -> None:
+        try:
+            llm = build()
+            self._llm = llm
+            self._stats = self._snapshot()
+        except BaseException as e:  # noqa: BLE001 (the constructor raises it)
+            built.append(e)
+            self._ready.set()
+            return
+        built.append(llm)
+        self._ready.set()
         try:
             while True:
                 self._wake.clear()
@@ -222,7 +238,11 @@ class AsyncLLM:
             while self._inbox:
                 kind, request = self._inbox.popleft()
                 if kind == "add" and not request.cancelled and request.seq is None:
-                    request.seq = self._llm.submit(request.prepared, stream=True)
+                    try:
+                        request.seq = self._llm.submit(request.prepared, stream=True)
+                    except ETRError as e:  # checked by the caller already; should it still fail, it fails alone
+                        batches.setdefault(request.loop, []).append((request, e))
+                        continue
                     self._active[request.seq] = request
                 elif kind == "abort" and request.seq is not None and request.seq in self._active:
                     self._llm.router.abort([request.seq])
@@ -241,8 +261,8 @@ class AsyncLLM:
 
     def _collect(self, batches: dict, request: _Request, seq: Sequence) -> None:
         delta = self._take(request, seq)
-        if delta is not None and not request.cancelled:
-            batches.setdefault(request.loop, []).append((request, delta))
+        if delta is not None and not request.cancelled:  # a failed request gets its error instead of an output
+            batches.setdefault(request.loop, []).append((request, seq.error if seq.error is not None else delta))
 
     def _publish(self, batches: dict) -> None:
         # The snapshot first: a caller that sees its last output also sees the stats that count it.
@@ -290,10 +310,10 @@ class AsyncLLM:
         router = self._llm.router
         models = {META: router.meta, **router.experts}
         return EngineStats(
-            num_running=sum(len(e.scheduler.running) for e in router.engines),
-            num_waiting=sum(len(e.scheduler.waiting) for e in router.engines) + len(self._inbox),
-            kv_blocks_used={n: e.block_manager.num_blocks - e.block_manager.num_free_blocks for n, e in models.items()},
-            kv_blocks_total={n: e.block_manager.num_blocks for n, e in models.items()},
+            num_running=sum(e.num_running() for e in router.engines),
+            num_waiting=sum(e.num_waiting() for e in router.engines) + len(self._inbox),
+            kv_blocks_used={n: e.kv_blocks_used() for n, e in models.items()},
+            kv_blocks_total={n: e.num_kv_blocks() for n, e in models.items()},
             switches={name: router.switches[name] for name in router.experts}, generated_tokens=self._generated)
 
 

@@ -30,7 +30,7 @@ def _generate(args) -> None:
     devices = dict(_name_dir(e, "--expert-device", "NAME=DEVICE") for e in args.expert_device or [])
     llm = LLM(args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
               fused_ops=args.fused_ops, experts=experts or None, expert_head=args.expert_head,
-              expert_devices=devices or None)
+              expert_devices=devices or None, **_placement(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
@@ -47,7 +47,7 @@ def _serve(args) -> None:
     experts = dict(_name_dir(e) for e in args.expert or [])
     llm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
-                   experts=experts or None, expert_head=args.expert_head)
+                   experts=experts or None, expert_head=args.expert_head, **_placement(args))
     print(f"etr: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}", flush=True)
     run_server(llm, args.host, args.port, args.served_model_name, args.log_level)
 
@@ -71,27 +71,18 @@ def _demo(args) -> None:
 
 
 def _collect(args) -> None:
-    import torch
-    from etr.models import load_model
+    from etr.engine.config import META
     from etr.models.tokenizer import load_tokenizer
     from etr.options import parse_device, parse_dtype
     from etr.routing import collect
     device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
     experts = dict(_name_dir(x) for x in args.expert)
     pairs = collect.load_pairs(args.data, load_tokenizer(args.meta), args.chat_template)
-    models = {"meta": args.meta, **experts}
-    losses = {}
-    for name, path in models.items():  # one model in memory at a time
-        model = load_model(path, dtype, device, max_positions=args.max_len)
-        losses.update(collect.compute_losses({name: model}, pairs, args.batch_size))
-        del model
-    sets = collect.query_sets(losses, "meta", args.tau, args.ties)
-    negative = collect.negatives(sets, len(pairs))
-    sets = collect.downsample(sets, args.per_expert, args.seed)
-    negative = collect.downsample({"": negative}, args.per_expert, args.seed)[""]
-    collect.write_sets(args.out, sets, losses, "meta", pairs, negative)
-    print(collect.summary(sets, losses, "meta", negative))
+    losses = collect.checkpoint_losses({META: args.meta, **experts}, pairs, parse_dtype(args.dtype, device), device,
+                                       args.batch_size, args.max_len)
+    sets, negative = collect.collect_sets(losses, args.tau, args.ties, args.per_expert, args.seed)
+    collect.write_sets(args.out, sets, losses, META, pairs, negative)
+    print(collect.summary(sets, losses, META, negative))
     print(f"wrote {args.out}")
 
 
@@ -102,6 +93,7 @@ def _train(args) -> None:
     from etr.models import load_model
     from etr.models.expert_head import load_expert_head, save_expert_head
     from etr.routing.collect import read_sets
+    from etr.routing.report import pct
     from etr.routing.train import TrainConfig, train_head
     rows = read_sets(args.sets)
     old = load_expert_head(args.extend) if args.extend else None
@@ -116,11 +108,7 @@ def _train(args) -> None:
     print(f"trained rows {new} ({n_neg} negatives); final loss {cfg.log[-1]['loss']:.4f}; wrote {args.out}")
     if held:
         print(f"held out {held['positives']} + {held['negatives']} negatives: routing accuracy "
-              f"{_pct(held['routing_accuracy'])}, false routing {_pct(held['false_routing'])}")
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+              f"{pct(held['routing_accuracy'])}%, false routing {pct(held['false_routing'])}%")
 
 
 def _router(args) -> None:
@@ -140,13 +128,13 @@ def _router(args) -> None:
 def _eval(args) -> None:
     from pathlib import Path
     from etr.routing import report
-    from etr.routing.eval_data import load_questions
-    from etr.routing.evaluate import EvalSetup, evaluate, records_json, summarize
+    from etr.routing.eval_data import first_per_domain, load_questions
+    from etr.routing.evaluate import EvalSetup, available_methods, evaluate, records_json, summarize
     experts = dict(_name_dir(x) for x in args.expert or [])
     domain_map = {d: e for d, e in (_name_dir(x) for x in args.domain_map or [])}
     questions = load_questions(args.data)
     if args.limit:
-        questions = _first_per_domain(questions, args.limit)
+        questions = first_per_domain(questions, args.limit)
     domains = sorted({q.domain for q in questions})
     domain_map = domain_map or {d: d for d in domains if d in experts}
     setup = EvalSetup(args.meta, experts, args.head, domain_map, args.max_tokens, args.chat_template, args.seed,
@@ -158,48 +146,39 @@ def _eval(args) -> None:
         from etr.routing.classifier import load_classifier
         classifier = load_classifier(args.router)
         classifier.model = load_model(args.meta, torch.float32, "cpu")
-    methods = args.methods.split(",") if args.methods else _default_methods(setup, classifier)
+    methods = args.methods.split(",") if args.methods else available_methods(setup, classifier)
     records = evaluate(setup, questions, methods, classifier)
     summary = summarize(records, setup)
-    table = report.markdown(summary)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.md").write_text(table)
-    report.write_json(out / "eval.json", {"setup": {"meta": setup.meta, "experts": experts, "head": setup.head,
-                                                    "domain_expert": domain_map, "data": args.data},
-                                          "summary": summary, "records": records_json(records)})
-    wrote = ["eval.md", "eval.json"] + (["routing.png"] if report.confusion_png(out / "routing.png", summary) else [])
-    print(f"wrote {', '.join(str(out / w) for w in wrote)}")
+    print(report.markdown(summary))
+    setup_json = {"meta": setup.meta, "experts": experts, "head": setup.head, "domain_expert": domain_map,
+                  "data": args.data}
+    wrote = report.write_eval(Path(args.out), summary, {"setup": setup_json, "summary": summary,
+                                                         "records": records_json(records)})
+    print(f"wrote {', '.join(str(w) for w in wrote)}")
 
 
-def _default_methods(setup, classifier) -> list[str]:
-    methods = ["meta"]
-    if setup.experts:
-        methods += ["oracle", "random"]
-    if classifier is not None:
-        methods.append("router")
-    if setup.head is not None:
-        methods.append("etr")
-    return methods
-
-
-def _first_per_domain(questions, limit: int):
-    seen: dict[str, int] = {}
-    kept = []
-    for q in questions:
-        seen[q.domain] = seen.get(q.domain, 0) + 1
-        if seen[q.domain] <= limit:
-            kept.append(q)
-    return kept
-
-
-def _miniexpert(args) -> None:
+def _miniexpert(args) -> int:
     from etr.routing.miniexpert.build import build
     results = build(args.dir, args.profile, args.seed, progress=not args.no_progress)
-    failed = [b["bar"] for b in results["bars"] if not b["holds"]]
+    failed = [b for b in results["bars"] if not b["holds"]]
     print(f"wrote {args.dir} in {results['timings_s']['total']:.0f} s; bars held: "
           f"{len(results['bars']) - len(failed)}/{len(results['bars'])}")
+    for b in failed:
+        print(f"etr: bar failed: {b['bar']} (measured {b['value']})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _placement(args) -> dict:
+    """expert_placement / ray_address options from --expert-placement NAME=local|ray and --ray-address."""
+    placement = dict(_name_dir(e, "--expert-placement", "NAME=local|ray") for e in args.expert_placement or [])
+    return {"expert_placement": placement, "ray_address": args.ray_address}
+
+
+def _add_placement_options(parser) -> None:
+    parser.add_argument("--expert-placement", action="append", metavar="NAME=local|ray",
+                        help="run that expert in a Ray actor (ray) or in this process (local, the default)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a running one, "
+                                                            "else a local one)")
 
 
 def _name_dir(text: str, flag: str = "--expert", form: str = "NAME=DIR") -> tuple[str, str]:
@@ -259,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--expert", action="append", help="NAME=DIR, repeat per expert")
     gen.add_argument("--expert-head", action="append", help="expert head file(s) (rows for the experts)")
     gen.add_argument("--expert-device", action="append", help="NAME=DEVICE: put that expert on another device")
+    _add_placement_options(gen)
     gen.set_defaults(func=_generate)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
     sv.add_argument("--model", required=True, help="meta checkpoint directory (also the model id by default)")
@@ -276,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks per model "
                                                                     "(default: sized from free memory)")
     sv.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    _add_placement_options(sv)
     sv.set_defaults(func=_serve)
     d = sub.add_parser("demo", help="chat with the embedded SmolLM2-135M-Instruct (imported on first use)")
     d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most")
@@ -361,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--repeats", type=int, default=2, help="each query keeps its best time of this many runs")
     sw.add_argument("--trace", default=None, help="write a Chrome trace of one switched request here")
     sw.add_argument("--json", default=None, help="also write the figures here as JSON")
+    _add_placement_options(sw)
     sw.set_defaults(func=_bench_switch)
     return p
 
@@ -369,11 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; named errors print one line and return 2."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0  # a subcommand may return its own exit status (1: a bar failed)
     except ETRError as e:
         print(f"etr: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -89,3 +89,11 @@ class QueueFullError(ETRError):
 
 class DuplicateRequestError(ETRError, ValueError):
     """A request id is already in use by a request that has not finished."""
+
+
+class ExpertUnavailableError(ETRError):
+    """A remote expert (a Ray actor) could not be placed or loaded in time, or died: the message names the
+    expert and the cause. Requests it held fail with this; later requests routed to it fail at once.
+    Raised by ``LLM.generate``, ``outputs`` holds every output of the call (the failed ones with
+    finish_reason "error")."""
+    outputs: list | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from etr.engine import LLMEngine
+from etr.engine.expert_worker import vocab_fingerprint
 from etr.engine.router import Router
 from etr.errors import ExpertHeadError, VocabularyMismatchError
 from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprint
@@ -48,6 +49,24 @@ def check_head(head: ExpertHead, meta: LLMEngine, expert_names: list[str]) -> No
                                   f"{meta.model_dir} has {actual}")
 
 
+def _load_expert(meta: LLMEngine, name: str, path: str, device, placement: str):
+    """One expert engine, here or in a Ray actor, checked to share the meta's vocabulary."""
+    if placement == "ray":
+        from etr.engine.remote_expert import RemoteExpertEngine
+        engine = RemoteExpertEngine(meta.config, name, path, device, meta.model_dir if meta.tokenizer else None)
+        mine, theirs = vocab_fingerprint(meta.tokenizer), engine.vocab_fingerprint
+        if engine.model_config.vocab_size != meta.model_config.vocab_size or (mine and theirs and mine != theirs):
+            raise VocabularyMismatchError(f"expert {name!r} ({path}, Ray actor) does not share the meta's vocabulary: "
+                                          f"vocab_size {engine.model_config.vocab_size} vs "
+                                          f"{meta.model_config.vocab_size}, tokenizer digest {theirs} vs {mine}")
+        return engine
+    engine = LLMEngine(meta.config, path, device)
+    check_same_vocabulary(meta, engine, name)
+    if engine.tokenizer is None:  # same ids, so the meta's tokenizer writes the expert's text
+        engine.tokenizer = engine.stop_checker.tokenizer = meta.tokenizer
+    return engine
+
+
 def build_router(meta: LLMEngine) -> Router:
     """Load the config's experts (one engine per distinct checkpoint and device), check them, and extend the
     meta's head by the expert rows."""
@@ -60,16 +79,13 @@ def build_router(meta: LLMEngine) -> Router:
     head = load_expert_head(list(config.expert_head)) if config.expert_head is not None else None
     if head is not None:
         check_head(head, meta, list(config.experts))
-    loaded: dict[tuple[str, str], LLMEngine] = {}
+    loaded: dict[tuple[str, str, str], LLMEngine] = {}
     engines = {}
     for name, path in config.experts.items():
-        device = config.expert_devices[name]
-        key = (str(Path(path).resolve()), str(device))
+        device, placement = config.expert_devices[name], config.expert_placement[name]
+        key = (str(Path(path).resolve()), str(device), placement)
         if key not in loaded:
-            loaded[key] = LLMEngine(config, path, device)
-            check_same_vocabulary(meta, loaded[key], name)
-            if loaded[key].tokenizer is None:  # same ids, so the meta's tokenizer writes the expert's text
-                loaded[key].tokenizer = loaded[key].stop_checker.tokenizer = meta.tokenizer
+            loaded[key] = _load_expert(meta, name, path, device, placement)
         engines[name] = loaded[key]
     if head is None:
         return Router(meta, engines, [])

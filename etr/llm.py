@@ -63,7 +63,7 @@ class LLM:
         self.config = config if config is not None else EngineConfig(model=model, **options)
         self.engine = LLMEngine(self.config)
         self.router = build_router(self.engine)
-        size_kv_pools(self.router.engines)
+        size_kv_pools([e for e in self.router.engines if not e.remote])  # an actor sizes its own
         self.lock = threading.RLock()  # whoever holds it may step the engines, or add and abort requests
 
     @property
@@ -97,6 +97,8 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         routes = self._routes(route, len(prompts))
+        for name in set(routes) - {None}:
+            self.router.experts[name].check_available()
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), p in zip(encoded, plist):
             for engine in self.router.engines:  # a request may end on any model: it must fit every pool
@@ -148,7 +150,13 @@ class LLM:
                 self.router.abort(seqs)
             if bar is not None:
                 bar.close()
-        return [self.engine.output_of(s) for s in seqs]
+        outputs = [self.engine.output_of(s) for s in seqs]
+        failed = [s.error for s in seqs if s.error is not None]
+        if failed:  # e.g. a remote expert died: the call fails, after its other requests completed
+            error = type(failed[0])(str(failed[0]))
+            error.outputs = outputs
+            raise error from failed[0]
+        return outputs
 
     def _step_unless_finished(self, seqs: list[Sequence]) -> None:
         with self.lock:  # another caller's step may have finished ours while we waited for the lock
@@ -165,6 +173,8 @@ class LLM:
                 self._step_unless_finished([seq])
                 with self.lock:
                     delta = self.engine.take_delta(seq)
+                if seq.error is not None:
+                    raise seq.error
                 if delta is not None:
                     yield delta
                     if delta.finished:

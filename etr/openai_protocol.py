@@ -9,7 +9,8 @@ import uuid
 from dataclasses import dataclass
 
 from etr.engine import RequestOutput, SamplingParams, StreamDelta
-from etr.errors import EngineDeadError, ETRError, InvalidSamplingParamsError, QueueFullError
+from etr.errors import (EngineDeadError, ETRError, ExpertUnavailableError, InvalidSamplingParamsError,
+                        QueueFullError)
 
 
 class OpenAIError(Exception):
@@ -127,7 +128,7 @@ def sampling_params(fields: dict, default_max_tokens: int) -> SamplingParams:
 
 def error_status(error: ETRError) -> int:
     """The HTTP status of an engine error raised while a request is validated or queued."""
-    if isinstance(error, QueueFullError):
+    if isinstance(error, (QueueFullError, ExpertUnavailableError)):
         return 503
     if isinstance(error, EngineDeadError):
         return 500

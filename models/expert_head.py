@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from etr.atomic_write import atomic_path
 from etr.errors import ExpertHeadError
 
 TENSOR = "expert_embeddings"
@@ -59,9 +60,8 @@ def save_expert_head(path: str | Path, head: ExpertHead) -> Path:
         meta["vocab_size"] = str(head.vocab_size)
     if head.meta_fingerprint:
         meta["meta_fingerprint"] = head.meta_fingerprint
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({TENSOR: head.embeddings.detach().contiguous().cpu()}, tmp, metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({TENSOR: head.embeddings.detach().contiguous().cpu()}, tmp, metadata=meta)
     return path
 
 

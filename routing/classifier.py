@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from etr.atomic_write import atomic_path
+from etr.engine.config import META
 from etr.errors import CheckpointError
 
-META = "meta"
 
 
 @dataclass(slots=True)
@@ -67,11 +68,9 @@ def train_router(model, rows: list[dict], seed: int = 0) -> QueryClassifier:
 def save_classifier(path: str | Path, clf: QueryClassifier) -> None:
     """Write a classifier to safetensors (class names in the metadata); whole or not at all."""
     from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"weight": clf.weight.contiguous(), "bias": clf.bias, "mean": clf.mean, "scale": clf.scale}, str(tmp),
-              metadata={"classes": json.dumps(clf.classes)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"weight": clf.weight.contiguous(), "bias": clf.bias, "mean": clf.mean, "scale": clf.scale},
+                  str(tmp), metadata={"classes": json.dumps(clf.classes)})
 
 
 def load_classifier(path: str | Path) -> QueryClassifier:

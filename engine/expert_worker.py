@@ -1,0 +1,191 @@
+"""The expert's side of a remote expert: its engine and KV pool, stepped by a loop of its own inside a Ray
+actor (``engine/remote_expert.py`` is the router's side).
+
+A handed-over sequence crosses the network once, as token ids, sampling parameters and the seeded
+generator's state (``HandOver``). The worker's own thread then decodes it with every other sequence it holds,
+and ``poll`` returns what was produced since the previous poll, for all sequences at once (``Progress``):
+one call per router step, never one per token per request, and the worker keeps decoding while a poll's
+answer travels back. Nothing here imports Ray: the actor is ``ray.remote(ExpertWorker)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from etr.engine.config import EngineConfig
+from etr.engine.kv_cache import size_kv_pools
+from etr.engine.llm_engine import LLMEngine
+from etr.engine.sampling_params import SamplingParams
+from etr.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class HandOver:
+    """Everything a sequence needs to continue on the expert: what crosses the network once per switch."""
+    seq_id: int
+    token_ids: list[int]          # prompt and output so far
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator_state: bytes | None  # the seeded sampler's torch.Generator state, so sampling continues exactly
+    stream: bool                   # keep the text current (streamed requests)
+    expert: str
+    switch_index: int
+
+
+@dataclass(slots=True)
+class Progress:
+    """What one sequence produced since the previous poll."""
+    seq_id: int
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    text: str | None = None        # the whole text so far, for streamed or finished sequences
+    prefill_s: float | None = None  # once, after the hand-over: the expert's prefill of the shared context
+
+
+def vocab_fingerprint(tokenizer) -> str | None:
+    """A digest of a tokenizer's vocabulary and special tokens (None without a tokenizer): two models may
+    exchange token ids only when theirs are equal."""
+    if tokenizer is None:
+        return None
+    text = repr((sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ExpertWorker:
+    """One expert checkpoint's engine with its loop, driven through ``poll`` and ``abort``."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, device: str, tokenizer_dir: str | None = None,
+                 num_threads: int | None = None):
+        self.seqs: dict[int, Sequence] = {}  # by the router's sequence id
+        self.ids: dict[Sequence, int] = {}   # and back
+        self.inbox: deque[tuple[list[HandOver], list[int]]] = deque()
+        self.outbox: dict[int, Progress] = {}
+        self.prefill_reported: set[int] = set()
+        self.cond = threading.Condition()
+        self.failure: BaseException | None = None
+        # Built on the thread that steps it (see etr/async_llm.py: torch's OpenMP team belongs to one thread).
+        built: list = []
+        thread = threading.Thread(target=self._run, args=(config, model_dir, device, tokenizer_dir, num_threads, built),
+                                  name="etr-expert-worker", daemon=True)
+        thread.start()
+        with self.cond:
+            self.cond.wait_for(lambda: built)
+        if isinstance(built[0], BaseException):
+            raise built[0]
+
+    def _build(self, config, model_dir, device, tokenizer_dir, num_threads) -> LLMEngine:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        engine = LLMEngine(config, model_dir, torch.device(device))
+        if engine.tokenizer is None and tokenizer_dir is not None:  # the same ids: the meta's writes the text
+            from etr.models.tokenizer import load_tokenizer
+            engine.tokenizer = engine.stop_checker.tokenizer = load_tokenizer(tokenizer_dir)
+        if engine.block_manager is None:
+            size_kv_pools([engine])
+        return engine
+
+    def info(self) -> dict:
+        """What the router checks and validates against."""
+        import ray
+        cfg, engine = self.engine.model_config, self.engine
+        return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "block_size": engine.block_size,
+                "num_kv_blocks": engine.num_kv_blocks(), "max_model_len": engine.config.max_model_len,
+                "vocab_fingerprint": vocab_fingerprint(engine.tokenizer), "device": str(engine.device),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def poll(self, handovers: list[HandOver], aborts: list[int], wait_s: float) -> dict:
+        """Take new hand-overs and aborts, then return the progress made since the previous poll, waiting up
+        to ``wait_s`` for some while sequences are still decoding."""
+        start = time.perf_counter()
+        with self.cond:
+            if handovers or aborts:
+                self.inbox.append((handovers, aborts))
+                self.cond.notify_all()
+            self.cond.wait_for(lambda: self.outbox or self.failure is not None or not (self.seqs or self.inbox),
+                               timeout=wait_s)
+            if self.failure is not None:
+                raise RuntimeError(f"the expert's engine loop died: {self.failure!r}") from self.failure
+            progress, self.outbox = list(self.outbox.values()), {}
+        return {"progress": progress, "poll_s": time.perf_counter() - start, **self.stats()}
+
+    def abort(self, seq_ids: list[int]) -> None:
+        """Free these sequences' blocks (without touching the progress a poll has yet to collect)."""
+        with self.cond:
+            self.inbox.append(([], list(seq_ids)))
+            self.cond.notify_all()
+
+    def stats(self) -> dict:
+        engine = self.engine
+        return {"kv_blocks_used": engine.kv_blocks_used(), "num_running": engine.num_running(),
+                "num_waiting": engine.num_waiting()}
+
+    def _run(self, config, model_dir, device, tokenizer_dir, num_threads, built: list) -> None:
+        try:
+            self.engine = self._build(config, model_dir, device, tokenizer_dir, num_threads)
+        except BaseException as e:  # noqa: BLE001 (the constructor raises it)
+            built.append(e)
+        else:
+            built.append(self.engine)
+        with self.cond:
+            self.cond.notify_all()
+        if isinstance(built[0], BaseException):
+            return
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.inbox or self.engine.has_unfinished())
+                    while self.inbox:
+                        self._apply(*self.inbox.popleft())
+                if self.engine.has_unfinished():
+                    progressed = self.engine.step()
+                    with self.cond:
+                        for seq in progressed:
+                            self._record(seq)
+                        self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 (the next poll raises it to the router)
+            with self.cond:
+                self.failure = e
+                self.cond.notify_all()
+
+    def _apply(self, handovers: list[HandOver], aborts: list[int]) -> None:
+        for h in handovers:
+            seq = Sequence(h.token_ids, h.params, self.engine.block_size, self.engine.device)
+            seq.num_prompt_tokens, seq.stream = h.num_prompt_tokens, h.stream
+            seq.num_streamed_tokens = seq.num_output_tokens
+            seq.expert, seq.switch_index = h.expert, h.switch_index
+            if h.generator_state is not None:
+                seq.generator.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
+            self.engine.adopt(seq)
+            self.seqs[h.seq_id], self.ids[seq] = seq, h.seq_id
+        for seq_id in aborts:
+            seq = self.seqs.pop(seq_id, None)
+            if seq is not None:
+                self.engine.abort([seq])
+                del self.ids[seq]
+                self.prefill_reported.discard(seq_id)
+            self.outbox.pop(seq_id, None)
+
+    def _record(self, seq: Sequence) -> None:
+        seq_id = self.ids.get(seq)
+        if seq_id is None:  # aborted while its step ran
+            return
+        new = seq.output_token_ids[seq.num_streamed_tokens:]
+        seq.num_streamed_tokens += len(new)
+        p = self.outbox.setdefault(seq_id, Progress(seq_id, []))
+        p.token_ids += new
+        p.finished, p.finish_reason = seq.is_finished, seq.finish_reason
+        if seq.stream or seq.is_finished:
+            p.text = seq.text
+        if seq.switch_prefill_s is not None and seq_id not in self.prefill_reported:
+            p.prefill_s = seq.switch_prefill_s
+            self.prefill_reported.add(seq_id)
+        if seq.is_finished:
+            del self.seqs[seq_id], self.ids[seq]
+            self.prefill_reported.discard(seq_id)

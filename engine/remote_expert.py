@@ -1,0 +1,244 @@
+"""The router's side of an expert in a Ray actor: it stands where a local ``LLMEngine`` would, so the router
+hands sequences to it and steps it the same way (``launch`` sends, ``finish`` collects).
+
+Each launch is one ``poll`` call carrying the new hand-overs and returning every token the actor produced
+since the previous one; the sequences stay here as mirrors that receive those tokens. Only token ids, sampling
+parameters and generator states cross the network. An actor that dies fails the sequences it held with
+``ExpertUnavailableError`` (finish_reason "error"); later hand-overs to it fail the same way at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from etr.engine.config import EngineConfig
+from etr.engine.expert_worker import HandOver, vocab_fingerprint
+from etr.engine.llm_engine import check_prompt
+from etr.engine.sampling_params import SamplingParams
+from etr.engine.sequence import Sequence, SequenceStatus
+from etr.errors import ConfigError, ExpertUnavailableError
+
+POLL_WAIT_S = 1.0  # a poll returns as soon as tokens exist; this only bounds an idle one
+
+
+def ray_module():
+    """Ray, or a named error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("expert_placement 'ray' needs Ray: pip install 'expert-token-routing[ray]'") from None
+    return ray
+
+
+def connect(config: EngineConfig) -> None:
+    """Join ``config.ray_address``, else a running cluster, else start a local one (no dashboard, no usage
+    statistics)."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if config.ray_address is not None:
+        ray.init(address=config.ray_address, log_to_driver=False)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=False)
+    except ConnectionError:  # a cluster of this machine alone: every address on the loopback
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+
+@dataclass(slots=True)
+class PendingPoll:
+    ref: object               # the ObjectRef of the actor's answer
+    sent_at: float
+    handed_over: list[Sequence]
+
+
+class RemoteExpertEngine:
+    """An expert checkpoint served by an ``ExpertWorker`` actor, driven like a local engine."""
+    remote = True
+
+    def __init__(self, config: EngineConfig, name: str, model_dir: str, device, tokenizer_dir: str | None):
+        self.config, self.name, self.model_dir = config, name, str(model_dir)
+        self.tokenizer = None  # the facade writes text with the meta's tokenizer (same ids)
+        self.switched: list[Sequence] = []  # experts never switch further
+        self.seqs: dict[int, Sequence] = {}  # held by the actor (or about to be), by sequence id
+        self.to_send: list[Sequence] = []
+        self.dead: ExpertUnavailableError | None = None
+        self.counts = {"kv_blocks_used": 0, "num_running": 0, "num_waiting": 0}
+        self.actor, info = self._start(device, tokenizer_dir)
+        self.info = info
+        self.device, self.block_size = info["device"], info["block_size"]
+        self.model_config = SimpleNamespace(vocab_size=info["vocab_size"], hidden_size=info["hidden_size"])
+        self.vocab_fingerprint = info["vocab_fingerprint"]
+
+    def _start(self, device, tokenizer_dir):
+        ray = ray_module()
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from etr.engine.expert_worker import ExpertWorker
+        connect(self.config)
+        bundle = dict(self.config.expert_resources.get(self.name) or
+                      ({"CPU": 1, "GPU": 1} if str(device).startswith("cuda") else {"CPU": 1}))
+        deadline = time.monotonic() + self.config.ray_timeout_s
+        group = placement_group([bundle])
+        try:
+            ray.get(group.ready(), timeout=self.config.ray_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            raise self._unavailable(f"no node offers {bundle} (waited {self.config.ray_timeout_s:g} s)") from None
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        actor = ray.remote(ExpertWorker).options(
+            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), resources=custom or None,
+            max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(group),
+        ).remote(self.config, self.model_dir, str(device), tokenizer_dir, int(bundle.get("CPU", 0)) or None)
+        # The actor ends with its last handle, but a placement group outlives it: release both with this object.
+        weakref.finalize(self, _release, actor, group)
+        try:
+            return actor, ray.get(actor.info.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor)
+            remove_placement_group(group)
+            raise self._unavailable(f"its weights did not load within {self.config.ray_timeout_s:g} s") from None
+        except ray.exceptions.RayError as e:
+            remove_placement_group(group)
+            raise self._unavailable(f"it failed to load: {_cause(e)}") from None
+
+    def _unavailable(self, why: str) -> ExpertUnavailableError:
+        return ExpertUnavailableError(f"expert {self.name!r} ({self.model_dir}, Ray actor): {why}")
+
+    # ---- what the router and the facade call ---------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        check_prompt(prompt_token_ids, params, self.info["vocab_size"], self.info["max_model_len"], self.block_size,
+                     self.info["num_kv_blocks"])
+
+    def check_available(self) -> None:
+        """Raise ``ExpertUnavailableError`` once the actor is gone."""
+        if self.dead is not None:
+            raise self.dead
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
+        """A request pinned to this expert: raises at once if the actor is gone."""
+        self.validate_prompt(prompt_token_ids, params)
+        self.check_available()
+        seq = Sequence(prompt_token_ids, params, self.block_size, "cpu", prompt)
+        self.adopt(seq)
+        return seq
+
+    def adopt(self, seq: Sequence) -> None:
+        if self.dead is not None:
+            self._fail(seq, self.dead)
+            return
+        self.seqs[seq.seq_id] = seq
+        self.to_send.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def launch(self) -> PendingPoll | None:
+        if self.dead is not None or not self.seqs:
+            return None
+        sent, self.to_send = self.to_send, []
+        handovers = [self._handover(s) for s in sent]
+        return PendingPoll(self.actor.poll.remote(handovers, [], POLL_WAIT_S), time.perf_counter(), sent)
+
+    def _handover(self, seq: Sequence) -> HandOver:
+        state = None if seq.generator is None else bytes(seq.generator.get_state().numpy())
+        return HandOver(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, state, seq.stream,
+                        self.name, seq.switch_index or 0)
+
+    def finish(self, pending: PendingPoll) -> list[Sequence]:
+        ray = ray_module()
+        try:
+            answer = ray.get(pending.ref)
+        except ray.exceptions.RayError as e:
+            return self._die(e)
+        network_s = max(time.perf_counter() - pending.sent_at - answer["poll_s"], 0.0)
+        for seq in pending.handed_over:
+            seq.switch_network_s = network_s
+        self.counts = {k: answer[k] for k in self.counts}
+        return [self._apply(p) for p in answer["progress"] if p.seq_id in self.seqs]
+
+    def _apply(self, progress) -> Sequence:
+        seq, now = self.seqs[progress.seq_id], time.perf_counter()
+        seq.token_ids += progress.token_ids
+        if progress.token_ids and seq.first_token_time is None:
+            seq.first_token_time = now
+        if progress.text is not None:
+            seq.text = progress.text
+        if progress.prefill_s is not None:
+            seq.switch_prefill_s = progress.prefill_s
+        if progress.finished:
+            seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, progress.finish_reason, now
+            del self.seqs[seq.seq_id]
+        return seq
+
+    def _die(self, error: Exception) -> list[Sequence]:
+        self.dead = self._unavailable(f"the actor died: {_cause(error)}")
+        failed = list(self.seqs.values())
+        for seq in failed:
+            self._fail(seq, self.dead)
+        self.seqs.clear()
+        self.to_send.clear()
+        return failed
+
+    @staticmethod
+    def _fail(seq: Sequence, error: ExpertUnavailableError) -> None:
+        seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, "error", error
+        seq.finish_time = time.perf_counter()
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Forget these sequences here and free their blocks in the actor (sent at once)."""
+        gone = [s for s in seqs if self.seqs.pop(s.seq_id, None) is not None]
+        if not gone:
+            return
+        self.to_send = [s for s in self.to_send if s not in gone]
+        for seq in gone:
+            if not seq.is_finished:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        if self.dead is None:
+            self.actor.abort.remote([s.seq_id for s in gone])
+
+    def refresh(self) -> dict:
+        """Ask the actor for its counts now (after every call sent before; a test and benchmark aid)."""
+        self.counts = ray_module().get(self.actor.stats.remote())
+        return self.counts
+
+    def num_running(self) -> int:
+        return self.counts["num_running"]
+
+    def num_waiting(self) -> int:
+        return self.counts["num_waiting"]
+
+    def num_kv_blocks(self) -> int:
+        return self.info["num_kv_blocks"]
+
+    def kv_blocks_used(self) -> int:
+        return self.counts["kv_blocks_used"]
+
+    def all_free(self) -> bool:
+        return self.dead is not None or self.refresh()["kv_blocks_used"] == 0
+
+
+def _release(actor, group) -> None:
+    try:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+        if ray.is_initialized():
+            ray.kill(actor)
+            remove_placement_group(group)
+    except Exception:  # noqa: BLE001 (at interpreter exit Ray may be gone already)
+        pass
+
+
+def _cause(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+__all__ = ["RemoteExpertEngine", "connect", "vocab_fingerprint"]
