@@ -28,7 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from soak import free_port, healthy, wait_until
+from soak import free_port, healthy, stop, wait_until
+from throughput import make_prompts
 
 
 @dataclass(slots=True)
@@ -92,23 +93,9 @@ def summarise(server: str, rate: float, t0: float, results: list[dict]) -> RateR
                       percentile(itl, 50), percentile(itl, 99), len(results) - len(ok))
 
 
-def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
-
-
 def start_server(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def measure_server(name: str, args: list[str], url: str, model: str, rates: list[float], n: int,
@@ -133,7 +120,7 @@ def measure_server(name: str, args: list[str], url: str, model: str, rates: list
 
 def switch_heads(model_dir: str, prompt_len: int, vocab: int, n: int, rates: list[float], root: Path):
     """Head files for the switch-cost runs: one row that routes every request of the run at token 0 (built
-    as bench/switch_cost.py does, from the prompts' first-step hidden states; checked offline), and a zero row."""
+    as etr/switch_cost.py does, from the prompts' first-step hidden states; checked offline), and a zero row."""
     import torch
     from etr import LLM, SamplingParams
     from etr.models.expert_head import ExpertHead, save_expert_head

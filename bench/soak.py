@@ -102,6 +102,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Stop a server this process started, by its PID: terminate, then kill if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -219,11 +229,7 @@ def main(argv=None) -> int:
             wait_until(lambda: not any(blocks_used(url).values()), 10)
             used = blocks_used(url)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         figures = check(jobs, results, dirs, head)
     errors = sum(1 for s, *_ in results.values() if s is None or s >= 500)
     cancelled = sum(1 for *_, c in results.values() if c)

@@ -1,4 +1,7 @@
-"""pytest-benchmark: the extended LM head (Triton kernel) against ``torch.cat`` + matmul + argmax.
+"""pytest-benchmark: the extended LM head (Triton kernel) against what the engine would do without it: two
+matmuls (vocabulary rows, expert rows) and an argmax over both, or one matmul over a concatenated copy of the
+weights made once and cached. (``torch.cat`` of the whole weight on every call, the old baseline, is kept for
+reference: no engine does that.)
 
 On CUDA the kernel runs compiled at Qwen-7B shapes. On the CPU it can only run interpreted, which measures
 the interpreter rather than the kernel, so the CPU run uses small shapes and exists to keep the harness
@@ -43,6 +46,23 @@ def test_kernel_greedy(benchmark, weights, B):
     # bf16 inputs: the kernel's pick must be a maximum up to fp32 summation-order differences.
     chosen = logits.gather(1, got[:, None]).squeeze(1)
     assert (chosen >= logits.max(1).values - 1e-2 * logits.abs().max()).all()
+
+
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_two_matmuls_argmax(benchmark, weights, B):
+    wv, we = weights
+    h = torch.randn(B, D, device=DEVICE, dtype=DTYPE)
+    got = benchmark(lambda: _sync(torch.cat([h @ wv.T, h @ we.T], dim=-1).argmax(-1)))
+    assert got.shape == (B,)
+
+
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_cached_concat_matmul_argmax(benchmark, weights, B):
+    wv, we = weights
+    cached = torch.cat([wv, we])  # made once, as an engine without the kernel would keep it
+    h = torch.randn(B, D, device=DEVICE, dtype=DTYPE)
+    got = benchmark(lambda: _sync((h @ cached.T).argmax(-1)))
+    assert got.shape == (B,)
 
 
 @pytest.mark.parametrize("B", [1, 8, 64])

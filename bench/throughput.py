@@ -25,12 +25,18 @@ def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list
     return [[rng.randrange(100, vocab - 100) for _ in range(prompt_len)] for _ in range(batch)]
 
 
-def bench_engine(llm, prompts, new_tokens: int, repeats: int) -> float:
+def prompt_rounds(batch: int, prompt_len: int, vocab: int, repeats: int) -> list[list[list[int]]]:
+    """One set of prompts per timed repeat, plus a warm-up set first: every repeat is new work for every
+    peer, so none gets a prefix-cache hit from an earlier one (vllm_peer.py draws the same sets)."""
+    return [make_prompts(batch, prompt_len, vocab, seed=1000 + r) for r in range(repeats + 1)]
+
+
+def bench_engine(llm, rounds, new_tokens: int) -> float:
     from etr import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+    llm.generate(rounds[0][:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
     best = float("inf")
-    for _ in range(repeats):
+    for prompts in rounds[1:]:
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         best = min(best, time.perf_counter() - start)
@@ -38,26 +44,28 @@ def bench_engine(llm, prompts, new_tokens: int, repeats: int) -> float:
     return len(prompts) * new_tokens / best
 
 
-def bench_hf(model, prompts, new_tokens: int, repeats: int) -> float:
-    ids = torch.tensor(prompts)
-    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-              min_new_tokens=new_tokens, pad_token_id=0)
+def bench_hf(model, rounds, new_tokens: int) -> float:
+    warm = torch.tensor(rounds[0][:1])
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(ids[:1], **{**kw, "attention_mask": torch.ones_like(ids[:1]), "max_new_tokens": 4,
-                                   "min_new_tokens": 4})
+        model.generate(warm, **{**kw, "attention_mask": torch.ones_like(warm), "max_new_tokens": 4,
+                                "min_new_tokens": 4})
         best = float("inf")
-        for _ in range(repeats):
+        for prompts in rounds[1:]:
+            ids = torch.tensor(prompts)
             start = time.perf_counter()
-            out = model.generate(ids, **kw)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
             best = min(best, time.perf_counter() - start)
     assert out.shape[1] == ids.shape[1] + new_tokens
     return len(prompts) * new_tokens / best
 
 
-def bench_vllm(python: str, model_dir: str, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> float | None:
+def bench_vllm(python: str, model_dir: str, dtype: str, batch: int, prompt_len: int, new_tokens: int,
+               repeats: int, vocab: int) -> float | None:
     """Run vLLM's CPU build in its own interpreter (it pins another torch); None when unavailable."""
     script = Path(__file__).with_name("vllm_peer.py")
-    cmd = [python, str(script), model_dir, dtype, str(batch), str(prompt_len), str(new_tokens)]
+    cmd = [python, str(script), model_dir, dtype, str(batch), str(prompt_len), str(new_tokens), str(repeats),
+           str(vocab)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired):
@@ -93,11 +101,11 @@ def main(argv=None) -> int:
     vocab = llm.engine.model_config.vocab_size
     rows = []
     for batch in args.batch:
-        prompts = make_prompts(batch, args.prompt_len, vocab)
-        ours = bench_engine(llm, prompts, args.new_tokens, args.repeats)
-        theirs = bench_hf(hf, prompts, args.new_tokens, args.repeats)
-        vllm = bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len, args.new_tokens) \
-            if args.vllm_python else None
+        rounds = prompt_rounds(batch, args.prompt_len, vocab, args.repeats)
+        ours = bench_engine(llm, rounds, args.new_tokens)
+        theirs = bench_hf(hf, rounds, args.new_tokens)
+        vllm = bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len, args.new_tokens,
+                          args.repeats, vocab) if args.vllm_python else None
         rows.append(dict(batch=batch, etr_tok_s=ours, hf_tok_s=theirs, ratio_vs_hf=ours / theirs, vllm_tok_s=vllm,
                          ratio_vs_vllm=None if vllm is None else ours / vllm))
     print(f"model {Path(model_dir).name}, {args.dtype}, CPU threads {torch.get_num_threads()}, "

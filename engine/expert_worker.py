@@ -1,10 +1,10 @@
 """The expert's side of a remote expert: its engine and KV pool, stepped by a loop of its own inside a Ray
-actor (``engine/remote_expert.py`` is the router's side).
+actor (``engine/remote_expert.py`` is the switcher's side).
 
 A handed-over sequence crosses the network once, as token ids, sampling parameters and the seeded
 generator's state (``HandOver``). The worker's own thread then decodes it with every other sequence it holds,
 and ``poll`` returns what was produced since the previous poll, for all sequences at once (``Progress``):
-one call per router step, never one per token per request, and the worker keeps decoding while a poll's
+one call per switcher step, never one per token per request, and the worker keeps decoding while a poll's
 answer travels back. Nothing here imports Ray: the actor is ``ray.remote(ExpertWorker)``.
 """
 
@@ -33,9 +33,11 @@ class HandOver:
     num_prompt_tokens: int
     params: SamplingParams
     generator_state: bytes | None  # the seeded sampler's torch.Generator state, so sampling continues exactly
+    generator_device: str          # "cpu" or "cuda": where that generator draws (a state fits only its kind)
     stream: bool                   # keep the text current (streamed requests)
     expert: str
     switch_index: int
+    text: str = ""                 # the text so far, where tracked (a stop string is searched only in new text)
 
 
 @dataclass(slots=True)
@@ -47,6 +49,7 @@ class Progress:
     finish_reason: str | None = None
     text: str | None = None        # the whole text so far, for streamed or finished sequences
     prefill_s: float | None = None  # once, after the hand-over: the expert's prefill of the shared context
+    error: str | None = None       # why the expert could not take the sequence (finish_reason "error")
 
 
 def vocab_fingerprint(tokenizer) -> str | None:
@@ -63,7 +66,7 @@ class ExpertWorker:
 
     def __init__(self, config: EngineConfig, model_dir: str, device: str, tokenizer_dir: str | None = None,
                  num_threads: int | None = None):
-        self.seqs: dict[int, Sequence] = {}  # by the router's sequence id
+        self.seqs: dict[int, Sequence] = {}  # by the switcher's sequence id
         self.ids: dict[Sequence, int] = {}   # and back
         self.inbox: deque[tuple[list[HandOver], list[int]]] = deque()
         self.outbox: dict[int, Progress] = {}
@@ -92,7 +95,7 @@ class ExpertWorker:
         return engine
 
     def info(self) -> dict:
-        """What the router checks and validates against."""
+        """What the switcher checks and validates against."""
         import ray
         cfg, engine = self.engine.model_config, self.engine
         return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "block_size": engine.block_size,
@@ -149,20 +152,19 @@ class ExpertWorker:
                         for seq in progressed:
                             self._record(seq)
                         self.cond.notify_all()
-        except BaseException as e:  # noqa: BLE001 (the next poll raises it to the router)
+        except BaseException as e:  # noqa: BLE001 (the next poll raises it to the switcher)
             with self.cond:
                 self.failure = e
                 self.cond.notify_all()
 
     def _apply(self, handovers: list[HandOver], aborts: list[int]) -> None:
         for h in handovers:
-            seq = Sequence(h.token_ids, h.params, self.engine.block_size, self.engine.device)
-            seq.num_prompt_tokens, seq.stream = h.num_prompt_tokens, h.stream
-            seq.num_streamed_tokens = seq.num_output_tokens
-            seq.expert, seq.switch_index = h.expert, h.switch_index
-            if h.generator_state is not None:
-                seq.generator.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
-            self.engine.adopt(seq)
+            try:
+                seq = self._sequence(h)
+                self.engine.adopt(seq)
+            except Exception as e:  # noqa: BLE001 (this sequence fails alone; the loop and the others go on)
+                self.outbox[h.seq_id] = Progress(h.seq_id, [], True, "error", error=f"{type(e).__name__}: {e}")
+                continue
             self.seqs[h.seq_id], self.ids[seq] = seq, h.seq_id
         for seq_id in aborts:
             seq = self.seqs.pop(seq_id, None)
@@ -171,6 +173,17 @@ class ExpertWorker:
                 del self.ids[seq]
                 self.prefill_reported.discard(seq_id)
             self.outbox.pop(seq_id, None)
+
+    def _sequence(self, h: HandOver) -> Sequence:
+        seq = Sequence(h.token_ids, h.params, self.engine.block_size, self.engine.device)
+        seq.num_prompt_tokens, seq.stream, seq.text = h.num_prompt_tokens, h.stream, h.text
+        seq.num_streamed_tokens = seq.num_output_tokens
+        seq.expert, seq.switch_index = h.expert, h.switch_index
+        if h.generator_state is not None:  # else: seeded afresh from params.seed on this expert's device
+            kind = h.generator_device if h.generator_device == "cpu" else self.engine.device.type
+            seq.generator = torch.Generator(kind if kind == "cpu" else self.engine.device)
+            seq.generator.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
+        return seq
 
     def _record(self, seq: Sequence) -> None:
         seq_id = self.ids.get(seq)

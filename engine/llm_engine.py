@@ -15,7 +15,7 @@ from etr.engine.sampling_params import SamplingParams
 from etr.engine.scheduler import Scheduler
 from etr.engine.sequence import Sequence
 from etr.engine.stop_checker import StopChecker
-from etr.errors import InvalidPromptError, PromptTooLongError
+from etr.errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from etr.models.tokenizer import load_tokenizer
 
 
@@ -28,6 +28,9 @@ def check_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab: int
     bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
         raise InvalidPromptError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    bad = [t for t in params.stop_token_ids if t >= vocab]
+    if bad:
+        raise InvalidSamplingParamsError(f"stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
     if n >= limit:
         raise PromptTooLongError(f"prompt of {n} tokens does not fit max_model_len={limit} "
                                  f"(prompt plus at least one new token must fit)")

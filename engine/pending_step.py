@@ -2,7 +2,7 @@
 ``LLMEngine.finish`` consumes.
 
 On CUDA each model works on its own device and stream, and its tokens come back through a pinned host buffer
-behind an event, so the router can launch every engine's step before it waits for any: an expert's prefill
+behind an event, so the switcher can launch every engine's step before it waits for any: an expert's prefill
 after a switch runs while the meta decodes its batch. On the CPU the work is done by the time ``launch``
 returns.
 """

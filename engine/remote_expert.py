@@ -1,4 +1,4 @@
-"""The router's side of an expert in a Ray actor: it stands where a local ``LLMEngine`` would, so the router
+"""The switcher's side of an expert in a Ray actor: it stands where a local ``LLMEngine`` would, so the switcher
 hands sequences to it and steps it the same way (``launch`` sends, ``finish`` collects).
 
 Each launch is one ``poll`` call carrying the new hand-overs and returning every token the actor produced
@@ -42,7 +42,11 @@ def connect(config: EngineConfig) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if config.ray_address is not None:
-        ray.init(address=config.ray_address, log_to_driver=False)
+        try:
+            ray.init(address=config.ray_address, log_to_driver=False)
+        except (ConnectionError, ValueError) as e:
+            raise ExpertUnavailableError(f"cannot join the Ray cluster at ray_address={config.ray_address!r}: "
+                                         f"{e}") from None
         return
     try:
         ray.init(address="auto", log_to_driver=False)
@@ -67,6 +71,7 @@ class RemoteExpertEngine:
         self.switched: list[Sequence] = []  # experts never switch further
         self.seqs: dict[int, Sequence] = {}  # held by the actor (or about to be), by sequence id
         self.to_send: list[Sequence] = []
+        self.pinned: set[int] = set()  # sequences that started here (route=), not handed over by the meta
         self.dead: ExpertUnavailableError | None = None
         self.counts = {"kv_blocks_used": 0, "num_running": 0, "num_waiting": 0}
         self.actor, info = self._start(device, tokenizer_dir)
@@ -96,7 +101,7 @@ class RemoteExpertEngine:
             max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(group),
         ).remote(self.config, self.model_dir, str(device), tokenizer_dir, int(bundle.get("CPU", 0)) or None)
         # The actor ends with its last handle, but a placement group outlives it: release both with this object.
-        weakref.finalize(self, _release, actor, group)
+        self._release = weakref.finalize(self, _release, actor, group)
         try:
             return actor, ray.get(actor.info.remote(), timeout=max(deadline - time.monotonic(), 1.0))
         except ray.exceptions.GetTimeoutError:
@@ -110,7 +115,7 @@ class RemoteExpertEngine:
     def _unavailable(self, why: str) -> ExpertUnavailableError:
         return ExpertUnavailableError(f"expert {self.name!r} ({self.model_dir}, Ray actor): {why}")
 
-    # ---- what the router and the facade call ---------------------------------------------------------
+    # ---- what the switcher and the facade call ---------------------------------------------------------
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         check_prompt(prompt_token_ids, params, self.info["vocab_size"], self.info["max_model_len"], self.block_size,
@@ -119,13 +124,14 @@ class RemoteExpertEngine:
     def check_available(self) -> None:
         """Raise ``ExpertUnavailableError`` once the actor is gone."""
         if self.dead is not None:
-            raise self.dead
+            raise ExpertUnavailableError(str(self.dead))
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
         """A request pinned to this expert: raises at once if the actor is gone."""
         self.validate_prompt(prompt_token_ids, params)
         self.check_available()
         seq = Sequence(prompt_token_ids, params, self.block_size, "cpu", prompt)
+        self.pinned.add(seq.seq_id)
         self.adopt(seq)
         return seq
 
@@ -139,23 +145,29 @@ class RemoteExpertEngine:
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
-    def launch(self) -> PendingPoll | None:
+    def launch(self, wait: bool = True) -> PendingPoll | None:
+        """Send the new hand-overs and ask for progress; ``wait``: let the actor hold its answer up to
+        ``POLL_WAIT_S`` until it has a token (False when other engines have work: they must not stall)."""
         if self.dead is not None or not self.seqs:
             return None
         sent, self.to_send = self.to_send, []
         handovers = [self._handover(s) for s in sent]
-        return PendingPoll(self.actor.poll.remote(handovers, [], POLL_WAIT_S), time.perf_counter(), sent)
+        ref = self.actor.poll.remote(handovers, [], POLL_WAIT_S if wait else 0.0)
+        return PendingPoll(ref, time.perf_counter(), sent)
 
     def _handover(self, seq: Sequence) -> HandOver:
-        state = None if seq.generator is None else bytes(seq.generator.get_state().numpy())
-        return HandOver(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, state, seq.stream,
-                        self.name, seq.switch_index or 0)
+        # A request pinned here was never the meta's: like a local expert's, it is seeded on the expert's device.
+        carried = seq.generator is not None and seq.seq_id not in self.pinned
+        state = bytes(seq.generator.get_state().cpu().numpy()) if carried else None
+        device = seq.generator.device.type if carried else "cpu"
+        return HandOver(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, state, device,
+                        seq.stream, self.name, seq.switch_index or 0, seq.text)
 
     def finish(self, pending: PendingPoll) -> list[Sequence]:
         ray = ray_module()
-        try:
-            answer = ray.get(pending.ref)
-        except ray.exceptions.RayError as e:
+        try:  # a poll answers within POLL_WAIT_S plus a step: far longer means the actor's node is gone
+            answer = ray.get(pending.ref, timeout=POLL_WAIT_S + self.config.ray_timeout_s)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             return self._die(e)
         network_s = max(time.perf_counter() - pending.sent_at - answer["poll_s"], 0.0)
         for seq in pending.handed_over:
@@ -165,6 +177,11 @@ class RemoteExpertEngine:
 
     def _apply(self, progress) -> Sequence:
         seq, now = self.seqs[progress.seq_id], time.perf_counter()
+        if progress.error is not None:
+            self._fail(seq, self._unavailable(f"it could not take the request: {progress.error}"))
+            del self.seqs[seq.seq_id]
+            self.pinned.discard(seq.seq_id)
+            return seq
         seq.token_ids += progress.token_ids
         if progress.token_ids and seq.first_token_time is None:
             seq.first_token_time = now
@@ -175,6 +192,7 @@ class RemoteExpertEngine:
         if progress.finished:
             seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, progress.finish_reason, now
             del self.seqs[seq.seq_id]
+            self.pinned.discard(seq.seq_id)
         return seq
 
     def _die(self, error: Exception) -> list[Sequence]:
@@ -184,6 +202,9 @@ class RemoteExpertEngine:
             self._fail(seq, self.dead)
         self.seqs.clear()
         self.to_send.clear()
+        self.pinned.clear()
+        self.counts = dict.fromkeys(self.counts, 0)
+        self._release()  # a hung actor still holds its resources and its placement group
         return failed
 
     @staticmethod
@@ -196,6 +217,7 @@ class RemoteExpertEngine:
         gone = [s for s in seqs if self.seqs.pop(s.seq_id, None) is not None]
         if not gone:
             return
+        self.pinned.difference_update(s.seq_id for s in gone)
         self.to_send = [s for s in self.to_send if s not in gone]
         for seq in gone:
             if not seq.is_finished:
@@ -205,7 +227,8 @@ class RemoteExpertEngine:
 
     def refresh(self) -> dict:
         """Ask the actor for its counts now (after every call sent before; a test and benchmark aid)."""
-        self.counts = ray_module().get(self.actor.stats.remote())
+        if self.dead is None:
+            self.counts = ray_module().get(self.actor.stats.remote(), timeout=self.config.ray_timeout_s)
         return self.counts
 
     def num_running(self) -> int:

@@ -41,6 +41,12 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, "must be in [0, max_tokens]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings"),
+            # Bounds a value must keep to reach the sampler at all (a torch seed, an int32 count, token ids).
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63), "seed", self.seed,
+             "must be an int in [0, 2**63)"),
+            (isinstance(self.top_k, int) and self.top_k < 2 ** 31, "top_k", self.top_k, "must be an int < 2**31"),
+            (all(isinstance(t, int) and 0 <= t < 2 ** 31 for t in self.stop_token_ids), "stop_token_ids",
+             self.stop_token_ids, "must be token ids (ints >= 0)"),
         ]
         for ok, name, value, rule in checks:
             if not ok:

@@ -41,7 +41,7 @@ class Sequence:
         self.num_streamed_chars = 0
         self.num_streamed_tokens = 0
         self.stop_string_hit = False
-        self.pending_expert: int | None = None  # expert row the meta just chose, until the router moves it
+        self.pending_expert: int | None = None  # expert row the meta just chose, until the switcher moves it
         self.expert: str | None = None
         self.switch_index: int | None = None
         self.switch_prefill_s: float | None = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from etr.engine import EngineConfig, SamplingParams, StreamDelta
 from etr.engine.config import META
 from etr.engine.sequence import Sequence
-from etr.errors import ConfigError, DuplicateRequestError, EngineDeadError, ETRError, QueueFullError
+from etr.errors import ConfigError, DuplicateRequestError, EngineDeadError, QueueFullError
 from etr.llm import LLM, PreparedRequest, Prompt
 
 
@@ -86,7 +86,9 @@ class AsyncLLM:
     ``AsyncLLM(model, **options)`` or ``AsyncLLM(config=EngineConfig(...))`` takes the options of ``LLM``, plus
     ``max_waiting``: how many requests may wait beyond ``max_num_seqs`` running ones before new ones are
     refused with ``QueueFullError`` (never queued forever). Loading happens in the constructor (blocking, as
-    ``LLM``); after it, no call blocks the event loop on model work.
+    ``LLM``). After it no call waits for model work: ``submit`` encodes and validates on the caller's thread
+    (a tokenizer call) and hands the request over; ``shutdown`` joins the engine thread (call it in an
+    executor from a running loop).
 
     ``async for out in llm.generate(prompt, params, request_id=None)`` yields ``StreamDelta`` items (new
     token ids, new text; the last one ``finished`` with ``finish_reason`` and the whole output). Leaving the
@@ -135,9 +137,9 @@ class AsyncLLM:
         return self._stats
 
     def check_health(self) -> None:
-        """Raise ``EngineDeadError`` if the engine loop has died."""
+        """Raise ``EngineDeadError`` if the engine loop has died (or was shut down)."""
         if self._dead is not None:
-            raise self._dead
+            raise fresh(self._dead)
 
     # ---- the callers' side (any event loop, any thread) -------------------------------------------------
 
@@ -181,7 +183,9 @@ class AsyncLLM:
         return True
 
     def shutdown(self) -> None:
-        """Stop the engine thread (unfinished requests are aborted); idempotent."""
+        """Stop the engine thread: unfinished requests end with finish_reason "abort", requests not yet taken
+        and later ones fail with ``EngineDeadError``; idempotent. Blocks until the thread has stopped (at most
+        one engine step): from an event loop, call it in an executor."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=60)
@@ -199,8 +203,8 @@ class AsyncLLM:
     def _send(self, kind: str, request: _Request) -> None:
         self._inbox.append((kind, request))
         self._wake.set()
-        if self._dead is not None:  # the loop may have died after the health check: fail, never hang
-            self._deliver({request.loop: [(request, self._dead)]})
+        if self._dead is not None:  # the loop may have stopped after the health check: fail, never hang
+            self._deliver({request.loop: [(request, fresh(self._dead))]})
 
     # ---- the engine thread --------------------------------------------------------------------------------
 
@@ -220,8 +224,9 @@ class AsyncLLM:
                 self._wake.clear()
                 self._apply_inbox()
                 if self._stopping:
+                    self._dead = self._dead or EngineDeadError("the engine was shut down")
                     break
-                if not self._llm.router.has_unfinished():
+                if not self._llm.switcher.has_unfinished():
                     self._wake.wait()
                     continue
                 self._step()
@@ -229,6 +234,7 @@ class AsyncLLM:
             self._die(e)
             return
         self._abort_all()
+        self._fail_inbox()
 
     def _apply_inbox(self) -> None:
         if not self._inbox:
@@ -240,18 +246,23 @@ class AsyncLLM:
                 if kind == "add" and not request.cancelled and request.seq is None:
                     try:
                         request.seq = self._llm.submit(request.prepared, stream=True)
-                    except ETRError as e:  # checked by the caller already; should it still fail, it fails alone
+                    except Exception as e:  # noqa: BLE001 (checked by the caller already; if it still fails, alone)
+                        self._forget(request)
                         batches.setdefault(request.loop, []).append((request, e))
                         continue
                     self._active[request.seq] = request
                 elif kind == "abort" and request.seq is not None and request.seq in self._active:
-                    self._llm.router.abort([request.seq])
-                    self._collect(batches, request, request.seq)
+                    self._abort(batches, request)
         self._publish(batches)
+
+    def _abort(self, batches: dict, request: _Request) -> None:
+        """Free the request wherever it is; its caller (if still there) gets the last output, "abort"."""
+        self._llm.switcher.abort([request.seq])
+        self._collect(batches, request, request.seq)
 
     def _step(self) -> None:
         with self._llm.lock:
-            progressed = self._llm.router.step()
+            progressed = self._llm.switcher.step()
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for seq in progressed:
             request = self._active.get(seq)
@@ -262,7 +273,8 @@ class AsyncLLM:
     def _collect(self, batches: dict, request: _Request, seq: Sequence) -> None:
         delta = self._take(request, seq)
         if delta is not None and not request.cancelled:  # a failed request gets its error instead of an output
-            batches.setdefault(request.loop, []).append((request, seq.error if seq.error is not None else delta))
+            item = fresh(seq.error) if seq.error is not None else delta
+            batches.setdefault(request.loop, []).append((request, item))
 
     def _publish(self, batches: dict) -> None:
         # The snapshot first: a caller that sees its last output also sees the stats that count it.
@@ -274,47 +286,62 @@ class AsyncLLM:
         if delta is None:
             return None
         self._generated += len(delta.token_ids)
-        if delta.finished:
+        if delta.finished:  # the id is free again from here, whether or not its caller reads the last output
             self._active.pop(seq, None)
+            self._forget(request)
             output = dataclasses.replace(delta.output, request_id=request.request_id)
             return dataclasses.replace(delta, request_id=request.request_id, output=output)
         return dataclasses.replace(delta, request_id=request.request_id)
 
-    @staticmethod
-    def _deliver(batches: dict) -> None:
+    def _deliver(self, batches: dict) -> None:
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed: nobody is left to read these
-                pass
+            except RuntimeError:  # that event loop is closed: nobody is left to read these, so abort them
+                for request, _ in items:
+                    if not request.cancelled:
+                        self._cancel(request)
 
     def _die(self, cause: BaseException) -> None:
         dead = EngineDeadError(f"the engine loop died: {type(cause).__name__}: {cause}")
         dead.__cause__ = cause
         self._dead = dead
-        waiting = list(self._active.values()) + [r for kind, r in list(self._inbox) if kind == "add"]
+        self._fail(list(self._active.values()) + [r for kind, r in list(self._inbox) if kind == "add"])
+
+    def _fail_inbox(self) -> None:
+        self._fail([r for kind, r in list(self._inbox) if kind == "add" and r.seq is None])
+
+    def _fail(self, requests: list[_Request]) -> None:
         batches: dict = {}
-        for request in waiting:
-            batches.setdefault(request.loop, []).append((request, dead))
+        for request in requests:
+            self._forget(request)
+            batches.setdefault(request.loop, []).append((request, fresh(self._dead)))
         self._deliver(batches)
 
     def _abort_all(self) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self._llm.lock:
-            for seq, request in list(self._active.items()):
-                self._llm.router.abort([seq])
-                self._collect(batches, request, seq)
+            for request in list(self._active.values()):
+                self._abort(batches, request)
         self._publish(batches)
 
     def _snapshot(self) -> EngineStats:
-        router = self._llm.router
-        models = {META: router.meta, **router.experts}
+        switcher = self._llm.switcher
+        models = {META: switcher.meta, **switcher.experts}
         return EngineStats(
-            num_running=sum(e.num_running() for e in router.engines),
-            num_waiting=sum(e.num_waiting() for e in router.engines) + len(self._inbox),
+            num_running=sum(e.num_running() for e in switcher.engines),
+            num_waiting=sum(e.num_waiting() for e in switcher.engines) + sum(k == "add" for k, _ in list(self._inbox)),
             kv_blocks_used={n: e.kv_blocks_used() for n, e in models.items()},
             kv_blocks_total={n: e.num_kv_blocks() for n, e in models.items()},
-            switches={name: router.switches[name] for name in router.experts}, generated_tokens=self._generated)
+            switches={name: switcher.switches[name] for name in switcher.experts}, generated_tokens=self._generated)
+
+
+def fresh(error: BaseException) -> BaseException:
+    """A new exception like ``error`` (same type, message and cause): one instance raised in many places, or
+    again and again, would pile up tracebacks on itself across threads."""
+    copy = type(error)(str(error))
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 def _put_all(items) -> None:

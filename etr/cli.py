@@ -30,7 +30,7 @@ def _generate(args) -> None:
     devices = dict(_name_dir(e, "--expert-device", "NAME=DEVICE") for e in args.expert_device or [])
     llm = LLM(args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
               fused_ops=args.fused_ops, experts=experts or None, expert_head=args.expert_head,
-              expert_devices=devices or None, **_placement(args))
+              expert_devices=devices or None, **placement_options(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
@@ -47,16 +47,51 @@ def _serve(args) -> None:
     experts = dict(_name_dir(e) for e in args.expert or [])
     llm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
-                   experts=experts or None, expert_head=args.expert_head, **_placement(args))
+                   experts=experts or None, expert_head=args.expert_head, **placement_options(args))
     print(f"etr: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}", flush=True)
     run_server(llm, args.host, args.port, args.served_model_name, args.log_level)
 
 
 def _demo(args) -> None:
+    _demo_routing(args.per_domain)
+    _demo_chat(args)
+
+
+def _demo_routing(per_domain: int) -> None:
+    """Expert Token Routing on the MiniExpert quick library: who answered each held-out question, from which
+    token, and what the switch cost."""
+    import json
+    from etr import LLM, SamplingParams
+    from etr.default_model import miniexpert_demo_dir
+    print("Expert Token Routing on MiniExpert (a meta and five experts trained here; built once, then cached)")
+    lib = miniexpert_demo_dir()
+    results = json.loads((lib / "results.json").read_text())
+    experts = results["skill_domains"] + results["fact_domains"]
+    llm = LLM(str(lib / "meta"), dtype="float32", experts={e: str(lib / "experts" / e) for e in experts},
+              expert_head=str(lib / "head.safetensors"))
+    rows = [json.loads(line) for line in (lib / "data" / "test.jsonl").read_text().splitlines()]
+    picked = [r for d in [*experts, "echo"] for r in [r for r in rows if r["domain"] == d][:per_domain]]
+    outs = llm.generate([r["query"] for r in picked], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    print(f"\n{'domain':<15}{'question':<28}{'answered by':<16}{'from token':<12}{'answer':<14}{'right':<7}"
+          f"{'switch prefill':>14}")
+    for r, o in zip(picked, outs):
+        who = o.expert or "meta"
+        at = "-" if o.switch_index is None else str(o.switch_index)
+        cost = f"{o.metrics.switch_prefill_s * 1e3:.1f} ms" if o.expert else "-"
+        ok = "yes" if o.text.strip() == r["answer"] else "no"
+        print(f"{r['domain']:<15}{r['query']:<28}{who:<16}{at:<12}{o.text.strip():<14}{ok:<7}{cost:>14}")
+    etr = results["summary"]["etr"]
+    print(f"\nbuild seed 0, all {etr['questions']} held-out questions: routing accuracy "
+          f"{100 * etr['routing_accuracy']:.1f}%, false routing on echo {100 * etr['false_routing']:.1f}%, "
+          f"accuracy {100 * etr['accuracy']:.1f}% (meta alone {100 * results['summary']['meta']['accuracy']:.1f}%)")
+
+
+def _demo_chat(args) -> None:
     from etr import LLM, SamplingParams
     from etr.default_model import default_model_dir
     from etr.options import parse_dtype
     import torch
+    print("\nSmolLM2-135M-Instruct chat (the embedded model)")
     model_dir = default_model_dir(parse_dtype(args.dtype, torch.device("cpu")))
     print(f"model: {model_dir}")
     llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=1024)
@@ -168,7 +203,7 @@ def _miniexpert(args) -> int:
     return 1 if failed else 0
 
 
-def _placement(args) -> dict:
+def placement_options(args) -> dict:
     """expert_placement / ray_address options from --expert-placement NAME=local|ray and --ray-address."""
     placement = dict(_name_dir(e, "--expert-placement", "NAME=local|ray") for e in args.expert_placement or [])
     return {"expert_placement": placement, "ray_address": args.ray_address}
@@ -258,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="warning", help="uvicorn's log level")
     _add_placement_options(sv)
     sv.set_defaults(func=_serve)
-    d = sub.add_parser("demo", help="chat with the embedded SmolLM2-135M-Instruct (imported on first use)")
+    d = sub.add_parser("demo", help="Expert Token Routing on the MiniExpert quick library (built on first use), "
+                                    "then a chat with the embedded SmolLM2-135M-Instruct (imported on first use)")
+    d.add_argument("--per-domain", type=int, default=2, help="held-out questions shown per domain")
     d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most")
     d.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

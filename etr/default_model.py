@@ -28,6 +28,15 @@ def smollm2_gguf() -> Path | None:
     return path if path.exists() else None
 
 
+def miniexpert_demo_dir(progress: bool = True) -> Path:
+    """The MiniExpert quick library (seed 0) in the cache directory, built on first use (about a minute)."""
+    from etr.routing.miniexpert.build import build
+    dest = cache_root() / "miniexpert-quick-seed0"
+    if not (dest / "results.json").exists():
+        build(dest, "quick", seed=0, progress=progress, log=lambda *_: None)
+    return dest
+
+
 def default_model_dir(dtype: torch.dtype = torch.float32) -> Path:
     """The imported SmolLM2 checkpoint in the cache directory, importing it on first use."""
     from etr.models.gguf_import import import_gguf

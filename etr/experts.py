@@ -6,7 +6,7 @@ from pathlib import Path
 
 from etr.engine import LLMEngine
 from etr.engine.expert_worker import vocab_fingerprint
-from etr.engine.router import Router
+from etr.engine.switcher import Switcher
 from etr.errors import ExpertHeadError, VocabularyMismatchError
 from etr.models.expert_head import ExpertHead, load_expert_head, meta_fingerprint
 
@@ -67,14 +67,14 @@ def _load_expert(meta: LLMEngine, name: str, path: str, device, placement: str):
     return engine
 
 
-def build_router(meta: LLMEngine) -> Router:
+def build_switcher(meta: LLMEngine) -> Switcher:
     """Load the config's experts (one engine per distinct checkpoint and device), check them, and extend the
     meta's head by the expert rows."""
     config = meta.config
     if not config.experts:
         if config.expert_head is not None:
             raise ExpertHeadError(f"expert_head={list(config.expert_head)} given without experts= to route to")
-        return Router(meta, {}, [])
+        return Switcher(meta, {}, [])
     # Without a head the meta never switches; experts are then reached only by pinning (generate(route=)).
     head = load_expert_head(list(config.expert_head)) if config.expert_head is not None else None
     if head is not None:
@@ -83,11 +83,12 @@ def build_router(meta: LLMEngine) -> Router:
     engines = {}
     for name, path in config.experts.items():
         device, placement = config.expert_devices[name], config.expert_placement[name]
-        key = (str(Path(path).resolve()), str(device), placement)
+        resources = sorted(config.expert_resources.get(name, {}).items())  # another ask: another actor
+        key = (str(Path(path).resolve()), str(device), placement, repr(resources))
         if key not in loaded:
             loaded[key] = _load_expert(meta, name, path, device, placement)
         engines[name] = loaded[key]
     if head is None:
-        return Router(meta, engines, [])
+        return Switcher(meta, engines, [])
     meta.runner.set_expert_rows(head.embeddings)
-    return Router(meta, engines, head.names)
+    return Switcher(meta, engines, head.names)

@@ -10,7 +10,7 @@ from etr.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams, S
 from etr.engine.kv_cache import size_kv_pools
 from etr.engine.sequence import Sequence
 from etr.errors import ConfigError, InvalidPromptError, TokenizerMissingError
-from etr.experts import build_router
+from etr.experts import build_switcher
 
 Prompt = str | list[int]
 
@@ -45,7 +45,15 @@ class LLM:
         expert_head: head file(s) with one trained row per expert (several files: rows concatenated).
             Without a head the meta never switches, and experts are reached only through
             ``generate(route=...)``.
-        expert_devices: expert name -> device; experts not named follow ``device``.
+        expert_devices: expert name -> device; experts not named follow ``device`` (a Ray expert's names a
+            device of its actor's node).
+        expert_placement: expert name -> "local" (in this process, the default) or "ray" (a Ray actor; see the
+            README's "Experts on other hosts").
+        expert_resources: expert name -> the Ray resources of its actor (default {"CPU": 1}, plus {"GPU": 1}
+            on CUDA); only for experts placed on Ray.
+        ray_address: the Ray cluster to join; None joins a running one, else starts a local one.
+        ray_timeout_s: placing a Ray expert's actor and loading its weights must finish within this many
+            seconds (``ExpertUnavailableError`` otherwise).
         cuda_graphs: decode through CUDA graphs captured per batch size (every model its own). None: on for
             CUDA with the "triton" or "flash" backend; True on the CPU runs the same padded static-buffer path
             eagerly (a testing aid); False: off.
@@ -62,8 +70,8 @@ class LLM:
             raise ConfigError(f"options {sorted(options)} given beside config=: put them in the config")
         self.config = config if config is not None else EngineConfig(model=model, **options)
         self.engine = LLMEngine(self.config)
-        self.router = build_router(self.engine)
-        size_kv_pools([e for e in self.router.engines if not e.remote])  # an actor sizes its own
+        self.switcher = build_switcher(self.engine)
+        size_kv_pools([e for e in self.switcher.engines if not e.remote])  # an actor sizes its own
         self.lock = threading.RLock()  # whoever holds it may step the engines, or add and abort requests
 
     @property
@@ -98,16 +106,16 @@ class LLM:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         routes = self._routes(route, len(prompts))
         for name in set(routes) - {None}:
-            self.router.experts[name].check_available()
+            self.switcher.experts[name].check_available()
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), p in zip(encoded, plist):
-            for engine in self.router.engines:  # a request may end on any model: it must fit every pool
+            for engine in self.switcher.engines:  # a request may end on any model: it must fit every pool
                 engine.validate_prompt(ids, p)
         return [PreparedRequest(ids, text, p, name) for (ids, text), p, name in zip(encoded, plist, routes)]
 
     def submit(self, request: PreparedRequest, stream: bool = False) -> Sequence:
         """Queue a prepared request on the model it starts on; the caller must hold ``self.lock``."""
-        engine = self.engine if request.route is None else self.router.experts[request.route]
+        engine = self.engine if request.route is None else self.switcher.experts[request.route]
         seq = engine.add_request(request.prompt_token_ids, request.params, request.prompt)
         seq.stream = stream
         if request.route is not None:
@@ -118,9 +126,9 @@ class LLM:
         routes = [route] * n if route is None or isinstance(route, str) else list(route)
         if len(routes) != n:
             raise ValueError(f"{len(routes)} routes for {n} prompts")
-        unknown = sorted({r for r in routes if r is not None and r not in self.router.experts})
+        unknown = sorted({r for r in routes if r is not None and r not in self.switcher.experts})
         if unknown:
-            raise ConfigError(f"route names unknown expert(s) {unknown} (have {sorted(self.router.experts)})")
+            raise ConfigError(f"route names unknown expert(s) {unknown} (have {sorted(self.switcher.experts)})")
         return routes
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -136,7 +144,13 @@ class LLM:
         """
         prepared = self.prepare(self._as_batch(prompts), params, route)
         with self.lock:
-            seqs = [self.submit(r) for r in prepared]
+            seqs = []
+            try:
+                for r in prepared:
+                    seqs.append(self.submit(r))
+            except BaseException:  # e.g. a remote expert died since prepare: nothing of this call stays queued
+                self.switcher.abort(seqs)
+                raise
         bar, done = _progress(len(seqs), use_tqdm), 0
         try:
             while done < len(seqs):
@@ -147,7 +161,7 @@ class LLM:
                 done = now
         finally:
             with self.lock:
-                self.router.abort(seqs)
+                self.switcher.abort(seqs)
             if bar is not None:
                 bar.close()
         outputs = [self.engine.output_of(s) for s in seqs]
@@ -161,7 +175,7 @@ class LLM:
     def _step_unless_finished(self, seqs: list[Sequence]) -> None:
         with self.lock:  # another caller's step may have finished ours while we waited for the lock
             if not all(s.is_finished for s in seqs):
-                self.router.step()
+                self.switcher.step()
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield what each step adds to one request; closing the iterator early frees the request."""
@@ -181,7 +195,7 @@ class LLM:
                         return
         finally:
             with self.lock:
-                self.router.abort([seq])
+                self.switcher.abort([seq])
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:

@@ -12,8 +12,10 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from etr.async_llm import AsyncLLM
 from etr.errors import ETRError
@@ -31,7 +33,7 @@ def build_app(llm: AsyncLLM, served_model_name: str | None = None):
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        llm.shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)  # joins the engine thread
 
     app = FastAPI(title="etr", lifespan=lifespan)
 
@@ -65,8 +67,9 @@ def build_app(llm: AsyncLLM, served_model_name: str | None = None):
         stream, builder = _submit(llm, parsed), ResponseBuilder(kind, name, parsed.return_token_ids)
         timing = metrics.request_started()
         if parsed.stream:
+            # The background task closes the request even when the body never starts (the client left first).
             return StreamingResponse(_events(stream, builder, parsed.include_usage, timing),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", background=BackgroundTask(stream.close))
         body = await _until_disconnect(request, _collect(stream, builder, timing))
         return Response(status_code=499) if body is None else JSONResponse(body)
 
@@ -87,7 +90,10 @@ def _submit(llm: AsyncLLM, parsed: ParsedRequest):
         if parsed.kind == "chat":
             if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
                 raise OpenAIError(400, f"{llm.config.model} has no chat template: use /v1/completions", "messages")
-            prompt = llm.chat_prompt_ids(parsed.prompt)
+            try:
+                prompt = llm.chat_prompt_ids(parsed.prompt)
+            except jinja2.TemplateError as e:  # e.g. a template that wants alternating roles
+                raise OpenAIError(400, f"the chat template refused these messages: {e}", "messages") from None
         else:
             prompt = parsed.prompt
         budget = llm.config.max_model_len - (len(prompt) if isinstance(prompt, list) else 1)

@@ -1,11 +1,9 @@
 """bf16 linear layers on CPUs without native bf16 instructions (no AVX512-BF16 / AMX).
 
-With them (a Zen 4 EPYC, 2 cores) oneDNN's bf16 GEMM is the fast one: a 3072x576 layer at 16 rows takes
-0.15 ms in bf16 and 0.58 ms as an fp32 GEMM, so there nothing is swapped.
-
-There, oneDNN's bf16 GEMM is fast for one row (a GEMV) but slows down linearly with more rows, while an
-fp32 GEMM of the same shape stays flat: at 16 rows a 576x3072 layer takes 4.0 ms in bf16 and 0.8 ms in
-fp32 on a 2-core AVX2 EPYC. For batches of ``MIN_ROWS`` rows or more we therefore multiply bf16 activations
+With them oneDNN's bf16 GEMM is the fast one, so there nothing is swapped. Without them, oneDNN's bf16 GEMM
+is fast for one row (a GEMV) but slows down linearly with more rows, while an fp32 GEMM of the same shape
+stays flat (figures: bench/RESULTS.md, "Measurements behind code choices"). For batches of ``MIN_ROWS`` rows
+or more we therefore multiply bf16 activations
 by an fp32 copy of the (bf16-valued) weights and round the result back to bf16 — the same arithmetic a
 bf16 GEMM with fp32 accumulation performs — and keep the bf16 GEMV for single rows. The fp32 copies cost
 twice the bf16 weight memory, which is why this is on only where it pays.
@@ -19,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS = 8  # measured crossover for a 49152x576 head; layers cross over earlier, at 2 to 4 rows
+MIN_ROWS = 8  # the crossover of a 49152x576 head (layers cross earlier); bench/RESULTS.md
 
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -96,9 +94,8 @@ def wants_packed_bf16(device: torch.device, dtype: torch.dtype) -> bool:
 
 class PackedBf16Linear(nn.Module):
     """Drop-in for a bf16 ``nn.Linear`` whose weight is reordered once into oneDNN's blocked layout (the
-    plain copy is not kept). On a 2-core Zen 4 a SmolLM2-135M's worth of layers takes 5.3 ms at one row
-    where ``F.linear`` takes 12.2 ms (7.4 vs 13.7 ms at 8 rows, 86 vs 102 ms at 256), with the same bits in
-    every case checked (tests/test_cpu_gemm.py)."""
+    plain copy is not kept): faster than ``F.linear`` at every batch size measured (bench/RESULTS.md), with the
+    same bits in every case checked (tests/test_cpu_gemm.py)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()

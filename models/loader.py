@@ -3,14 +3,15 @@ dtype and device (weights are never materialised twice in float32)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from etr.errors import (CheckpointError, CorruptCheckpointError, ETRError, MissingTensorError, TensorShapeError,
+from etr.errors import (CheckpointError, CorruptCheckpointError, MissingTensorError, TensorShapeError,
                         UnexpectedTensorError)
 from etr.models.config import ModelConfig, load_model_config
 from etr.models.decoder import DecoderLM
@@ -79,6 +80,16 @@ def _copy_into(params: dict, target: Target, tensor: torch.Tensor, name: str, fi
     dest.copy_(tensor)
 
 
+@contextlib.contextmanager
+def _reading(file: Path):
+    """Turn safetensors' own errors (a truncated or corrupt file) into one that names the file; errors of the
+    copy that follows a read (out of memory, a shape) are not the file's and pass through as they are."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        raise CorruptCheckpointError(f"{file}: not a readable safetensors file: {type(e).__name__}: {e}") from e
+
+
 def load_weights(model: DecoderLM, model_dir: Path) -> None:
     """Fill ``model``'s parameters from the checkpoint; every expected tensor must be found exactly once."""
     cfg = model.config
@@ -87,20 +98,19 @@ def load_weights(model: DecoderLM, model_dir: Path) -> None:
     files = weight_files(model_dir)
     seen: set[str] = set()
     for file in files:
-        try:
-            with safe_open(file, framework="pt", device=device) as f:
-                for name in f.keys():
-                    if name not in expected:
-                        if _ignorable(name, cfg):
-                            continue
-                        raise UnexpectedTensorError(f"{file.name}: tensor {name!r} has no place in a "
-                                                    f"{cfg.model_type} model with this config")
-                    _copy_into(params, expected[name], f.get_tensor(name), name, file)
-                    seen.add(name)
-        except ETRError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise CorruptCheckpointError(f"{file}: not a readable safetensors file: {type(e).__name__}: {e}") from e
+        with _reading(file):
+            handle = safe_open(file, framework="pt", device=device)
+        with handle as f:
+            for name in f.keys():
+                if name not in expected:
+                    if _ignorable(name, cfg):
+                        continue
+                    raise UnexpectedTensorError(f"{file.name}: tensor {name!r} has no place in a "
+                                                f"{cfg.model_type} model with this config")
+                with _reading(file):
+                    tensor = f.get_tensor(name)
+                _copy_into(params, expected[name], tensor, name, file)
+                seen.add(name)
     missing = [n for n in expected if n not in seen]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

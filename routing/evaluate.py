@@ -48,6 +48,7 @@ class Record:
     text: str
     prediction: str | None
     correct: bool
+    switch_index: int | None = None  # meta tokens before the expert took over (0: it answered all of it)
 
 
 def expected_model(setup: EvalSetup, domain: str) -> str:
@@ -135,14 +136,14 @@ def evaluate(setup: EvalSetup, questions: list[Question], methods: list[str], cl
     records = []
     for method in methods:
         routes = routes_for(method, setup, questions, classifier, prompts)
-        texts, models = _run(llm, prompts, routes, params, progress)
-        records += [Record(method, i, q.domain, m, t, prediction(q, t), is_correct(q, t))
-                    for i, (q, t, m) in enumerate(zip(questions, texts, models))]
+        texts, models, switches = _run(llm, prompts, routes, params, progress)
+        records += [Record(method, i, q.domain, m, t, prediction(q, t), is_correct(q, t), k)
+                    for i, (q, t, m, k) in enumerate(zip(questions, texts, models, switches))]
     return records
 
 
-def _run(llm, prompts, routes, params, progress) -> tuple[list[str], list[str]]:
-    texts, models = [""] * len(prompts), [META] * len(prompts)
+def _run(llm, prompts, routes, params, progress) -> tuple[list[str], list[str], list[int | None]]:
+    texts, models, switches = [""] * len(prompts), [META] * len(prompts), [None] * len(prompts)
     on_meta = [i for i, r in enumerate(routes) if r == META]
     routed = [i for i, r in enumerate(routes) if r != META]
     if on_meta:
@@ -152,28 +153,47 @@ def _run(llm, prompts, routes, params, progress) -> tuple[list[str], list[str]]:
         outs = llm("routed").generate([prompts[i] for i in routed], params, use_tqdm=progress,
                                       route=[routes[i] for i in routed])
         for i, out in zip(routed, outs):
-            texts[i], models[i] = out.text, out.expert or META
-    return texts, models
+            texts[i], models[i], switches[i] = out.text, out.expert or META, out.switch_index
+    return texts, models, switches
 
 
 def summarize(records: list[Record], setup: EvalSetup) -> dict:
-    """Per method: accuracy (overall and per domain), routing accuracy, false routing on domains without an
-    expert, and the routing confusion counts ``{domain: {model: n}}``."""
+    """Per method: accuracy (overall and per domain), routing, false routing and the routing confusion counts
+    ``{domain: {model: n}}``.
+
+    Routing accuracy is the one definition every report uses: the share of questions of domains that have an
+    expert that its expert answered (questions of other domains are false routing's, not routing's).
+    ``routing_accuracy`` counts a late switch (the meta wrote part of the answer first) as routed;
+    ``routing_accuracy_at_start`` only switches before the first token; ``late_switches`` counts the former.
+    """
     out = {}
     for method in dict.fromkeys(r.method for r in records):
         rows = [r for r in records if r.method == method]
         domains = sorted({r.domain for r in rows})
         by_domain = {d: [r for r in rows if r.domain == d] for d in domains}
         general = [r for r in rows if expected_model(setup, r.domain) == META]
+        routed = [r for r in rows if expected_model(setup, r.domain) != META]
+        confusion = {d: _counts(r.model for r in rs) for d, rs in by_domain.items()}
         out[method] = {
             "accuracy": _mean(r.correct for r in rows),
             "domain_accuracy": {d: _mean(r.correct for r in rs) for d, rs in by_domain.items()},
-            "routing_accuracy": _mean(r.model == expected_model(setup, r.domain) for r in rows),
+            "routing_accuracy": routing_accuracy(confusion, setup.domain_expert, sorted({r.domain for r in routed})),
+            "routing_accuracy_at_start": _mean(r.model == expected_model(setup, r.domain) and not r.switch_index
+                                               for r in routed),
+            "late_switches": sum(bool(r.switch_index) for r in rows),
             "false_routing": _mean(r.model != META for r in general) if general else None,
-            "confusion": {d: _counts(r.model for r in rs) for d, rs in by_domain.items()},
+            "confusion": confusion,
             "questions": len(rows),
         }
     return out
+
+
+def routing_accuracy(confusion: dict, domain_expert: dict, domains: list[str]) -> float:
+    """The share of the questions of ``domains`` (each with an expert) that the domain's own expert answered,
+    from the confusion counts ``{domain: {model: n}}``: the one definition every report uses."""
+    hits = sum(confusion[d].get(domain_expert[d], 0) for d in domains)
+    total = sum(sum(confusion[d].values()) for d in domains)
+    return hits / total if total else float("nan")
 
 
 def _mean(values) -> float:

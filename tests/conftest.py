@@ -166,6 +166,19 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def inject_step_fault(switcher, at_call: int) -> None:
+    """Make the ``at_call``-th step of ``switcher`` raise ``RuntimeError("injected fault")`` (the test hook for
+    a fault inside the engine loop)."""
+    step, calls = switcher.step, [0]
+
+    def failing():
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise RuntimeError("injected fault")
+        return step()
+    switcher.step = failing
+
+
 def load_bench(name: str):
     """The script ``bench/<name>.py`` as a module (bench/ is not a package; its dataclasses need the module
     registered under its name)."""

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import inject_step_fault
 from etr import AsyncLLM, LLM, SamplingParams
 from etr.errors import DuplicateRequestError, EngineDeadError, InvalidPromptError, QueueFullError
 from test_routing import PROMPTS as ROUTED_PROMPTS, build, dirs, meta_trace, switch_row, write_head  # noqa: F401
@@ -74,12 +75,23 @@ def test_threads_with_their_own_event_loops(engine, path):
 
 
 def test_cancel_break_and_abort_free_blocks(engine):
+    """Each way of leaving aborts the request before it ran to its end (the switcher is asked to drop it while
+    unfinished), and no block is left."""
+    aborted, abort = [], engine._llm.switcher.abort
+
+    def recording(seqs):
+        aborted.extend(len(s.output_token_ids) for s in seqs if not s.is_finished)
+        return abort(seqs)
+    engine._llm.switcher.abort = recording
+
     async def main():
+        started = asyncio.Event()
+
         async def consume(rid):
             async for _ in engine.generate([1, 2, 3], LONG, request_id=rid):
-                pass
+                started.set()
         task = asyncio.create_task(consume("cancelled"))
-        await asyncio.sleep(0.2)
+        await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -95,6 +107,7 @@ def test_cancel_break_and_abort_free_blocks(engine):
         assert not await engine.abort("aborted")  # finished: nothing to abort
     asyncio.run(main())
     assert set(blocks_used(engine).values()) == {0}
+    assert len(aborted) == 3 and all(n < 400 for n in aborted), aborted
 
 
 def test_duplicate_id_queue_full_and_bad_request(engine):
@@ -118,14 +131,7 @@ def test_duplicate_id_queue_full_and_bad_request(engine):
 
 def test_engine_loop_fault_fails_every_caller(path):
     llm = AsyncLLM(path, dtype="float32", max_model_len=512, max_num_seqs=8, num_kv_blocks=256)
-    step, calls = llm._llm.router.step, [0]
-
-    def failing():
-        calls[0] += 1
-        if calls[0] == 5:
-            raise RuntimeError("injected fault")
-        return step()
-    llm._llm.router.step = failing
+    inject_step_fault(llm._llm.switcher, 5)
 
     async def main():
         results = await asyncio.gather(*(collect(llm, p, LONG) for p in PROMPTS[:6]), return_exceptions=True)
@@ -153,6 +159,6 @@ def test_routed_streams_match_offline(dirs, tmp_path):
     got = asyncio.run(main())
     assert [(d[-1].output.expert, d[-1].output.switch_index, sum((x.token_ids for x in d), [])) for d in got] == \
            [(w.expert, w.switch_index, w.token_ids) for w in want]
-    assert {w.expert for w in want} >= {"astro", "law"} and llm.stats.switches == dict(offline.router.switches)
+    assert {w.expert for w in want} >= {"astro", "law"} and llm.stats.switches == dict(offline.switcher.switches)
     assert set(blocks_used(llm).values()) == {0}
     llm.shutdown()

@@ -47,7 +47,7 @@ def test_every_model_has_its_own_graphs(tmp_path):
     a, b = (llm.generate(prompts, greedy(10), use_tqdm=False) for llm in (graphed, eager))
     assert [(o.token_ids, o.expert) for o in a] == [(o.token_ids, o.expert) for o in b]
     assert [o.switch_index for o in a] == [0, 0, 3]  # switches before and after the meta's graph decodes
-    g_meta, g_expert = graphed.engine.runner.graphs, graphed.router.experts["x"].runner.graphs
+    g_meta, g_expert = graphed.engine.runner.graphs, graphed.switcher.experts["x"].runner.graphs
     assert g_meta is not None and g_expert is not None and g_meta is not g_expert
     assert g_meta.buffers[1].input_ids.data_ptr() != g_expert.buffers[1].input_ids.data_ptr()
 

@@ -137,7 +137,7 @@ def test_cuda_graphs_replay_like_eager_for_two_models(tiny_dir):
 
 def test_routing_on_cuda_runs_each_model_on_its_own_stream(tmp_path):
     """Meta and expert step on their own streams (the expert on a second GPU when there is one), launched
-    together by the router; the routed outputs equal the CPU's in float32."""
+    together by the switcher; the routed outputs equal the CPU's in float32."""
     from conftest import make_tiny_checkpoint
     from test_routing import LLAMA, PROMPTS, meta_trace, switch_row, write_head
     from etr import LLM, SamplingParams
@@ -153,7 +153,7 @@ def test_routing_on_cuda_runs_each_model_on_its_own_stream(tmp_path):
         llm = LLM(str(meta), dtype="float32", device=device, num_kv_blocks=64, experts={"e": str(expert)},
                   expert_head=str(head), expert_devices={"e": expert_device if device != "cpu" else "cpu"})
         outs[device] = [(o.expert, o.switch_index, o.token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    streams = [e.runner.stream.stream for e in llm.router.engines]
+    streams = [e.runner.stream.stream for e in llm.switcher.engines]
     assert len({(s.device, s.stream_id) for s in streams}) == 2
     assert all(s != torch.cuda.default_stream(s.device) for s in streams)
     assert outs[DEV] == outs["cpu"] and outs[DEV][0][:2] == ("e", 2)

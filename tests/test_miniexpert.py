@@ -27,9 +27,15 @@ def test_domains_are_exact_and_seeded():
     for table, size in (("atlas", 120), ("inventors", 120), ("multiplication", 152)):
         known = {d[table].meta_sample(r)[0] for _ in range(1000)}
         assert len(known) == size // 10  # the meta's mixture shows a tenth of each table
-    pairs = unique_pairs(d["reversal"], 50, r, exclude={"reverse abcd="})
+        # Held out by construction: collection and test ask about disjoint halves of the facts; the expert
+        # trains on all of them.
+        collect = {q for q, _ in unique_pairs(d[table].for_collection(), size, r)}
+        test = {q for q, _ in unique_pairs(d[table].for_test(), size, r)}
+        assert not collect & test and len(collect) == size - size // 2 and len(test) == size // 2
+        assert {q for q, _ in unique_pairs(d[table].sample, size, r)} == collect | test
+    pairs = unique_pairs(d["reversal"].sample, 50, r, exclude={"reverse abcd="})
     assert len({q for q, _ in pairs}) == 50 and "reverse abcd=" not in {q for q, _ in pairs}
-    assert all(set(q + a) <= set(alphabet()) for dom in d.values() for q, a in unique_pairs(dom, 20, r))
+    assert all(set(q + a) <= set(alphabet()) for dom in d.values() for q, a in unique_pairs(dom.sample, 20, r))
 
 
 def test_tokenizer_matches_the_fast_encoder(tmp_path):
@@ -61,13 +67,16 @@ def test_quick_build_end_to_end(quick):
     assert not out.with_name("lib.partial").exists()
     test = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
     collected = {json.loads(x)["query"] for x in (out / "data" / "collect.jsonl").read_text().splitlines()}
-    assert not {t["query"] for t in test if t["domain"] in ("reversal", "sorting")} & collected
+    assert not {t["query"] for t in test} & collected  # skills and facts alike: routing is measured held out
     s = results["summary"]
     assert list(s) == ["meta", "oracle", "random", "router", "etr", "etr_extended"]
     experts = ["reversal", "sorting", "multiplication", "atlas", "inventors"]
     mean = {m: sum(s[m]["domain_accuracy"][e] for e in experts) / 5 for m in s}
     assert mean["oracle"] > mean["meta"] + 0.15  # the fine-tuned experts know their domains
-    assert len(results["bars"]) == 5 and all(isinstance(b["holds"], bool) for b in results["bars"])
+    # The quick profile's bars (routing/miniexpert/results.py) hold: measured on seed 0, 98.8% routing on
+    # held-out questions, experts 65 points above the meta on average, extension -0.6 points.
+    assert len(results["bars"]) == 5 and [b["bar"] for b in results["bars"] if not b["holds"]] == []
+    assert results["summary"]["etr"]["routing_accuracy"] >= 0.9
     # The checkpoints are ordinary ones: the engine loads them and switches with the trained head.
     llm = LLM(str(out / "meta"), dtype="float32", num_kv_blocks=64,
               experts={e: str(out / "experts" / e) for e in experts}, expert_head=str(out / "head.safetensors"))
@@ -77,7 +86,7 @@ def test_quick_build_end_to_end(quick):
                         use_tqdm=False)
     for r, o in zip(picks, outs):  # the reported answers are the engine's
         assert (o.text, o.expert or "meta") == (r["text"], r["model"])
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()
 
 
 def test_build_refuses_a_non_empty_directory(tmp_path):

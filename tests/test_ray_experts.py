@@ -80,7 +80,7 @@ def test_remote_equals_local_and_hf(cluster, dirs, tmp_path, hf_model_of, k):
     seeded = [SamplingParams(temperature=1.0, seed=s, max_tokens=N, ignore_eos=True) for s in (1, 2, 3)]
     assert key(remote_llm.generate(PROMPTS, seeded, use_tqdm=False)) == \
            key(build(dirs, head, {}).generate(PROMPTS, seeded, use_tqdm=False))
-    assert remote_llm.router.all_free()
+    assert remote_llm.switcher.all_free()
 
 
 def test_mixed_local_and_remote(cluster, dirs, tmp_path):
@@ -90,9 +90,9 @@ def test_mixed_local_and_remote(cluster, dirs, tmp_path):
     routes = [None, None, None, "law", "astro"]
     want = build(dirs, head, {}).generate(prompts, greedy, use_tqdm=False, route=routes)
     mixed = build(dirs, head, {"law": "ray"})
-    assert mixed.router.experts["law"].remote and not mixed.router.experts["astro"].remote
+    assert mixed.switcher.experts["law"].remote and not mixed.switcher.experts["astro"].remote
     assert key(mixed.generate(prompts, greedy, use_tqdm=False, route=routes)) == key(want)
-    assert mixed.router.all_free()
+    assert mixed.switcher.all_free()
 
 
 def test_placed_on_the_second_node(cluster, dirs, tmp_path):
@@ -100,7 +100,7 @@ def test_placed_on_the_second_node(cluster, dirs, tmp_path):
     head = heads(dirs, tmp_path)
     greedy = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
     llm = build(dirs, head, {"law": "ray"}, expert_resources={"law": {"CPU": 1, "node2": 1}})
-    assert llm.router.experts["law"].info["node_id"] == second
+    assert llm.switcher.experts["law"].info["node_id"] == second
     assert key(llm.generate(PROMPTS, greedy, use_tqdm=False)) == \
            key(build(dirs, head, {}).generate(PROMPTS, greedy, use_tqdm=False))
 
@@ -129,7 +129,7 @@ def test_killed_actor_and_abort(cluster, dirs, tmp_path):
     head = heads(dirs, tmp_path, k_astro=0, k_law=0)
     llm = AsyncLLM(str(dirs["meta"]), dtype="float32", num_kv_blocks=64, experts={"astro": str(dirs["astro"]),
                    "law": str(dirs["law"])}, expert_head=head, expert_placement={"law": "ray"}, ray_timeout_s=60)
-    remote = llm._llm.router.experts["law"]
+    remote = llm._llm.switcher.experts["law"]
     long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
     async def abort_one():
@@ -163,6 +163,16 @@ def test_killed_actor_and_abort(cluster, dirs, tmp_path):
         assert time.monotonic() - start < 5
         return [d async for d in llm.generate(PROMPTS[0], long)]  # the other expert still serves
     assert asyncio.run(asyncio.wait_for(after_death(), 60))[-1].output.expert == "astro"
-    for engine in llm._llm.router.engines:
+    for engine in llm._llm.switcher.engines:
         assert engine.all_free()
     llm.shutdown()
+
+
+def test_switch_cost_with_a_remote_expert(cluster, dirs):
+    """The Table 5 protocol with the expert in an actor: every query routes at token 0 (checked inside), and
+    the remote hand-off and streaming costs are measured against the same expert in-process."""
+    from etr.switch_cost import measure, report
+    cost = measure(str(dirs["meta"]), str(dirs["law"]), n_queries=2, new_tokens=4, dtype="float32", repeats=1,
+                   placement="ray")
+    assert cost.placement == "ray" and cost.switch_local_s_per_query > 0 and cost.network_s_per_switch > 0
+    assert cost.remote_streaming_pct is not None and "Ray actor" in report(cost)

@@ -77,7 +77,7 @@ def test_switch_parity_with_hf(k, dirs, hf_model_of, tmp_path):
     assert out.expert == "astro" and out.switch_index == k
     assert out.token_ids == expected and len(out.token_ids) == N and out.finish_reason == "length"
     assert out.metrics.switch_prefill_s > 0
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()
 
 
 @pytest.mark.parametrize("greedy_kernel", [False, True])
@@ -111,11 +111,11 @@ def test_batch_switches_match_requests_alone(dirs, tmp_path):
            [(o.expert, o.switch_index, o.token_ids) for o in alone]
     assert {o.expert for o in batch} >= {"astro", "law"}
     assert len({o.switch_index for o in batch if o.expert}) >= 2
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()
 
 
 def test_steps_launched_together_finish_in_any_order(dirs, tmp_path):
-    """The router launches every engine's step before it waits for any (on CUDA the models then run side by
+    """The switcher launches every engine's step before it waits for any (on CUDA the models then run side by
     side); finishing the launched steps in reverse order gives the same outputs."""
     t0, h0, m0 = meta_trace(dirs["meta"], PROMPTS[0], N)
     t1, h1, m1 = meta_trace(dirs["meta"], PROMPTS[1], N)
@@ -123,7 +123,7 @@ def test_steps_launched_together_finish_in_any_order(dirs, tmp_path):
                       [switch_row(h0, m0, 1), switch_row(h1, m1, 4)])
     llm = build(dirs, str(head))
     want = llm.generate(PROMPTS, greedy(), use_tqdm=False)
-    seqs, router, side_by_side = [llm.submit(r) for r in llm.prepare(PROMPTS, greedy())], llm.router, 0
+    seqs, router, side_by_side = [llm.submit(r) for r in llm.prepare(PROMPTS, greedy())], llm.switcher, 0
     while any(not s.is_finished for s in seqs):
         launched = [(e, e.launch()) for e in router.engines if e.has_unfinished()]
         launched = [(e, p) for e, p in launched if p is not None]
@@ -164,7 +164,7 @@ def test_two_names_one_directory_load_once(dirs, tmp_path):
     head = write_head(tmp_path / "h.safetensors", ["x", "y"], [torch.zeros(64), torch.zeros(64)])
     llm = LLM(str(dirs["meta"]), dtype="float32", num_kv_blocks=64,
               experts={"x": str(dirs["law"]), "y": str(dirs["law"])}, expert_head=str(head))
-    assert len(llm.router.engines) == 2 and llm.router.experts["x"] is llm.router.experts["y"]
+    assert len(llm.switcher.engines) == 2 and llm.switcher.experts["x"] is llm.switcher.experts["y"]
 
 
 def build(dirs, head, experts=None, **kw):
@@ -201,7 +201,7 @@ def test_matching_fingerprint_is_accepted(dirs, tmp_path):
     meta = load_model(dirs["meta"], torch.bfloat16, "cpu")  # dtype-independent fingerprint
     head = write_head(tmp_path / "h.safetensors", ["astro", "law"], [torch.zeros(64)] * 2,
                       meta_fingerprint=meta_fingerprint(meta.lm_head_weight), vocab_size=260)
-    assert build(dirs, str(head)).router.row_names == ["astro", "law"]
+    assert build(dirs, str(head)).switcher.row_names == ["astro", "law"]
 
 
 def test_vocabulary_mismatch_refused(dirs, tmp_path):
@@ -234,7 +234,7 @@ def test_sampling_reaches_experts_and_frees_everything(dirs, tmp_path):
     assert all(o.expert == "astro" for o in first)  # the expert row wins by a wide margin at step 0
     again = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
     assert again.token_ids == first[0].token_ids and len(again.token_ids) == N
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()
 
 
 @pytest.mark.parametrize("tokenizer", [True, False])  # False: random-weight checkpoints (the GPU suite's)
@@ -257,12 +257,12 @@ def test_pools_sized_after_all_models_load(dirs, tmp_path, monkeypatch):
     experts = {"astro": str(dirs["astro"]), "law": str(dirs["law"])}
     roomy = LLM(str(dirs["meta"]), dtype="float32", max_model_len=64, max_num_seqs=4, experts=experts,
                 expert_head=str(head))
-    assert [e.block_manager.num_blocks for e in roomy.router.engines] == [16, 16, 16]  # all they want: 4 x 64/16
-    budget = sum(16 * kv.bytes_per_block(e.model_config, 16, torch.float32) for e in roomy.router.engines) / 2
+    assert [e.block_manager.num_blocks for e in roomy.switcher.engines] == [16, 16, 16]  # all they want: 4 x 64/16
+    budget = sum(16 * kv.bytes_per_block(e.model_config, 16, torch.float32) for e in roomy.switcher.engines) / 2
     monkeypatch.setattr(kv, "free_memory_bytes", lambda device: budget / kv.CPU_MEMORY_FRACTION)
     half = LLM(str(dirs["meta"]), dtype="float32", max_model_len=64, max_num_seqs=4, experts=experts,
                expert_head=str(head))
-    assert [e.block_manager.num_blocks for e in half.router.engines] == [8, 8, 8]
+    assert [e.block_manager.num_blocks for e in half.switcher.engines] == [8, 8, 8]
     monkeypatch.setattr(kv, "free_memory_bytes", lambda device: budget / 8 / kv.CPU_MEMORY_FRACTION)
     with pytest.raises(KVCacheError, match="max_model_len=64 needs 4"):
         LLM(str(dirs["meta"]), dtype="float32", max_model_len=64, max_num_seqs=4, experts=experts,
@@ -277,12 +277,12 @@ def test_route_pins_requests_to_experts(dirs, hf_model_of):
     for prompt, out, name in zip(PROMPTS, outs, ["astro", None, "law"]):
         own = hf_greedy(hf_model_of(dirs[name or "meta"]), prompt, N)
         assert out.token_ids == own and out.expert == name and out.switch_index == (0 if name else None)
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()
     with pytest.raises(ConfigError, match=r"unknown expert\(s\) \['chem'\]"):
         llm.generate(PROMPTS, greedy(), route="chem")
     with pytest.raises(ValueError, match="2 routes for 3 prompts"):
         llm.generate(PROMPTS, greedy(), route=["astro", "law"])
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()
 
 
 def test_generate_cli_routes_to_an_expert(tmp_path, capsys):

@@ -69,3 +69,16 @@ def test_negatives_teach_when_not_to_route(tiny_dir):
     stats = routing_stats(f, with_neg)
     assert stats["false_routing"] < 0.2 and stats["routing_accuracy"] > 0.8
     assert stats["positives"] == 20 and stats["negatives"] == 20
+
+
+def test_train_cost_bench_runs_all_three_methods(tiny_dir, tmp_path, capsys):
+    """bench/train_cost.py at toy size: the cached method, the frozen-forward alternative and the paper's
+    method all train, from the same rows and batches, to about the same loss."""
+    import json
+    from conftest import load_bench
+    load_bench("train_cost").main(["--model", str(tiny_dir("llama_tied_gqa")), "--queries", "16", "--experts", "2",
+                                   "--epochs", "2", "--json", str(tmp_path / "cost.json")])
+    result = json.loads((tmp_path / "cost.json").read_text())
+    losses = [result[m]["final_loss"] for m in ("cached", "frozen", "reference")]
+    assert max(losses) - min(losses) < 1e-3 and result["frozen_ratio"] > 0 and result["ratio"] > 0
+    assert "over the frozen forward" in capsys.readouterr().out

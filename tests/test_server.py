@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,11 +16,13 @@ import httpx
 import openai
 import pytest
 
-from conftest import make_tiny_checkpoint
+from conftest import inject_step_fault, load_bench, make_tiny_checkpoint
 from etr import LLM, SamplingParams
 from test_routing import LLAMA, meta_trace, switch_row, write_head
 
 
+SOAK = load_bench("soak")  # the server helpers the soak benchmark uses too
+free_port, kv_blocks_used = SOAK.free_port, SOAK.blocks_used
 SWITCH_PROMPT, SWITCH_AT = "route me!", 3
 PROMPTS = [f"prompt {i}: " + "ab" * (i % 5) for i in range(32)]
 OPTIONS = dict(dtype="float32", max_model_len=512, num_kv_blocks=512, max_num_seqs=32)
@@ -39,12 +40,6 @@ def library(tmp_path_factory):
     _, hidden, max_logits = meta_trace(meta, ids, SWITCH_AT + 1)
     head = write_head(root / "head.safetensors", ["e"], [switch_row(hidden, max_logits, SWITCH_AT)])
     return {"meta": meta, "expert": expert, "head": head}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc=None, log: Path | None = None, deadline_s: float = 90.0) -> None:
@@ -79,11 +74,7 @@ def server(library, tmp_path_factory):
         wait_healthy(url, proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        SOAK.stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +196,6 @@ def test_malformed_json_and_bad_chat_then_healthy(server, offline):
     assert ok.choices[0].text == alone(offline, PROMPTS[0], temperature=0, max_tokens=8).text
 
 
-def kv_blocks_used(url: str) -> dict[str, float]:
-    lines = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
-    return {ln.split('"')[1]: float(ln.split()[-1]) for ln in lines if ln.startswith("etr_kv_blocks_used{")}
-
-
 def test_cancellation_storm(server, offline):
     """200 streams whose client gives up after 0.5 s; then a request completes within 5 s and no model holds
     a KV block."""
@@ -263,14 +249,7 @@ def test_fault_in_engine_loop(library):
     from etr import AsyncLLM
     from etr.server import build_app
     llm = AsyncLLM(str(library["meta"]), **OPTIONS)
-    step, calls = llm._llm.router.step, [0]
-
-    def failing():
-        calls[0] += 1
-        if calls[0] == 20:
-            raise RuntimeError("injected fault")
-        return step()
-    llm._llm.router.step = failing
+    inject_step_fault(llm._llm.switcher, 20)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(llm, "m"), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -27,13 +27,13 @@ def run_threads(n, target):
 
 
 def counting_steps(llm):
-    """Wrap the router's step so that calls are counted; returns the counter (a one-element list)."""
-    count, step = [0], llm.router.step
+    """Wrap the switcher's step so that calls are counted; returns the counter (a one-element list)."""
+    count, step = [0], llm.switcher.step
 
     def counted():
         count[0] += 1
         return step()
-    llm.router.step = counted
+    llm.switcher.step = counted
     return count
 
 
@@ -54,7 +54,7 @@ def test_threads_get_their_own_outputs(tiny_dir):
     assert steps[0] < 2 * alone
     streamed = run_threads(3, lambda i: sum((d.token_ids for d in llm.stream(PROMPTS[i], params)), []))
     assert streamed == want[:3]
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()
 
 
 def test_threads_with_routed_and_unrouted_requests(dirs, tmp_path):
@@ -74,4 +74,4 @@ def test_threads_with_routed_and_unrouted_requests(dirs, tmp_path):
     want = call(0)
     assert [w[:2] for w in want] == [("astro", 1), ("law", 4), ("law", 0), (None, None), ("astro", 0)]
     assert run_threads(4, call) == [want[i:] + want[:i] for i in range(4)]
-    assert llm.router.all_free()
+    assert llm.switcher.all_free()

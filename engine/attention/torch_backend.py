@@ -26,8 +26,8 @@ def page_slots(block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int, 
 
 def gather_slots(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The K or V rows at ``slots`` (any shape) of ``[num_blocks, block_size, kv_heads, head_dim]`` pages, as
-    ``[*slots.shape, kv_heads, head_dim]``. index_select on a 2-D view: 8x faster on the CPU than indexing
-    the pages with the slot tensor (9 vs 73 us for 16 x 100 slots of 3 x 64 bf16)."""
+    ``[*slots.shape, kv_heads, head_dim]``. index_select on a 2-D view: several times faster on the CPU than
+    indexing the pages with the slot tensor (bench/RESULTS.md)."""
     rows = pages.view(-1, pages.shape[2] * pages.shape[3]).index_select(0, slots.reshape(-1))
     return rows.view(*slots.shape, pages.shape[2], pages.shape[3])
 
@@ -103,9 +103,8 @@ class TorchAttentionBackend:
         return out.squeeze(2)
 
 
-# On a 2-core Zen 4, for one decode query per sequence (bf16, 9 heads / 3 KV heads, head dim 64), SDPA's CPU
-# flash kernel takes 440 us at batch 16 x 64 keys where two float32 matmuls take 105 us (1782 vs 282 at 300
-# keys); it wins only for one sequence of few keys (33 vs 46 us at 64 keys).
+# For one decode query per sequence, SDPA's CPU flash kernel is slower than two float32 matmuls except for
+# one sequence of few keys (bench/RESULTS.md, "Measurements behind code choices").
 SDPA_MAX_LEN_CPU = 128
 
 
@@ -114,8 +113,8 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     """One query token per sequence, ``q`` ``[B, H, D]``, against ``[B, kv_heads, L, D]`` keys and values (any
     strides), in float32 batched matmuls with the query heads grouped by KV head (no repeated K/V); ``mask``
     ``[B, 1, 1, L]`` float32. K and V are converted and laid out contiguously in one pass each, so both
-    products are flat bmm calls: matmul on the gathered (transposed) views copied them again inside, 1.5-2x
-    slower (180 vs 121 us at 16 x 80 keys, 1117 vs 555 at 16 x 300; same bits)."""
+    products are flat bmm calls: matmul on the gathered (transposed) views copied them again inside (slower,
+    same bits; bench/RESULTS.md)."""
     batch, heads, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     rows = batch * kv_heads

@@ -41,9 +41,8 @@ class Profile:
     test_per_domain: int = 100
     tau: float = 1.0             # Eq. 3 margin, in nats summed over the answer
     head_lr: float = 2e-2        # the paper uses 5e-4 for 7B metas; tiny ones with ~500 queries need more
-    # AdamW decays by lr * wd per step: the paper's 1.0 at lr 2e-2 shrinks rows 2% a step and cost seed 1
-    # 6.6 points (reversal routed to sorting); 0.1 measured 96.4 / 97.4 (seeds 1 / 0), 0.025 96.8 / 96.8
-    # with 5% false routing on seed 0.
+    # AdamW decays by lr * wd per step: the paper's 1.0 at lr 2e-2 shrinks the rows 2% a step. 0.1 was chosen
+    # on seeds 0 and 1, test results included (bench/RESULTS.md); reports use other seeds.
     head_weight_decay: float = 0.1
     head_epochs: int = 5
     base_experts: int = 3        # dynamic extension: rows for these first, then the rest added
@@ -85,7 +84,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 class Build:
-    """One build: each stage is a method, timed into ``self.timings``."""
+    """One build: each stage is a method, timed into ``self.timings``; what a stage hands to later ones is one
+    of the fields declared in ``__init__`` (set by the stage named beside it)."""
 
     def __init__(self, out: Path, profile: str, seed: int, progress: bool, log):
         if profile not in PROFILES:
@@ -95,6 +95,14 @@ class Build:
         self.domains = make_domains(seed, self.p.facts)
         self.experts = [n for n, d in self.domains.items() if d.expert]
         self.timings: dict[str, float] = {}
+        self.test: dict[str, list[tuple[str, str]]] = {}     # data: held-out questions per domain
+        self.collect: dict[str, list[tuple[str, str]]] = {}  # data: the collection mixture per domain
+        self.avoid: set[str] = set()                         # data: skill test queries no draw may repeat
+        self.tokenizer = self.enc = None                     # models: the character tokenizer, two views
+        self.set_sizes: dict[str, int] = {}                  # query sets: pairs per expert, and negatives
+        self.set_purity: dict[str, float | None] = {}        # query sets: share from the expert's own domain
+        self.records: list = []                              # evaluation: every answer, scored
+        self.summary: dict = {}                              # evaluation: per-method figures
 
     def stage(self, name: str, fn, *args):
         self.log(f"[miniexpert] {name} ...")
@@ -106,10 +114,12 @@ class Build:
 
     def data(self) -> None:
         r = random.Random(self.seed)
-        self.test = {n: unique_pairs(d, self.p.test_per_domain, r) for n, d in self.domains.items()}
-        # Skill test queries never appear in training or collection; a fact table's questions are its facts.
+        self.test = {n: unique_pairs(d.for_test(), self.p.test_per_domain, r) for n, d in self.domains.items()}
+        # Skill test queries never appear in training or collection; a fact table's test questions ask about
+        # facts that no collection query asks about (the experts still learn every fact: their knowledge).
         self.avoid = {q for n, pairs in self.test.items() if not self.domains[n].finite for q, _ in pairs}
-        self.collect = {n: unique_pairs(d, self.p.collect_per_domain, r, self.avoid) for n, d in self.domains.items()}
+        self.collect = {n: unique_pairs(d.for_collection(), self.p.collect_per_domain, r, self.avoid)
+                        for n, d in self.domains.items()}
         _write_jsonl(self.out / "data" / "test.jsonl",
                      [{"domain": n, "query": q, "answer": a} for n, pairs in self.test.items() for q, a in pairs])
         _write_jsonl(self.out / "data" / "collect.jsonl",
@@ -205,8 +215,10 @@ class Build:
         from etr.routing import report
         from etr.routing.evaluate import records_json
         from etr.routing.miniexpert.results import bars, markdown
-        checks = bars(self.summary, self.experts)
+        checks = bars(self.summary, self.experts, self.name)
         results = {"profile": self.name, "seed": self.seed, "settings": asdict(self.p), "timings_s": self.timings,
+                   "skill_domains": [n for n in self.experts if not self.domains[n].finite],
+                   "fact_domains": [n for n in self.experts if self.domains[n].finite],
                    "set_sizes": self.set_sizes, "set_purity": self.set_purity, "summary": self.summary,
                    "bars": checks}
         text = markdown(results, self.experts)

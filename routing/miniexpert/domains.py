@@ -27,12 +27,26 @@ Sample = Callable[[random.Random], tuple[str, str]]
 
 @dataclass(frozen=True, slots=True)
 class Domain:
-    """A named generator of (query, answer) pairs, and what the meta's mixture shows of it."""
+    """A named generator of (query, answer) pairs, and what the meta's mixture shows of it.
+
+    A fact table's facts are split in two: ``collect_sample`` asks about one part (the queries the expert
+    tokens and the router baseline train on), ``test_sample`` about the other, so routing is measured on
+    questions no trained routing part has seen; the expert learns every fact (``sample``: its knowledge). A
+    skill has no such split: its test queries are kept out of every training and collection draw instead.
+    """
     name: str
-    sample: Sample           # a random (query, answer) pair
+    sample: Sample           # a random (query, answer) pair: what the expert is fine-tuned on
     meta_sample: Sample      # what the meta's light mixture shows of this domain
     expert: bool = True      # False: a general domain that no expert covers
-    finite: bool = False     # True: a fixed set of facts (test questions repeat training facts by design)
+    finite: bool = False     # True: a fixed set of facts, split between collection and test
+    collect_sample: Sample | None = None  # None: ``sample``
+    test_sample: Sample | None = None     # None: ``sample``
+
+    def for_collection(self) -> Sample:
+        return self.collect_sample or self.sample
+
+    def for_test(self) -> Sample:
+        return self.test_sample or self.sample
 
 
 def _word(r: random.Random, low: int, high: int, letters: str = LETTERS) -> str:
@@ -73,23 +87,27 @@ def make_table(seed: int, size: int, key_syllables: int = 3, value_syllables: in
     return table
 
 
-def fact_domain(name: str, question: str, table: dict[str, str], known_share: float = 0.1) -> Domain:
+def fact_domain(name: str, question: str, table: dict[str, str], seed: int, known_share: float = 0.1,
+                test_share: float = 0.5) -> Domain:
     """Questions ``question.format(key)`` about a fact table; the meta's mixture shows only ``known_share``
-    of it (the few "well-known" facts)."""
+    of it (the few "well-known" facts). A seeded ``test_share`` of the keys is asked only at test time."""
     keys = sorted(table)
     known = keys[: max(1, int(len(keys) * known_share))]
+    shuffled = random.Random(seed).sample(keys, len(keys))
+    cut = int(len(keys) * test_share)
+    test, collect = sorted(shuffled[:cut]), sorted(shuffled[cut:])
 
     def ask(pool: list[str]) -> Sample:
         return lambda r: (lambda k: (question.format(k), table[k]))(r.choice(pool))
-    return Domain(name, ask(keys), ask(known), finite=True)
+    return Domain(name, ask(keys), ask(known), finite=True, collect_sample=ask(collect), test_sample=ask(test))
 
 
 def make_domains(seed: int = 0, facts: int = 120) -> dict[str, Domain]:
     """The MiniExpert domains, expert domains first in a fixed order, then the general one."""
     skills = [Domain(n, f, f) for n, f in (("reversal", reversal), ("sorting", sorting))]
-    knowledge = [fact_domain("multiplication", "mul {}=", times_table()),
-                 fact_domain("atlas", "capital of {}?", make_table(seed, facts)),
-                 fact_domain("inventors", "who made the {}?", make_table(seed + 1000, facts, 2, 3))]
+    knowledge = [fact_domain("multiplication", "mul {}=", times_table(), seed),
+                 fact_domain("atlas", "capital of {}?", make_table(seed, facts), seed + 1),
+                 fact_domain("inventors", "who made the {}?", make_table(seed + 1000, facts, 2, 3), seed + 2)]
     domains = [*skills, *knowledge, Domain("echo", echo, echo, expert=False)]
     return {d.name: d for d in domains}
 
@@ -99,11 +117,11 @@ def alphabet() -> str:
     return "".join(sorted(set(LETTERS + LETTERS.upper() + string.digits + " *=?")))
 
 
-def unique_pairs(domain: Domain, n: int, r: random.Random, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
-    """``n`` pairs with distinct queries not in ``exclude`` (fewer when the domain runs out)."""
+def unique_pairs(sample: Sample, n: int, r: random.Random, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """``n`` pairs of ``sample`` with distinct queries not in ``exclude`` (fewer when it runs out)."""
     seen, pairs = set(exclude), []
     for _ in range(50 * n):
-        q, a = domain.sample(r)
+        q, a = sample(r)
         if q not in seen:
             seen.add(q)
             pairs.append((q, a))

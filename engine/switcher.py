@@ -11,7 +11,7 @@ from etr.engine.llm_engine import LLMEngine
 from etr.engine.sequence import Sequence, SequenceStatus
 
 
-class Router:
+class Switcher:
     """Steps the meta's and the experts' engines and hands switched sequences over."""
     def __init__(self, meta: LLMEngine, experts: dict[str, LLMEngine], row_names: list[str]):
         self.meta = meta
@@ -30,7 +30,10 @@ class Router:
     def step(self) -> list[Sequence]:
         """One step of every engine with work; returns the sequences that progressed. Every engine's step is
         launched before any is waited for, so on CUDA the models run side by side on their own streams."""
-        launched = [(e, e.launch()) for e in self.engines if e.has_unfinished()]
+        busy = [e for e in self.engines if e.has_unfinished()]
+        # Remote experts first: their actors then work while the local engines compute their own steps.
+        busy.sort(key=lambda e: not e.remote)
+        launched = [(e, e.launch(wait=len(busy) == 1) if e.remote else e.launch()) for e in busy]
         progressed = []
         for engine, pending in launched:
             if pending is not None:
