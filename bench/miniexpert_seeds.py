@@ -23,16 +23,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="keep the libraries here (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write the per-seed results here")
     args = ap.parse_args(argv)
+    from etr.routing.evaluate import routing_accuracy
     from etr.routing.miniexpert.build import build
     per_seed = {}
     with tempfile.TemporaryDirectory(prefix="etr_miniexpert_") as tmp:
         root = Path(args.out or tmp)
         for seed in args.seeds:
             results = build(root / f"seed{seed}", args.profile, seed, progress=False, log=lambda *_: None)
+            etr = results["summary"]["etr"]
             per_seed[seed] = {"bars": results["bars"], "seconds": results["timings_s"]["total"],
                               "routing": {m: results["summary"][m]["routing_accuracy"] for m in
                                           ("router", "etr", "etr_extended")},
-                              "late_switches": results["summary"]["etr"]["late_switches"]}
+                              "routing_on": {kind: routing_accuracy(etr["confusion"], {d: d for d in domains}, domains)
+                                             for kind, domains in (("skills", results["skill_domains"]),
+                                                                   ("facts", results["fact_domains"]))},
+                              "false_routing": etr["false_routing"], "late_switches": etr["late_switches"]}
             print(f"seed {seed}: built in {per_seed[seed]['seconds']:.0f} s", flush=True)
     print(table(per_seed))
     if args.json:

@@ -116,7 +116,7 @@ class ExpertWorker:
             if self.failure is not None:
                 raise RuntimeError(f"the expert's engine loop died: {self.failure!r}") from self.failure
             progress, self.outbox = list(self.outbox.values()), {}
-        return {"progress": progress, "poll_s": time.perf_counter() - start, **self.stats()}
+        return {"progress": progress, "poll_s": time.perf_counter() - start, **self._counts()}
 
     def abort(self, seq_ids: list[int]) -> None:
         """Free these sequences' blocks (without touching the progress a poll has yet to collect)."""
@@ -125,6 +125,12 @@ class ExpertWorker:
             self.cond.notify_all()
 
     def stats(self) -> dict:
+        """Counts after every hand-over and abort received so far has been applied (at most one step's wait)."""
+        with self.cond:
+            self.cond.wait_for(lambda: not self.inbox or self.failure is not None, timeout=30)
+        return self._counts()
+
+    def _counts(self) -> dict:
         engine = self.engine
         return {"kv_blocks_used": engine.kv_blocks_used(), "num_running": engine.num_running(),
                 "num_waiting": engine.num_waiting()}
@@ -146,6 +152,7 @@ class ExpertWorker:
                     self.cond.wait_for(lambda: self.inbox or self.engine.has_unfinished())
                     while self.inbox:
                         self._apply(*self.inbox.popleft())
+                    self.cond.notify_all()  # stats() waits for an empty inbox
                 if self.engine.has_unfinished():
                     progressed = self.engine.step()
                     with self.cond:

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are checked by the interpreter on the CPU
+# Before anything imports Ray (it reads these once): no usage statistics, and every address of a test cluster on
+# the loopback (Ray otherwise advertises the host's IP, which nothing here may serve on).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest
 import torch

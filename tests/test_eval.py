@@ -53,12 +53,15 @@ def test_shared_mmlu_expert_loads():
 
 def test_summary_metrics():
     setup = EvalSetup("m", {"a": "x", "b": "y"}, domain_expert={"da": "a", "db": "b"})
-    recs = [Record("etr", 0, "da", "a", "", "A", True), Record("etr", 1, "da", "b", "", "B", False),
-            Record("etr", 2, "db", "b", "", "C", True), Record("etr", 3, "gen", "meta", "", "x", True),
-            Record("etr", 4, "gen", "a", "", "y", False)]
+    recs = [Record("etr", 0, "da", "a", "", "A", True, 0), Record("etr", 1, "da", "b", "", "B", False, 0),
+            Record("etr", 2, "db", "b", "", "C", True, 3), Record("etr", 3, "gen", "meta", "", "x", True),
+            Record("etr", 4, "gen", "a", "", "y", False, 0)]
     s = summarize(recs, setup)["etr"]
     assert s["accuracy"] == pytest.approx(3 / 5) and s["domain_accuracy"] == {"da": 0.5, "db": 1.0, "gen": 0.5}
-    assert s["routing_accuracy"] == pytest.approx(3 / 5)  # da->a, db->b, gen->meta are right
+    # One definition: over the questions of domains with an expert (the general domain is false routing's).
+    assert s["routing_accuracy"] == pytest.approx(2 / 3)  # da->a and db->b right, da->b wrong
+    assert s["routing_accuracy_at_start"] == pytest.approx(1 / 3)  # db->b came after 3 meta tokens
+    assert s["late_switches"] == 1
     assert s["false_routing"] == pytest.approx(0.5)
     assert s["confusion"]["da"] == {"a": 1, "b": 1}
 

@@ -16,10 +16,7 @@ import time
 import pytest
 import torch
 
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-# Every address of the test cluster on the loopback (Ray otherwise advertises the host's IP).
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-import ray  # noqa: E402 (after the environment above)
+import ray  # noqa: E402 (conftest has set Ray's environment)
 
 from conftest import hf_greedy  # noqa: E402
 from etr import AsyncLLM, LLM, SamplingParams  # noqa: E402
@@ -133,9 +130,11 @@ def test_killed_actor_and_abort(cluster, dirs, tmp_path):
     long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
     async def abort_one():
+        sent = False
         async for delta in llm.generate(PROMPTS[1], long, request_id="a"):
-            if delta.token_ids and remote.refresh()["kv_blocks_used"]:
-                assert await llm.abort("a")
+            if not sent and delta.token_ids and remote.refresh()["kv_blocks_used"]:
+                sent = await llm.abort("a")
+                assert sent
         assert delta.finished and delta.finish_reason == "abort"
     asyncio.run(asyncio.wait_for(abort_one(), 60))
     assert remote.refresh()["kv_blocks_used"] == 0
