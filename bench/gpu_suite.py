@@ -252,7 +252,7 @@ def release(plan: Plan) -> None:
 
 def bench_switch(plan: Plan, root: Path) -> dict:
     from dataclasses import asdict
-    from etr.switch_cost import measure
+    from switch_cost import measure
     sw = plan.switch
     path = str(random_checkpoint(plan, sw["shape"], root))
     cost = measure(path, n_queries=sw["queries"], new_tokens=sw["new_tokens"], dtype="bfloat16",

@@ -120,12 +120,12 @@ def measure_server(name: str, args: list[str], url: str, model: str, rates: list
 
 def switch_heads(model_dir: str, prompt_len: int, vocab: int, n: int, rates: list[float], root: Path):
     """Head files for the switch-cost runs: one row that routes every request of the run at token 0 (built
-    as etr/switch_cost.py does, from the prompts' first-step hidden states; checked offline), and a zero row."""
+    as bench/switch_cost.py does, from the prompts' first-step hidden states; checked offline), and a zero row."""
     import torch
     from etr import LLM, SamplingParams
     from etr.models.expert_head import ExpertHead, save_expert_head
     from etr.models.config import load_model_config
-    from etr.switch_cost import first_step_hidden
+    from switch_cost import first_step_hidden
     prompts = [p for i in range(len(rates)) for p in make_prompts(n, prompt_len, vocab, seed=1000 + i)]
     prompts += make_prompts(2, prompt_len, vocab, seed=999)
     zero = save_expert_head(root / "zero.safetensors", ExpertHead(["expert"], torch.zeros(1, load_model_config(model_dir).hidden_size)))

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from etr.errors import ETRError
+from etr.errors import ConfigError, ETRError
 
 DEMO_CHATS = [
     "What is the capital of France?",
@@ -223,9 +223,27 @@ def _name_dir(text: str, flag: str = "--expert", form: str = "NAME=DIR") -> tupl
     return name, path
 
 
-def _bench_switch(args) -> None:
-    from etr.switch_cost import main as run
-    run(args)
+def _bench_switch(args) -> int:
+    """Run bench/switch_cost.py (benchmarks live in bench/, which only a source checkout has) with these options."""
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "switch_cost.py"
+    if not script.exists():
+        raise ConfigError(f"etr bench switch runs {script}, which this installation lacks: benchmarks live in "
+                          "bench/ of a source checkout (pip install -e .)")
+    return subprocess.call([sys.executable, str(script), *_forward(args.parser, args)])
+
+
+def _forward(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The command line that gives ``parser`` the values in ``args`` (options only)."""
+    argv = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None) if action.option_strings else None
+        if value is None or action.dest == "help":
+            continue
+        for v in (value if isinstance(value, list) else [value]):
+            argv += [action.option_strings[0], str(v)]
+    return argv
 
 
 DTYPE_HELP = "float32, bfloat16 (bf16), float16 or auto (bfloat16 on CUDA, float32 on the CPU)"
@@ -369,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--no-progress", action="store_true", help="no progress bars")
     mb.set_defaults(func=_miniexpert)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol")
+    sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol (runs bench/switch_cost.py)")
     sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")
     sw.add_argument("--expert", default=None, help="expert checkpoint (default: the meta's)")
     sw.add_argument("--queries", type=int, default=8, help="prompts, each run in both conditions")
@@ -380,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--trace", default=None, help="write a Chrome trace of one switched request here")
     sw.add_argument("--json", default=None, help="also write the figures here as JSON")
     _add_placement_options(sw)
-    sw.set_defaults(func=_bench_switch)
+    sw.set_defaults(func=_bench_switch, parser=sw)
     return p
 
 

@@ -24,6 +24,9 @@ from etr.errors import ExpertUnavailableError  # noqa: E402
 from test_routing import LLAMA, PROMPTS, dirs, meta_trace, switch_row, write_head  # noqa: E402,F401
 
 N = 24
+# An actor's first start imports torch and the engine in a new process: seconds when idle, more than a minute on
+# a busy 2-core machine (a fresh CI virtualenv beside other work took over 60 s).
+RAY_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +55,7 @@ def heads(dirs, tmp_path, k_astro=1, k_law=4):
 
 
 def build(dirs, head, placement, **kw):
-    kw.setdefault("ray_timeout_s", 60)
+    kw.setdefault("ray_timeout_s", RAY_TIMEOUT_S)
     return LLM(str(dirs["meta"]), dtype="float32", num_kv_blocks=64, experts={"astro": str(dirs["astro"]),
                "law": str(dirs["law"])}, expert_head=head, expert_placement=placement, **kw)
 
@@ -117,7 +120,7 @@ def test_load_failure_is_named(cluster, dirs, tmp_path):
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ExpertUnavailableError, match=r"expert 'law'.*failed to load: .*CorruptCheckpointError"):
         LLM(str(dirs["meta"]), dtype="float32", num_kv_blocks=64, experts={"law": str(broken)},
-            expert_placement={"law": "ray"}, ray_timeout_s=60)
+            expert_placement={"law": "ray"}, ray_timeout_s=RAY_TIMEOUT_S)
 
 
 def test_killed_actor_and_abort(cluster, dirs, tmp_path):
@@ -125,7 +128,8 @@ def test_killed_actor_and_abort(cluster, dirs, tmp_path):
     its requests with a named error, the others complete, no block is held, later routes fail at once."""
     head = heads(dirs, tmp_path, k_astro=0, k_law=0)
     llm = AsyncLLM(str(dirs["meta"]), dtype="float32", num_kv_blocks=64, experts={"astro": str(dirs["astro"]),
-                   "law": str(dirs["law"])}, expert_head=head, expert_placement={"law": "ray"}, ray_timeout_s=60)
+                   "law": str(dirs["law"])}, expert_head=head, expert_placement={"law": "ray"},
+                   ray_timeout_s=RAY_TIMEOUT_S)
     remote = llm._llm.switcher.experts["law"]
     long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
@@ -170,7 +174,8 @@ def test_killed_actor_and_abort(cluster, dirs, tmp_path):
 def test_switch_cost_with_a_remote_expert(cluster, dirs):
     """The Table 5 protocol with the expert in an actor: every query routes at token 0 (checked inside), and
     the remote hand-off and streaming costs are measured against the same expert in-process."""
-    from etr.switch_cost import measure, report
+    from conftest import load_bench
+    measure, report = (getattr(load_bench("switch_cost"), n) for n in ("measure", "report"))
     cost = measure(str(dirs["meta"]), str(dirs["law"]), n_queries=2, new_tokens=4, dtype="float32", repeats=1,
                    placement="ray")
     assert cost.placement == "ray" and cost.switch_local_s_per_query > 0 and cost.network_s_per_switch > 0

@@ -240,7 +240,8 @@ def test_sampling_reaches_experts_and_frees_everything(dirs, tmp_path):
 @pytest.mark.parametrize("tokenizer", [True, False])  # False: random-weight checkpoints (the GPU suite's)
 def test_switch_cost_protocol_routes_every_query(tokenizer, tmp_path):
     """The benchmark's head construction makes every query switch at token 0 (and none in the baseline)."""
-    from etr.switch_cost import measure, report
+    from conftest import load_bench
+    measure, report = (getattr(load_bench("switch_cost"), n) for n in ("measure", "report"))
     meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=21, tokenizer=tokenizer, **LLAMA)
     cost = measure(str(meta), n_queries=3, new_tokens=4, dtype="float32", repeats=1)
     assert cost.queries == 3 and cost.expert_prefill_s_per_query > 0
@@ -298,3 +299,20 @@ def test_generate_cli_routes_to_an_expert(tmp_path, capsys):
     assert "expert e from token 0" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--expert-device 'cpu'.*NAME=DEVICE"):
         main(args + ["--expert-device", "cpu"])
+
+
+def test_etr_bench_switch_runs_the_bench_script(tmp_path, capsys):
+    """`etr bench switch` runs bench/switch_cost.py with its options and writes the JSON it was asked for; a
+    placement naming another expert than the protocol's is refused."""
+    import subprocess
+    import sys
+    from etr.cli import main
+    meta = make_tiny_checkpoint(tmp_path / "meta", "llama", seed=21, **LLAMA)
+    out = tmp_path / "cost.json"
+    assert main(["bench", "switch", "--model", str(meta), "--queries", "2", "--new-tokens", "3", "--dtype",
+                 "float32", "--repeats", "1", "--json", str(out)]) == 0
+    cost = json.loads(out.read_text())
+    assert cost["queries"] == 2 and cost["new_tokens"] == 3 and cost["placement"] == "local"
+    bad = subprocess.run([sys.executable, "-m", "etr", "bench", "switch", "--model", str(meta), "--expert-placement",
+                          "law=ray"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "the protocol's one expert is called 'expert'" in bad.stderr
