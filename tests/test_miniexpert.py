@@ -77,6 +77,10 @@ def test_quick_build_end_to_end(quick):
     # held-out questions, experts 65 points above the meta on average, extension -0.6 points.
     assert len(results["bars"]) == 5 and [b["bar"] for b in results["bars"] if not b["holds"]] == []
     assert results["summary"]["etr"]["routing_accuracy"] >= 0.9
+    # The report gives routing on skills and facts apart, at the first token only, and the late switches.
+    assert "| on skills | on facts | at the first token | late switches |" in (out / "results.md").read_text()
+    assert results["skill_domains"] == ["reversal", "sorting"]
+    assert results["fact_domains"] == ["multiplication", "atlas", "inventors"]
     # The checkpoints are ordinary ones: the engine loads them and switches with the trained head.
     llm = LLM(str(out / "meta"), dtype="float32", num_kv_blocks=64,
               experts={e: str(out / "experts" / e) for e in experts}, expert_head=str(out / "head.safetensors"))
