@@ -42,6 +42,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
+    mixed_batches: bool = True  # prefills join the running requests' decode step (see engine/scheduler.py)
     attention_backend: str = "auto"
     cuda_graphs: bool | None = None  # None: on for CUDA with a capturable backend
     fused_ops: bool = False  # Triton add+RMSNorm, rotary, SiLU-mul (see DecoderLM.use_fused_ops)

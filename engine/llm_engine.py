@@ -66,7 +66,7 @@ class LLMEngine:
         self.runner.allocate_kv(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
-                                   max(cfg.max_num_batched_tokens, cfg.max_model_len))
+                                   max(cfg.max_num_batched_tokens, cfg.max_model_len), cfg.mixed_batches)
 
     def adopt(self, seq: Sequence) -> None:
         """Continue a sequence another model started (its prompt and output so far become this model's
@@ -99,7 +99,7 @@ class LLMEngine:
     def launch(self) -> PendingStep | None:
         """Schedule a batch and start its forward and sampling on the model's device and stream; None when
         nothing is scheduled. Nothing else may touch this engine until ``finish`` takes the result."""
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs, num_decodes = self.scheduler.schedule()
         if not seqs:
             return None
         runner, start = self.runner, time.perf_counter()
@@ -107,18 +107,18 @@ class LLMEngine:
             started = runner.stream.event()
             if runner.greedy_kernel and all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens
                                             for s in seqs):
-                tokens = runner.run_greedy(seqs, is_prefill)
+                tokens = runner.run_greedy(seqs, num_decodes)
             else:
-                tokens = self.sampler(runner.run(seqs, is_prefill), seqs)
+                tokens = self.sampler(runner.run(seqs, num_decodes), seqs)
             host, ready = runner.stream.to_host(tokens)
-        return PendingStep(seqs, is_prefill, host, ready, started, time.perf_counter() - start)
+        return PendingStep(seqs, num_decodes, host, ready, started, time.perf_counter() - start)
 
     def finish(self, pending: PendingStep) -> list[Sequence]:
         """Wait for a launched step's tokens and append them (stops, switches, finished requests)."""
         tokens = pending.wait()
         now = time.perf_counter()
-        for seq, token in zip(pending.seqs, tokens):
-            if pending.is_prefill and seq.expert is not None and seq.switch_prefill_s is None:
+        for i, (seq, token) in enumerate(zip(pending.seqs, tokens)):
+            if i >= pending.num_decodes and seq.expert is not None and seq.switch_prefill_s is None:
                 seq.switch_prefill_s = pending.seconds()
             self._append(seq, token, now)
         return pending.seqs

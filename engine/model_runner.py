@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from etr.engine.attention import AttentionMetadata, get_backend
+from etr.engine.attention.mixed import MixedAttention, MixedMetadata
 from etr.engine.config import EngineConfig
 from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
@@ -44,6 +45,7 @@ class ModelRunner:
             check_fused_ops(device)
             self.model.use_fused_ops()
         self.backend = get_backend(config.backend_for(device), device)
+        self.mixed = MixedAttention(self.backend)
         self.num_blocks = 0
         self.kv_caches: list = []
         self.cuda_graphs = self._wants_graphs(config.cuda_graphs)
@@ -116,18 +118,33 @@ class ModelRunner:
         return self._tensor([s.last_token for s in seqs]), positions, meta
 
     @torch.inference_mode()
-    def hidden_states(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Final hidden state at the last position of every sequence, ``[len(seqs), hidden]``."""
-        if not is_prefill and self.graphs is not None and self.graphs.size_for(len(seqs)) is not None:
+    def hidden_states(self, seqs: list[Sequence], num_decodes: int) -> torch.Tensor:
+        """Final hidden state at the last position of every sequence, ``[len(seqs), hidden]``; the first
+        ``num_decodes`` sequences decode one token, the rest prefill (see ``Scheduler.schedule``)."""
+        if num_decodes == len(seqs):
+            return self._decode(seqs)
+        if num_decodes == 0:
+            input_ids, positions, meta = self.prepare_prefill(seqs)
+            return self._forward(input_ids, positions, meta, self.backend)[meta.cu_seqlens_q[1:].long() - 1]
+        return self._mixed(seqs, num_decodes)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.size_for(len(seqs)) is not None:
             return self.graphs.run([s.last_token for s in seqs], [len(s) - 1 for s in seqs],
                                    [self._slot(s, len(s) - 1) for s in seqs], [len(s) for s in seqs],
                                    [s.block_table for s in seqs])
-        input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
-        self.backend.prepare(meta)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
-        if is_prefill:
-            hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]
-        return hidden
+        return self._forward(*self.prepare_decode(seqs), self.backend)
+
+    def _mixed(self, seqs: list[Sequence], d: int) -> torch.Tensor:
+        ids_d, pos_d, meta_d = self.prepare_decode(seqs[:d])
+        ids_p, pos_p, meta_p = self.prepare_prefill(seqs[d:])
+        meta = MixedMetadata(meta_d, meta_p, d)
+        hidden = self._forward(torch.cat([ids_d, ids_p]), torch.cat([pos_d, pos_p]), meta, self.mixed)
+        return torch.cat([hidden[:d], hidden[d + meta_p.cu_seqlens_q[1:].long() - 1]])
+
+    def _forward(self, input_ids, positions, meta, backend) -> torch.Tensor:
+        backend.prepare(meta)
+        return self.model(input_ids, positions, meta, self.kv_caches, backend)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -140,8 +157,8 @@ class ModelRunner:
         return torch.cat([self.model.compute_logits(hidden).float(),
                           F.linear(hidden, self.expert_weight).float()], dim=-1)
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        return self.compute_logits(self.hidden_states(seqs, is_prefill))
+    def run(self, seqs: list[Sequence], num_decodes: int) -> torch.Tensor:
+        return self.compute_logits(self.hidden_states(seqs, num_decodes))
 
     @property
     def greedy_kernel(self) -> bool:
@@ -149,7 +166,7 @@ class ModelRunner:
         return self.use_triton_head and self.expert_weight is not None
 
     @torch.inference_mode()
-    def run_greedy(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+    def run_greedy(self, seqs: list[Sequence], num_decodes: int) -> torch.Tensor:
         """Greedy next tokens ``[B]`` on the device, straight from the extended-head kernel."""
-        hidden = self.hidden_states(seqs, is_prefill)
+        hidden = self.hidden_states(seqs, num_decodes)
         return lm_head.extended_argmax(hidden, self.model.lm_head_weight, self.expert_weight)

@@ -20,8 +20,8 @@ from etr.engine.sequence import Sequence
 @dataclass(slots=True)
 class PendingStep:
     """One engine's launched step: its batch, and its tokens once ``wait`` returns."""
-    seqs: list[Sequence]
-    is_prefill: bool
+    seqs: list[Sequence]  # decodes first
+    num_decodes: int  # the rest prefill
     tokens: torch.Tensor  # on the host; complete once `ready` has completed
     ready: torch.cuda.Event | None  # None: computed synchronously
     started: torch.cuda.Event | None

@@ -1,6 +1,8 @@
-"""Continuous batching: each step is either a batch of prefills (new or preempted requests) or one decode
-token for every running request. When the KV pool runs dry, the newest running request is preempted:
-its blocks are freed and it is recomputed later from its tokens (prefix caching makes that cheap)."""
+"""Continuous batching: each step gives every running request its next token and, in the same forward,
+prefills waiting requests (new or preempted) within the token budget, so an arrival never stalls the running
+decodes (``mixed_batches=False``: a step is either all prefills or all decodes, prefills first). When the KV
+pool runs dry, the newest running request is preempted: its blocks are freed and it is recomputed later from
+its tokens (prefix caching makes that cheap)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from etr.engine.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     """Continuous batching: picks each step's prefill or decode batch, preempts when out of blocks."""
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 mixed_batches: bool = True):
         self.block_manager = block_manager
+        self.mixed_batches = mixed_batches
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -26,15 +30,23 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences to run this step and whether the step is a prefill."""
-        prefills = self._schedule_prefills()
-        if prefills:
-            return prefills, True
-        return self._schedule_decodes(), False
+    def schedule(self) -> tuple[list[Sequence], int]:
+        """This step's sequences, decodes first, and how many of them decode (the rest prefill)."""
+        if not self.mixed_batches:
+            prefills = self._schedule_prefills(0)
+            return (prefills, 0) if prefills else self._all_decodes()
+        preemptions = self.num_preemptions
+        decodes, _ = self._all_decodes()
+        # Blocks ran short: admitting a prefill now would only preempt it again.
+        prefills = self._schedule_prefills(len(decodes)) if self.num_preemptions == preemptions else []
+        return decodes + prefills, len(decodes)
 
-    def _schedule_prefills(self) -> list[Sequence]:
-        scheduled, num_tokens = [], 0
+    def _all_decodes(self) -> tuple[list[Sequence], int]:
+        decodes = self._schedule_decodes()
+        return decodes, len(decodes)
+
+    def _schedule_prefills(self, num_tokens: int) -> list[Sequence]:
+        scheduled = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if scheduled and num_tokens + len(seq) > self.max_num_batched_tokens:

@@ -47,7 +47,7 @@ def _serve(args) -> None:
     experts = dict(_name_dir(e) for e in args.expert or [])
     llm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
-                   experts=experts or None, expert_head=args.expert_head, **placement_options(args))
+                   mixed_batches=not args.no_mixed_batches, experts=experts or None, expert_head=args.expert_head, **placement_options(args))
     print(f"etr: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}", flush=True)
     run_server(llm, args.host, args.port, args.served_model_name, args.log_level)
 
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-waiting", type=int, default=1024, help="requests queued beyond those; more get 503")
     sv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks per model "
                                                                     "(default: sized from free memory)")
+    sv.add_argument("--no-mixed-batches", action="store_true", help="a step either prefills or decodes (default: "
+                    "arrivals are prefilled in the running requests' decode step)")
     sv.add_argument("--log-level", default="warning", help="uvicorn's log level")
     _add_placement_options(sv)
     sv.set_defaults(func=_serve)
