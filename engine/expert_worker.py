@@ -87,6 +87,7 @@ class ExpertWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         engine = LLMEngine(config, model_dir, torch.device(device))
+        engine.label = "expert"  # in a profile of the actor's process
         if engine.tokenizer is None and tokenizer_dir is not None:  # the same ids: the meta's writes the text
             from etr.models.tokenizer import load_tokenizer
             engine.tokenizer = engine.stop_checker.tokenizer = load_tokenizer(tokenizer_dir)

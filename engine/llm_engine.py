@@ -10,6 +10,7 @@ from etr.engine.config import EngineConfig
 from etr.engine.model_runner import ModelRunner
 from etr.engine.outputs import RequestMetrics, RequestOutput, StreamDelta
 from etr.engine.pending_step import PendingStep
+from etr.engine.phases import phase, step_kind
 from etr.engine.sampler import Sampler
 from etr.engine.sampling_params import SamplingParams
 from etr.engine.scheduler import Scheduler
@@ -59,6 +60,7 @@ class LLMEngine:
         self.sampler = Sampler(eos)
         self.stop_checker = StopChecker(eos, config.max_model_len, self.tokenizer)
         self.switched: list[Sequence] = []  # sequences that chose an expert token this step
+        self.label = "meta"  # in profiler spans; the switcher labels each expert's engine after its expert
 
     def init_kv(self, num_blocks: int) -> None:
         """Allocate the KV pool and the block accounting over it (see ``kv_cache.size_kv_pools``)."""
@@ -66,7 +68,8 @@ class LLMEngine:
         self.runner.allocate_kv(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
-                                   max(cfg.max_num_batched_tokens, cfg.max_model_len), cfg.mixed_batches)
+                                   max(cfg.max_num_batched_tokens, cfg.max_model_len),
+                                   cfg.mixed_batches_for(self.device))
 
     def adopt(self, seq: Sequence) -> None:
         """Continue a sequence another model started (its prompt and output so far become this model's
@@ -99,17 +102,22 @@ class LLMEngine:
     def launch(self) -> PendingStep | None:
         """Schedule a batch and start its forward and sampling on the model's device and stream; None when
         nothing is scheduled. Nothing else may touch this engine until ``finish`` takes the result."""
-        seqs, num_decodes = self.scheduler.schedule()
+        with phase(f"{self.label} schedule"):
+            seqs, num_decodes = self.scheduler.schedule()
         if not seqs:
             return None
         runner, start = self.runner, time.perf_counter()
-        with runner.stream.active():
+        with runner.stream.active(), phase(f"{self.label} step"):
             started = runner.stream.event()
-            if runner.greedy_kernel and all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens
-                                            for s in seqs):
-                tokens = runner.run_greedy(seqs, num_decodes)
+            greedy = runner.greedy_kernel and all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens
+                                                  for s in seqs)
+            with phase(f"{self.label} {step_kind(len(seqs), num_decodes)}"):
+                out = (runner.run_greedy if greedy else runner.run)(seqs, num_decodes)
+            if greedy:
+                tokens = out
             else:
-                tokens = self.sampler(runner.run(seqs, num_decodes), seqs)
+                with phase("sampling"):
+                    tokens = self.sampler(out, seqs)
             host, ready = runner.stream.to_host(tokens)
         return PendingStep(seqs, num_decodes, host, ready, started, time.perf_counter() - start)
 
@@ -117,10 +125,11 @@ class LLMEngine:
         """Wait for a launched step's tokens and append them (stops, switches, finished requests)."""
         tokens = pending.wait()
         now = time.perf_counter()
-        for i, (seq, token) in enumerate(zip(pending.seqs, tokens)):
-            if i >= pending.num_decodes and seq.expert is not None and seq.switch_prefill_s is None:
-                seq.switch_prefill_s = pending.seconds()
-            self._append(seq, token, now)
+        with phase(f"{self.label} append"):
+            for i, (seq, token) in enumerate(zip(pending.seqs, tokens)):
+                if i >= pending.num_decodes and seq.expert is not None and seq.switch_prefill_s is None:
+                    seq.switch_prefill_s = pending.seconds()
+                self._append(seq, token, now)
         return pending.seqs
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:

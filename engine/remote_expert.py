@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from etr.engine.config import EngineConfig
 from etr.engine.expert_worker import HandOver, vocab_fingerprint
 from etr.engine.llm_engine import check_prompt
+from etr.engine.phases import phase
 from etr.engine.sampling_params import SamplingParams
 from etr.engine.sequence import Sequence, SequenceStatus
 from etr.errors import ConfigError, ExpertUnavailableError
@@ -67,6 +68,7 @@ class RemoteExpertEngine:
 
     def __init__(self, config: EngineConfig, name: str, model_dir: str, device, tokenizer_dir: str | None):
         self.config, self.name, self.model_dir = config, name, str(model_dir)
+        self.label = f"expert {name}"  # in profiler spans
         self.tokenizer = None  # the facade writes text with the meta's tokenizer (same ids)
         self.switched: list[Sequence] = []  # experts never switch further
         self.seqs: dict[int, Sequence] = {}  # held by the actor (or about to be), by sequence id
@@ -150,9 +152,10 @@ class RemoteExpertEngine:
         ``POLL_WAIT_S`` until it has a token (False when other engines have work: they must not stall)."""
         if self.dead is not None or not self.seqs:
             return None
-        sent, self.to_send = self.to_send, []
-        handovers = [self._handover(s) for s in sent]
-        ref = self.actor.poll.remote(handovers, [], POLL_WAIT_S if wait else 0.0)
+        with phase(f"{self.label} send"):
+            sent, self.to_send = self.to_send, []
+            handovers = [self._handover(s) for s in sent]
+            ref = self.actor.poll.remote(handovers, [], POLL_WAIT_S if wait else 0.0)
         return PendingPoll(ref, time.perf_counter(), sent)
 
     def _handover(self, seq: Sequence) -> HandOver:
@@ -166,7 +169,8 @@ class RemoteExpertEngine:
     def finish(self, pending: PendingPoll) -> list[Sequence]:
         ray = ray_module()
         try:  # a poll answers within POLL_WAIT_S plus a step: far longer means the actor's node is gone
-            answer = ray.get(pending.ref, timeout=POLL_WAIT_S + self.config.ray_timeout_s)
+            with phase(f"{self.label} wait"):
+                answer = ray.get(pending.ref, timeout=POLL_WAIT_S + self.config.ray_timeout_s)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             return self._die(e)
         network_s = max(time.perf_counter() - pending.sent_at - answer["poll_s"], 0.0)

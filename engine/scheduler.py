@@ -1,6 +1,7 @@
 """Continuous batching: each step gives every running request its next token and, in the same forward,
 prefills waiting requests (new or preempted) within the token budget, so an arrival never stalls the running
-decodes (``mixed_batches=False``: a step is either all prefills or all decodes, prefills first). When the KV
+decodes; or (``mixed_batches=False``, the CPU's default) a step is either all prefills or all decodes,
+prefills first, so an arrival's first token comes sooner. When the KV
 pool runs dry, the newest running request is preempted: its blocks are freed and it is recomputed later from
 its tokens (prefix caching makes that cheap)."""
 

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 from etr.engine.llm_engine import LLMEngine
+from etr.engine.phases import phase
 from etr.engine.sequence import Sequence, SequenceStatus
 
 
@@ -19,6 +20,8 @@ class Switcher:
         self.row_names = row_names  # expert name of each expert-token row, in row order
         # Several names may share one engine (same checkpoint on the same device): step each once.
         self.engines = list({id(e): e for e in [meta, *experts.values()]}.values())
+        for engine in self.engines[1:]:  # profiler spans say which expert ("expert astro prefill")
+            engine.label = "expert " + "/".join(n for n, e in experts.items() if e is engine)
         self.num_switches = 0
         self.switches: Counter[str] = Counter()  # hand-overs per expert name
         self.switch_bookkeeping_s = 0.0
@@ -43,6 +46,11 @@ class Switcher:
 
     def _hand_over(self) -> None:
         start = time.perf_counter()
+        with phase("hand-over"):
+            self._adopt_switched()
+        self.switch_bookkeeping_s += time.perf_counter() - start
+
+    def _adopt_switched(self) -> None:
         for engine in self.engines:
             switched, engine.switched = engine.switched, []
             for seq in switched:
@@ -51,7 +59,6 @@ class Switcher:
                 self.experts[name].adopt(seq)
                 self.num_switches += 1
                 self.switches[name] += 1
-        self.switch_bookkeeping_s += time.perf_counter() - start
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop ``seqs`` wherever they are (any model, or between two), freeing their KV blocks."""

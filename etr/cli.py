@@ -47,7 +47,7 @@ def _serve(args) -> None:
     experts = dict(_name_dir(e) for e in args.expert or [])
     llm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
-                   mixed_batches=not args.no_mixed_batches, experts=experts or None, expert_head=args.expert_head, **placement_options(args))
+                   mixed_batches={"auto": None, "on": True, "off": False}[args.mixed_batches], experts=experts or None, expert_head=args.expert_head, **placement_options(args))
     print(f"etr: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}", flush=True)
     run_server(llm, args.host, args.port, args.served_model_name, args.log_level)
 
@@ -223,14 +223,18 @@ def _name_dir(text: str, flag: str = "--expert", form: str = "NAME=DIR") -> tupl
     return name, path
 
 
-def _bench_switch(args) -> int:
-    """Run bench/switch_cost.py (benchmarks live in bench/, which only a source checkout has) with these options."""
+BENCH_SCRIPTS = {"switch": "switch_cost.py", "decode": "decode.py"}
+
+
+def _bench_script(args) -> int:
+    """Run the bench/ script of ``etr bench NAME`` (benchmarks live in bench/, which only a source checkout has)
+    with these options."""
     import subprocess
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "bench" / "switch_cost.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / BENCH_SCRIPTS[args.bench]
     if not script.exists():
-        raise ConfigError(f"etr bench switch runs {script}, which this installation lacks: benchmarks live in "
-                          "bench/ of a source checkout (pip install -e .)")
+        raise ConfigError(f"etr bench {args.bench} runs {script}, which this installation lacks: benchmarks live "
+                          "in bench/ of a source checkout (pip install -e .)")
     return subprocess.call([sys.executable, str(script), *_forward(args.parser, args)])
 
 
@@ -308,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-waiting", type=int, default=1024, help="requests queued beyond those; more get 503")
     sv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks per model "
                                                                     "(default: sized from free memory)")
-    sv.add_argument("--no-mixed-batches", action="store_true", help="a step either prefills or decodes (default: "
-                    "arrivals are prefilled in the running requests' decode step)")
+    sv.add_argument("--mixed-batches", choices=["auto", "on", "off"], default="auto",
+                    help="on: arrivals are prefilled in the running requests' decode step; off: a step either "
+                         "prefills or decodes; auto: on for CUDA, off for the CPU")
     sv.add_argument("--log-level", default="warning", help="uvicorn's log level")
     _add_placement_options(sv)
     sv.set_defaults(func=_serve)
@@ -400,7 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--trace", default=None, help="write a Chrome trace of one switched request here")
     sw.add_argument("--json", default=None, help="also write the figures here as JSON")
     _add_placement_options(sw)
-    sw.set_defaults(func=_bench_switch, parser=sw)
+    sw.set_defaults(func=_bench_script, parser=sw)
+    de = b.add_parser("decode", help="time decode steps of one model; --profile writes a Chrome trace with the "
+                                     "engine's phases named (runs bench/decode.py)")
+    de.add_argument("--model", default=None, help="checkpoint (default: embedded SmolLM2-135M)")
+    de.add_argument("--batch", type=int, default=1, help="requests decoded together")
+    de.add_argument("--context", type=int, default=32, help="prompt tokens per request")
+    de.add_argument("--steps", type=int, default=16, help="decode steps timed (and profiled)")
+    de.add_argument("--dtype", default="bfloat16", help=DTYPE_HELP)
+    de.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    de.add_argument("--profile", default=None, help="write a Chrome trace of the steps here; print the top ops "
+                                                    "by self time and the time per engine phase")
+    de.add_argument("--top", type=int, default=15, help="ops printed by self time (with --profile)")
+    de.set_defaults(func=_bench_script, parser=de)
     return p
 
 

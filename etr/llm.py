@@ -38,8 +38,10 @@ class LLM:
         max_num_batched_tokens: most prompt tokens prefilled in one step (at least max_model_len).
         num_kv_blocks: size of each model's KV pool in blocks; None sizes it from free memory.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes across requests.
-        mixed_batches: prefill arriving requests in the same step (one forward) that decodes the running ones,
-            so an arrival does not stall them; False: a step either prefills or decodes, prefills first.
+        mixed_batches: True: prefill arriving requests in the same step (one forward) that decodes the running
+            ones, so an arrival does not stall them (lower inter-token latency tails); False: a step either
+            prefills or decodes, prefills first (sooner first tokens); None (default): True on CUDA, False on
+            the CPU, where mixing measured slower (bench/RESULTS.md).
         attention_backend: "auto" (flash-attn on CUDA when it imports, else the Triton kernels on CUDA, else
             torch), "flash", "triton" or "torch".
         experts: expert name -> checkpoint directory. Experts must share the meta's vocabulary and tokenizer;

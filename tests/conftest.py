@@ -188,7 +188,10 @@ def load_bench(name: str):
     registered under its name)."""
     import importlib.util
     import sys
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:  # scripts import their siblings' helpers, as they do when run
+        sys.path.append(str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

@@ -4,6 +4,7 @@ with every attention backend, and the tokens stay HF's (float32 greedy)."""
 import sys
 
 import pytest
+import torch
 
 import fake_flash_attn
 from conftest import hf_greedy
@@ -11,6 +12,7 @@ from etr import LLM, SamplingParams
 from etr.engine.block_manager import BlockManager
 from etr.engine.scheduler import Scheduler
 from etr.engine.sequence import Sequence
+from etr.errors import ConfigError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 FIRST = [(5 * i) % 250 + 1 for i in range(21)]
@@ -48,7 +50,7 @@ def test_mixed_step_keeps_hf_greedy_tokens(backend, tiny_dir, hf_model_of, monke
     if backend == "flash":
         monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn)
     path = tiny_dir("llama_tied_gqa")
-    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, attention_backend=backend,
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, attention_backend=backend, mixed_batches=True,
               block_size=256 if backend == "flash" else 8)
     assert llm.engine.runner.backend.name == backend
     steps = record_steps(llm.engine)
@@ -59,13 +61,17 @@ def test_mixed_step_keeps_hf_greedy_tokens(backend, tiny_dir, hf_model_of, monke
     assert got == [hf_greedy(hf, p, GREEDY.max_tokens) for p in [FIRST] + LATER]
 
 
-def test_unmixed_steps_prefill_first(tiny_dir):
-    llm = LLM(str(tiny_dir("llama_tied_gqa")), dtype="float32", num_kv_blocks=64, mixed_batches=False)
+def test_unmixed_steps_prefill_first_and_are_the_cpu_default(tiny_dir):
+    path = str(tiny_dir("llama_tied_gqa"))
+    llm = LLM(path, dtype="float32", num_kv_blocks=64)
+    assert not llm.engine.scheduler.mixed_batches and llm.config.mixed_batches_for(torch.device("cuda"))
     steps = record_steps(llm.engine)
     unmixed = run_staggered(llm)
     assert steps[:4] == [(1, 0), (1, 1), (3, 0), (4, 4)]
     assert all(d in (0, n) for n, d in steps)
-    assert unmixed == run_staggered(LLM(str(tiny_dir("llama_tied_gqa")), dtype="float32", num_kv_blocks=64))
+    assert unmixed == run_staggered(LLM(path, dtype="float32", num_kv_blocks=64, mixed_batches=True))
+    with pytest.raises(ConfigError, match="mixed_batches='yes' must be True, False or None"):
+        LLM(path, mixed_batches="yes")
 
 
 def scheduler(num_blocks: int, budget: int = 100) -> Scheduler:

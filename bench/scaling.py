@@ -1,0 +1,187 @@
+"""How decode cost grows: ms per step against batch size and against context length, for the engine and HF
+transformers, beside each point's bandwidth floor.
+
+    python bench/scaling.py [--model DIR] [--batches 1 2 4 8 16 32 64] [--context 128]
+                            [--contexts 128 512 1024 2048 4096] [--context-batches 1 16] [--steps 16]
+                            [--png FILE] [--json FILE]
+
+A point's floor is the bytes a decode step must read (every weight once, the LM head included, plus the KV
+of every sequence's context) divided by the read bandwidth measured in the same run (``read_bandwidth``: a
+reduction over a tensor far larger than the caches, best of several). Engine: ms per decode step timed over
+``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens minus ``generate``
+of 1 token, over steps (so its prefill cancels out), on the same random prompts. Default model: the embedded
+SmolLM2-135M-Instruct in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from decode import decode_steps
+
+
+@dataclass(slots=True)
+class Point:
+    engine: str
+    batch: int
+    context: int
+    ms_per_step: float
+    tok_s: float
+    floor_ms: float
+
+    @property
+    def over_floor(self) -> float:
+        return self.ms_per_step / self.floor_ms
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second a reduction reads from memory (best of ``repeats``) over ``gib`` GiB of float32."""
+    t = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - start)
+    return t.numel() * 4 / best
+
+
+def step_bytes(model_config, weight_bytes: int, batch: int, context: int, kv_bytes_per_elem: int) -> int:
+    """What one decode step reads: every weight once and the K and V of every context token of every layer."""
+    c = model_config
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_bytes_per_elem
+    return weight_bytes + batch * context * kv
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters a step reads (a tied head counted once, the embedding as the head)."""
+    seen = {}
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def engine_ms(llm, batch: int, context: int, steps: int) -> float:
+    run, seqs = decode_steps(llm, batch, context, steps, seed=batch * 7919 + context)
+    try:
+        return run() * 1e3
+    finally:
+        llm.engine.abort(seqs)
+
+
+def hf_ms(model, batch: int, context: int, steps: int, vocab: int) -> float:
+    rng = random.Random(batch * 7919 + context)
+    ids = torch.tensor([[rng.randrange(vocab) for _ in range(context)] for _ in range(batch)])
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+
+    def took(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - start
+    took(2)  # warm-up at this shape
+    return (took(steps + 1) - took(1)) / steps * 1e3
+
+
+def grid(args) -> list[tuple[int, int]]:
+    points = [(b, args.context) for b in args.batches]
+    points += [(b, c) for b in args.context_batches for c in args.contexts if (b, c) not in points]
+    return points
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--context", type=int, default=128, help="context of the batch sweep")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
+    ap.add_argument("--context-batches", type=int, nargs="+", default=[1, 16], help="batches of the context sweep")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per point")
+    ap.add_argument("--no-hf", action="store_true", help="the engine only")
+    ap.add_argument("--png", default=None, help="plot to write")
+    ap.add_argument("--json", default=None, help="rows to write")
+    args = ap.parse_args(argv)
+    from etr import LLM
+    model = args.model
+    if model is None:
+        from etr.default_model import default_model_dir
+        model = str(default_model_dir(torch.float32))
+    points = grid(args)
+    longest = max(c for _, c in points) + args.steps + 16
+    llm = LLM(model, dtype=args.dtype, max_model_len=longest, max_num_seqs=max(b for b, _ in points))
+    cfg, dtype = llm.engine.model_config, llm.config.dtype
+    wbytes = weight_bytes(llm.engine.runner.model)
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {wbytes / 1e6:.0f} MB ({dtype})", flush=True)
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
+    rows = []
+    for batch, context in points:
+        floor = step_bytes(cfg, wbytes, batch, context, torch.finfo(dtype).bits // 8) / bandwidth * 1e3
+        runs = [("etr", lambda: engine_ms(llm, batch, context, args.steps))]
+        if hf is not None:
+            runs.append(("hf", lambda: hf_ms(hf, batch, context, args.steps, cfg.vocab_size)))
+        for name, measure in runs:
+            ms = measure()
+            rows.append(Point(name, batch, context, ms, batch / ms * 1e3, floor))
+            print(f"  {name} batch {batch} context {context}: {ms:.1f} ms/step ({rows[-1].tok_s:.0f} tok/s), "
+                  f"floor {floor:.1f} ms, {rows[-1].over_floor:.1f}x the floor", flush=True)
+    report(rows)
+    if args.png:
+        plot(rows, args, args.png)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"read_bandwidth": bandwidth, "weight_bytes": wbytes,
+                                               "rows": [asdict(r) for r in rows]}, indent=1))
+    return 0
+
+
+def report(rows: list[Point]) -> None:
+    print("| engine | batch | context | ms/step | tok/s | floor ms | x floor |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r.engine} | {r.batch} | {r.context} | {r.ms_per_step:.1f} | {r.tok_s:.0f} | {r.floor_ms:.1f} | "
+              f"{r.over_floor:.1f} |")
+
+
+def plot(rows: list[Point], args, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    engines = list(dict.fromkeys(r.engine for r in rows))
+    sweep = [r for r in rows if r.context == args.context and r.batch in args.batches]
+    for name in engines:
+        mine = [r for r in sweep if r.engine == name]
+        axes[0].plot([r.batch for r in mine], [r.ms_per_step for r in mine], marker="o", label=name)
+    floor = sorted({(r.batch, r.floor_ms) for r in sweep})
+    axes[0].plot([b for b, _ in floor], [f for _, f in floor], "k--", label="bandwidth floor")
+    axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step",
+                title=f"context {args.context}")
+    for batch in args.context_batches:
+        ctx = [r for r in rows if r.batch == batch and r.context in args.contexts]
+        for name in engines:
+            mine = [r for r in ctx if r.engine == name]
+            axes[1].plot([r.context for r in mine], [r.ms_per_step for r in mine], marker="o",
+                         label=f"{name} batch {batch}")
+        floor = sorted({(r.context, r.floor_ms) for r in ctx})
+        axes[1].plot([c for c, _ in floor], [f for _, f in floor], "--", label=f"floor batch {batch}")
+    axes[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per decode step",
+                title="context sweep")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

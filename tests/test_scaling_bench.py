@@ -1,0 +1,37 @@
+"""bench/scaling.py: the bytes a decode step must read, and a small sweep end to end (table, JSON, PNG)."""
+
+import json
+
+import torch
+
+from conftest import load_bench, make_tiny_checkpoint
+from etr.models.config import load_model_config
+
+
+def test_step_bytes_counts_weights_once_and_every_context_token(tmp_path):
+    scaling = load_bench("scaling")
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                tie_word_embeddings=True)
+    cfg = load_model_config(path)
+    tied = torch.nn.Linear(4, 3)
+    tied.extra = torch.nn.Linear(4, 3)
+    tied.extra.weight = tied.weight  # shared: counted once
+    assert scaling.weight_bytes(tied) == (12 + 3 + 3) * 4
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert scaling.step_bytes(cfg, 1000, 3, 50, 2) == 1000 + 3 * 50 * per_token
+
+
+def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
+    scaling = load_bench("scaling")
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    assert scaling.main(["--model", str(path), "--dtype", "float32", "--batches", "1", "2", "--context", "8",
+                         "--contexts", "8", "24", "--context-batches", "2", "--steps", "2", "--json", str(out),
+                         "--png", str(png)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    points = {(r["engine"], r["batch"], r["context"]) for r in rows}
+    assert points == {(e, b, c) for e in ("etr", "hf") for b, c in [(1, 8), (2, 8), (2, 24)]}
+    assert all(r["ms_per_step"] > 0 and r["floor_ms"] > 0 for r in rows)
+    floors = {(r["batch"], r["context"]): r["floor_ms"] for r in rows}
+    assert floors[(2, 24)] > floors[(2, 8)] > floors[(1, 8)]
+    assert png.stat().st_size > 0 and "| etr | 2 | 24 |" in capsys.readouterr().out
