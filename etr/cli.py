@@ -1,4 +1,5 @@
-"""The ``etr`` command line: import-gguf, generate, demo, collect, train, router, eval, miniexpert, bench."""
+"""The ``etr`` command line: import-gguf, generate, serve, demo, collect, train, router, eval, miniexpert, smolexpert,
+bench."""
 
 from __future__ import annotations
 
@@ -194,7 +195,16 @@ def _eval(args) -> None:
 
 def _miniexpert(args) -> int:
     from etr.routing.miniexpert.build import build
-    results = build(args.dir, args.profile, args.seed, progress=not args.no_progress)
+    return _report_build(args, build(args.dir, args.profile, args.seed, progress=not args.no_progress))
+
+
+def _smolexpert(args) -> int:
+    from etr.routing.smolexpert.build import build
+    return _report_build(args, build(args.dir, args.profile, args.seed, progress=not args.no_progress))
+
+
+def _report_build(args, results: dict) -> int:
+    """Print a library build's outcome; exit status 1 when a bar failed."""
     failed = [b for b in results["bars"] if not b["holds"]]
     print(f"wrote {args.dir} in {results['timings_s']['total']:.0f} s; bars held: "
           f"{len(results['bars']) - len(failed)}/{len(results['bars'])}")
@@ -393,6 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--seed", type=int, default=0, help="data, initialisation and training order")
     mb.add_argument("--no-progress", action="store_true", help="no progress bars")
     mb.set_defaults(func=_miniexpert)
+    sx = sub.add_parser("smolexpert", help="the SmolExpert library (SmolLM2-135M-Instruct and real-data "
+                                           "experts)").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    sb = sx.add_parser("build", help="fine-tune SmolLM2 experts on real facts here, then collect, train, extend, "
+                                     "evaluate with the chat template")
+    sb.add_argument("dir", help="output directory (must not exist or be empty)")
+    sb.add_argument("--profile", choices=["quick", "default"], default="default",
+                    help="quick: 2 domains, a few facts and steps, for tests (checks only that the experts learned "
+                         "what they were taught); default: 3 domains, the bars' profile")
+    sb.add_argument("--seed", type=int, default=0, help="fact splits, sampling and training order")
+    sb.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sb.set_defaults(func=_smolexpert)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, parser_class=_Parser)
     sw = b.add_parser("switch", help="switching cost, paper Table 5 protocol (runs bench/switch_cost.py)")
     sw.add_argument("--model", default=None, help="meta checkpoint (default: embedded SmolLM2-135M)")

@@ -3,7 +3,9 @@
 MMLU-Expert (the paper's benchmark) is one headerless CSV per domain — question, A, B, C, D, answer — as the
 MMLU release ships its ``*_test.csv`` files; the domain is the file name without ``_test``. The prompt is
 MMLU's zero-shot one, and the prediction is the first standalone A-D letter of the model's answer.
-Exact-answer JSONL (``{"domain", "query", "answer"}`` per line) scores the whole stripped answer.
+Exact-answer JSONL (``{"domain", "query", "answer"}`` per line) scores the whole stripped answer; with
+``"match": "word"`` the answer must appear in the text as a whole word (a chat model's sentence around it is
+allowed), and with ``"match": "open"`` the question has no gold answer (only routing is measured on it).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class Question:
     """One evaluation question with its domain and gold answer."""
     domain: str
     prompt: str   # what the model is asked (before any chat template)
-    answer: str   # gold letter (multiple choice) or gold text (exact)
-    kind: str     # "choice" or "exact"
+    answer: str   # gold letter (multiple choice) or gold text (exact, word)
+    kind: str     # "choice", "exact", "word" or "open" (see the module docstring)
 
 
 def mmlu_prompt(domain: str, question: str, options: list[str]) -> str:
@@ -62,7 +64,10 @@ def load_exact_jsonl(path: str | Path) -> list[Question]:
             missing = {"domain", "query", "answer"} - set(row)
             if missing:
                 raise ConfigError(f"{path}:{n}: missing key(s) {sorted(missing)}")
-            questions.append(Question(row["domain"], row["query"], str(row["answer"]), "exact"))
+            kind = row.get("match", "exact")
+            if kind not in ("exact", "word", "open"):
+                raise ConfigError(f"{path}:{n}: match {kind!r}: use 'exact', 'word' or 'open'")
+            questions.append(Question(row["domain"], row["query"], str(row["answer"]), kind))
     return questions
 
 
@@ -89,13 +94,22 @@ def extract_choice(text: str) -> str | None:
 
 
 def prediction(question: Question, text: str) -> str | None:
-    """What is scored: the extracted letter (multiple choice) or the stripped answer (exact)."""
-    return extract_choice(text) if question.kind == "choice" else text.strip()
+    """What is scored: the extracted letter (multiple choice), the gold answer when the text has it as a whole
+    word (word), nothing (open), else the stripped answer."""
+    if question.kind == "choice":
+        return extract_choice(text)
+    if question.kind == "word":
+        return question.answer if _has_word(text, question.answer) else text.strip()
+    return None if question.kind == "open" else text.strip()
+
+
+def _has_word(text: str, word: str) -> bool:
+    return bool(word) and re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text) is not None
 
 
 def is_correct(question: Question, text: str) -> bool:
-    """Whether ``text`` answers ``question`` correctly."""
-    return prediction(question, text) == question.answer
+    """Whether ``text`` answers ``question`` correctly (never for an open question)."""
+    return question.kind != "open" and prediction(question, text) == question.answer
 
 
 def first_per_domain(questions: list[Question], limit: int) -> list[Question]:

@@ -17,7 +17,8 @@ import torch
 IN_CI = os.environ.get("CI") == "true"
 # What CI must have: a missing or broken one fails the run at its start instead of skipping tests.
 REQUIRED_IN_CI = {"triton": "triton", "the serve extra": "fastapi, uvicorn, prometheus_client",
-                  "the dev extra": "openai, httpx, matplotlib", "the ray extra": "ray"}
+                  "the dev extra": "openai, httpx, matplotlib", "the ray extra": "ray",
+                  "the smolexpert extra": "periodictable, pycountry"}
 
 
 def pytest_sessionstart(session):

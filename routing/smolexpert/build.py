@@ -1,0 +1,241 @@
+"""``etr smolexpert build DIR``: Expert Token Routing on a real pretrained chat model. The meta is the
+embedded SmolLM2-135M-Instruct (never trained); each expert is the meta fine-tuned on one domain of real facts
+(routing/smolexpert/facts.py); then the same pipeline as MiniExpert: query sets by loss gap, expert tokens
+with negatives, one domain added later with its row only, the router-classifier baseline, and evaluation
+through the engine with the chat template.
+
+DIR gets ``experts/<domain>/`` (ordinary HF checkpoints sharing the meta's tokenizer and chat template),
+``data/`` (expert training data, the collection mixture, test and seen questions), ``sets.jsonl``,
+``head.safetensors``, ``head_base.safetensors``, ``head_extended.safetensors``, ``router.safetensors``,
+``results.md``, ``results.json`` and ``routing.png``; written to ``DIR.partial`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from etr.engine.config import META
+from etr.errors import ConfigError
+from etr.routing.smolexpert import facts as F
+
+
+@dataclass(slots=True)
+class Profile:
+    """Sizes, steps and settings of one SmolExpert build profile (fixed, not tuned on any test result)."""
+    domains: tuple[str, ...]     # expert domains; the last is added later with its row only (extension)
+    max_facts: int | None        # per relation (None: all), before halving into train and test facts
+    expert_steps: int
+    expert_layers: int | None    # top decoder layers fine-tuned (None: the whole model)
+    expert_lr: float = 2e-4
+    batch_size: int = 16
+    collect_per_relation: int = 40   # train facts x train phrasings drawn per relation for the collection
+    test_per_relation: int = 40
+    seen_per_domain: int = 24    # trained facts in trained phrasings: did each expert learn its domain?
+    general_topics: int | None = None
+    tau: float = 1.0             # Eq. 3 margin, in nats summed over the answer
+    head_lr: float = 2e-2
+    head_weight_decay: float = 0.1
+    head_epochs: int = 5
+    max_tokens: int = 16
+
+
+PROFILES = {
+    "quick": Profile(("chemistry", "countries"), max_facts=16, expert_steps=24, expert_layers=4, batch_size=8,
+                     collect_per_relation=8, test_per_relation=6, seen_per_domain=8, general_topics=8),
+    "default": Profile(("chemistry", "countries", "python"), max_facts=None, expert_steps=240, expert_layers=8),
+}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Build:
+    """One build; each stage is a method timed into ``timings``; the fields set in ``__init__`` are what the
+    stages hand on (set by the stage named beside each)."""
+
+    def __init__(self, out: Path, profile: str, seed: int, progress: bool, log):
+        if profile not in PROFILES:
+            raise ConfigError(f"unknown SmolExpert profile {profile!r}; choose from {sorted(PROFILES)}")
+        from etr.default_model import default_model_dir
+        self.final, self.out = out, out.with_name(out.name + ".partial")
+        self.name, self.p, self.seed, self.progress, self.log = profile, PROFILES[profile], seed, progress, log
+        self.meta = str(default_model_dir(torch.float32))
+        self.experts = list(self.p.domains)
+        self.timings: dict[str, float] = {}
+        self.splits: dict[str, list[F.Split]] = {}      # data: every relation's facts and phrasings, split
+        self.general: tuple[list[str], list[str]] = ([], [])  # data: general requests (collection, test)
+        self.expert_loss: dict[str, float] = {}          # experts: final training loss per expert
+        self.set_sizes: dict[str, int] = {}              # query sets: pairs per expert, and negatives
+        self.set_purity: dict[str, float | None] = {}    # query sets: share from the expert's own domain
+        self.summary: dict = {}                          # evaluation: per-method figures on the test questions
+        self.seen: dict = {}                             # evaluation: meta and oracle on trained questions
+        self.records: list = []
+
+    def stage(self, name: str, fn) -> None:
+        self.log(f"[smolexpert] {name} ...")
+        start = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - start
+        self.log(f"[smolexpert] {name}: {self.timings[name]:.1f} s")
+
+    # ---- data --------------------------------------------------------------------------------------------
+
+    def data(self) -> None:
+        rng = random.Random(self.seed)
+        self.splits = {d: [F.split_relation(r, rng, max_facts=self.p.max_facts) for r in F.DOMAINS[d]()]
+                       for d in self.experts}
+        self.general = F.general_split(rng, self.p.general_topics)
+        train, collect, test, seen = [], [], [], []
+        for domain, splits in self.splits.items():
+            for s in splits:
+                rel = s.relation
+                # The expert's knowledge: every fact of its domain, in the training phrasings only.
+                train += [{"domain": domain, "query": rel.ask(t, x), "response": a}
+                          for x, a in s.train_facts + s.test_facts for t in s.train_templates]
+                asked = [(rel.ask(t, x), a) for x, a in s.train_facts for t in s.train_templates]
+                collect += [{"domain": domain, "query": q, "response": a}
+                            for q, a in rng.sample(asked, min(len(asked), self.p.collect_per_relation))]
+                held = [(rel.ask(t, x), a) for x, a in s.test_facts for t in s.test_templates]
+                test += [{"domain": domain, "query": q, "answer": a, "match": "word"}
+                         for q, a in rng.sample(held, min(len(held), self.p.test_per_relation))]
+            known = [r for r in collect if r["domain"] == domain]
+            seen += [{"domain": domain, "query": r["query"], "answer": r["response"], "match": "word"}
+                     for r in known[:self.p.seen_per_domain]]
+        test += [{"domain": "general", "query": q, "answer": "", "match": "open"} for q in self.general[1]]
+        _write_jsonl(self.out / "data" / "train.jsonl", train)
+        _write_jsonl(self.out / "data" / "collect_experts.jsonl", collect)
+        _write_jsonl(self.out / "data" / "test.jsonl", test)
+        _write_jsonl(self.out / "data" / "seen.jsonl", seen)
+
+    def general_answers(self) -> None:
+        """The meta's own answers to the general collection requests: the negatives' responses."""
+        from etr import LLM, SamplingParams
+        llm = LLM(self.meta, dtype="float32", max_model_len=512, max_num_seqs=32, num_kv_blocks=32 * 32 + 1)
+        outs = llm.chat([[{"role": "user", "content": q}] for q in self.general[0]],
+                        SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=self.progress)
+        rows = [json.loads(line) for line in (self.out / "data" / "collect_experts.jsonl").read_text().splitlines()]
+        rows += [{"domain": "general", "query": q, "response": o.text} for q, o in zip(self.general[0], outs)]
+        _write_jsonl(self.out / "data" / "collect.jsonl", rows)
+
+    # ---- models ------------------------------------------------------------------------------------------
+
+    def expert_models(self) -> None:
+        from etr.routing.smolexpert.sft import fine_tune
+        rows = [json.loads(line) for line in (self.out / "data" / "train.jsonl").read_text().splitlines()]
+        for i, domain in enumerate(self.experts):
+            pairs = [(r["query"], r["response"]) for r in rows if r["domain"] == domain]
+            self.expert_loss[domain] = fine_tune(
+                self.meta, self.out / "experts" / domain, pairs, self.p.expert_steps, self.p.expert_lr,
+                self.p.batch_size, self.p.expert_layers, self.seed + 1 + i, f"expert {domain}", self.progress)
+            self.log(f"[smolexpert] expert {domain}: {len(pairs)} pairs, final loss {self.expert_loss[domain]:.3f}")
+
+    def expert_dirs(self) -> dict[str, str]:
+        return {d: str(self.out / "experts" / d) for d in self.experts}
+
+    # ---- the ETR pipeline --------------------------------------------------------------------------------
+
+    def query_sets(self) -> None:
+        from etr.models.tokenizer import load_tokenizer
+        from etr.routing import collect
+        path = self.out / "data" / "collect.jsonl"
+        pairs = collect.load_pairs(path, load_tokenizer(self.meta), chat_template=True)
+        labels = [json.loads(line)["domain"] for line in path.read_text().splitlines()]
+        losses = collect.checkpoint_losses({META: self.meta, **self.expert_dirs()}, pairs, torch.float32,
+                                           batch_size=16, progress=self.progress)
+        sets, negative = collect.collect_sets(losses, self.p.tau, "best")
+        collect.write_sets(self.out / "sets.jsonl", sets, losses, META, pairs, negative)
+        self.log(collect.summary(sets, losses, META, negative))
+        self.set_purity = {e: sum(labels[i] == e for i in idx) / len(idx) if idx else None for e, idx in sets.items()}
+        self.set_sizes = {e: len(idx) for e, idx in sets.items()} | {"(negatives)": len(negative)}
+
+    def heads(self) -> None:
+        from etr.models import load_model
+        from etr.models.expert_head import save_expert_head
+        from etr.routing.classifier import save_classifier, train_router
+        from etr.routing.collect import read_sets
+        from etr.routing.train import TrainConfig, train_head
+        rows = read_sets(self.out / "sets.jsonl")
+        meta = load_model(self.meta, torch.float32, "cpu")
+
+        def cfg() -> TrainConfig:
+            return TrainConfig(lr=self.p.head_lr, weight_decay=self.p.head_weight_decay, epochs=self.p.head_epochs,
+                               seed=self.seed)
+        base, added = self.experts[:-1], self.experts[-1:]
+        full, _ = train_head(meta, rows, self.experts, cfg=cfg())
+        save_expert_head(self.out / "head.safetensors", full)
+        head_base, _ = train_head(meta, [r for r in rows if r["expert"] in base or r["expert"] is None], base,
+                                  cfg=cfg())
+        save_expert_head(self.out / "head_base.safetensors", head_base)
+        extended, _ = train_head(meta, [r for r in rows if r["expert"] in added or r["expert"] is None], added,
+                                 old=head_base, cfg=cfg())
+        save_expert_head(self.out / "head_extended.safetensors", extended)
+        save_classifier(self.out / "router.safetensors", train_router(meta, rows, self.seed))
+
+    def evaluate(self) -> None:
+        from etr.models import load_model
+        from etr.routing.classifier import load_classifier
+        from etr.routing.eval_data import load_exact_jsonl
+        from etr.routing.evaluate import METHODS, EvalSetup, evaluate, summarize
+        setup = EvalSetup(self.meta, self.expert_dirs(), str(self.out / "head.safetensors"),
+                          {d: d for d in self.experts}, max_tokens=self.p.max_tokens, chat_template=True,
+                          seed=self.seed)
+        seen = load_exact_jsonl(self.out / "data" / "seen.jsonl")
+        self.seen = summarize(evaluate(setup, seen, [META, "oracle"], progress=self.progress), setup)
+        questions = load_exact_jsonl(self.out / "data" / "test.jsonl")
+        clf = load_classifier(self.out / "router.safetensors")
+        clf.model = load_model(self.meta, torch.float32, "cpu")
+        records = evaluate(setup, questions, list(METHODS), clf, self.progress)
+        extended = EvalSetup(setup.meta, setup.experts, str(self.out / "head_extended.safetensors"),
+                             setup.domain_expert, setup.max_tokens, chat_template=True, seed=self.seed)
+        for r in evaluate(extended, questions, ["etr"], progress=self.progress):
+            r.method = "etr_extended"
+            records.append(r)
+        self.records, self.summary = records, summarize(records, setup)
+
+    # ---- the whole build ---------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        if self.final.exists() and any(self.final.iterdir()):
+            raise ConfigError(f"{self.final} exists and is not empty; choose another directory or remove it")
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir(parents=True)
+        start = time.perf_counter()
+        for name, fn in [("data", self.data), ("general answers", self.general_answers),
+                         ("experts", self.expert_models), ("query sets", self.query_sets),
+                         ("expert tokens", self.heads), ("evaluation", self.evaluate)]:
+            self.stage(name, fn)
+        self.timings["total"] = time.perf_counter() - start
+        results = self.write_results()
+        if self.final.exists():
+            self.final.rmdir()
+        self.out.rename(self.final)
+        return results
+
+    def write_results(self) -> dict:
+        from etr.routing import report
+        from etr.routing.evaluate import records_json
+        from etr.routing.smolexpert.results import bars, markdown
+        results = {"profile": self.name, "seed": self.seed, "meta": self.meta, "settings": asdict(self.p),
+                   "timings_s": self.timings, "expert_loss": self.expert_loss, "set_sizes": self.set_sizes,
+                   "set_purity": self.set_purity, "seen": self.seen, "summary": self.summary,
+                   "bars": bars(self.summary, self.seen, self.experts, self.name)}
+        text = markdown(results, self.experts)
+        (self.out / "results.md").write_text(text)
+        report.write_json(self.out / "results.json", results | {"records": records_json(self.records)})
+        report.confusion_png(self.out / "routing.png", self.summary, ("router", "etr", "etr_extended"))
+        self.log(text)
+        return results
+
+
+def build(out_dir: str | Path, profile: str = "default", seed: int = 0, progress: bool = True, log=print) -> dict:
+    """Build the library in ``out_dir`` and return the results (also written as results.json)."""
+    return Build(Path(out_dir), profile, seed, progress, log).run()
