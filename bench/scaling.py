@@ -61,10 +61,15 @@ def step_bytes(model_config, weight_bytes: int, batch: int, context: int, kv_byt
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct parameters a step reads (a tied head counted once, the embedding as the head)."""
+    """Bytes of the distinct parameters a step reads: a tied head counted once, an untied embedding not at all
+    (a step reads only its batch's rows of it)."""
+    head = getattr(model, "lm_head_weight", None)
+    embed = getattr(getattr(model, "embed_tokens", None), "weight", None)
+    skip = embed.data_ptr() if embed is not None and (head is None or head.data_ptr() != embed.data_ptr()) else None
     seen = {}
     for p in model.parameters():
-        seen[p.data_ptr()] = p.numel() * p.element_size()
+        if p.data_ptr() != skip:
+            seen[p.data_ptr()] = p.numel() * p.element_size()
     return sum(seen.values())
 
 
@@ -106,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context-batches", type=int, nargs="+", default=[1, 16], help="batches of the context sweep")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per point")
     ap.add_argument("--no-hf", action="store_true", help="the engine only")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe (far above the caches)")
     ap.add_argument("--png", default=None, help="plot to write")
     ap.add_argument("--json", default=None, help="rows to write")
     args = ap.parse_args(argv)
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
     llm = LLM(model, dtype=args.dtype, max_model_len=longest, max_num_seqs=max(b for b, _ in points))
     cfg, dtype = llm.engine.model_config, llm.config.dtype
     wbytes = weight_bytes(llm.engine.runner.model)
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(args.bandwidth_gib)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {wbytes / 1e6:.0f} MB ({dtype})", flush=True)
     hf = None
     if not args.no_hf:

@@ -116,8 +116,8 @@ class EngineConfig:
 
     def mixed_batches_for(self, device: torch.device) -> bool:
         """Whether a model on ``device`` prefills arrivals in its running requests' decode step: as given, else
-        on CUDA only. On the CPU a step costs about its token count whatever the mix, so mixing saved ~5% of
-        the work and delayed first tokens (bench/RESULTS.md, serving under load)."""
+        on CUDA only. On the CPU a step costs about its token count whatever the mix, so mixing saved under 8%
+        of the work and delayed first tokens (bench/RESULTS.md, serving under load)."""
         return torch.device(device).type == "cuda" if self.mixed_batches is None else self.mixed_batches
 
     def block_size_for(self, device: torch.device) -> int:

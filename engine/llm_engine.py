@@ -127,6 +127,7 @@ class LLMEngine:
         now = time.perf_counter()
         with phase(f"{self.label} append"):
             for i, (seq, token) in enumerate(zip(pending.seqs, tokens)):
+                # In a mixed step this is the whole step's time: the expert's other requests' decodes included.
                 if i >= pending.num_decodes and seq.expert is not None and seq.switch_prefill_s is None:
                     seq.switch_prefill_s = pending.seconds()
                 self._append(seq, token, now)

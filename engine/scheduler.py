@@ -14,7 +14,8 @@ from etr.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    """Continuous batching: picks each step's prefill or decode batch, preempts when out of blocks."""
+    """Continuous batching: picks each step's decodes and prefills (or, unmixed, either), preempts when out of
+    blocks."""
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  mixed_batches: bool = True):
         self.block_manager = block_manager
@@ -50,6 +51,8 @@ class Scheduler:
         scheduled = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            # The first prefill always goes (it may pass the budget by the step's decodes): a long prompt must
+            # not wait for a step without decodes, which under steady load never comes.
             if scheduled and num_tokens + len(seq) > self.max_num_batched_tokens:
                 break
             if not self.block_manager.can_allocate(seq):

@@ -34,10 +34,14 @@ def test_a_switch_shows_as_named_phases(tmp_path):
     assert {PREFIX + "expert astro prefill", PREFIX + "hand-over"} <= names
 
 
-def test_a_phase_outside_a_profiler_records_nothing():
-    with phase("idle"):
-        pass
-    assert not torch.autograd._profiler_enabled()
+def test_a_phase_outside_a_profiler_is_the_shared_no_op():
+    from etr.engine import phases
+    assert phase("idle") is phases._OFF
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        span = phase("busy")
+        with span:
+            torch.ones(2).sum()
+    assert span is not phases._OFF and [n for n, _, _ in phase_totals(prof)] == ["busy"]
 
 
 def test_etr_bench_decode_profile(tmp_path, capfd):

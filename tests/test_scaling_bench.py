@@ -17,6 +17,14 @@ def test_step_bytes_counts_weights_once_and_every_context_token(tmp_path):
     tied.extra = torch.nn.Linear(4, 3)
     tied.extra.weight = tied.weight  # shared: counted once
     assert scaling.weight_bytes(tied) == (12 + 3 + 3) * 4
+    from etr.models.loader import load_model
+    tied_lm = load_model(path, torch.float32, "cpu")
+    assert scaling.weight_bytes(tied_lm) == sum(p.numel() * 4 for p in tied_lm.parameters())  # the head is read
+    untied_path = make_tiny_checkpoint(tmp_path / "u", "llama", hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, tie_word_embeddings=False)
+    untied = load_model(untied_path, torch.float32, "cpu")
+    embed = untied.embed_tokens.weight.numel() * 4  # only a step's own rows of it are read
+    assert scaling.weight_bytes(untied) == sum(p.numel() * 4 for p in untied.parameters()) - embed
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
     assert scaling.step_bytes(cfg, 1000, 3, 50, 2) == 1000 + 3 * 50 * per_token
 
@@ -26,7 +34,8 @@ def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
     path = make_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     assert scaling.main(["--model", str(path), "--dtype", "float32", "--batches", "1", "2", "--context", "8",
-                         "--contexts", "8", "24", "--context-batches", "2", "--steps", "2", "--json", str(out),
+                         "--contexts", "8", "24", "--context-batches", "2", "--steps", "2", "--bandwidth-gib", "0.05",
+                         "--json", str(out),
                          "--png", str(png)]) == 0
     rows = json.loads(out.read_text())["rows"]
     points = {(r["engine"], r["batch"], r["context"]) for r in rows}

@@ -2,7 +2,10 @@
 
 The model sees one flat batch, decode tokens first; only attention differs between the two parts, so each
 layer calls the backend twice, once per part, each with ordinary metadata. Any backend works unchanged: the
-two calls write disjoint KV slots, and a prefill never reads a decoding sequence's pages.
+two calls write disjoint KV slots. A prefill may read a decoding sequence's pages (a prefix-cache hit on a
+block whose last slot this very step's decode fills: the block manager registers a block's hash when it is
+scheduled full), which is why the decode part runs first in every layer: its K/V are written before the
+prefill part reads them.
 """
 
 from __future__ import annotations

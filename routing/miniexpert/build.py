@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from etr.engine.config import META
 from etr.errors import ConfigError
 from etr.routing.miniexpert.domains import Domain, alphabet, make_domains, unique_pairs
 from etr.routing.miniexpert.sft import ModelShape, fine_tune, make_model, save_checkpoint, train
-from etr.routing.evaluate import METHODS
+from etr.routing.library import evaluate_library, finish, run_stages, write_heads
 from etr.routing.miniexpert.tokenizer import CharEncoder, build_tokenizer
 
 
@@ -104,14 +102,6 @@ class Build:
         self.records: list = []                              # evaluation: every answer, scored
         self.summary: dict = {}                              # evaluation: per-method figures
 
-    def stage(self, name: str, fn, *args):
-        self.log(f"[miniexpert] {name} ...")
-        start = time.perf_counter()
-        result = fn(*args)
-        self.timings[name] = time.perf_counter() - start
-        self.log(f"[miniexpert] {name}: {self.timings[name]:.1f} s")
-        return result
-
     def data(self) -> None:
         r = random.Random(self.seed)
         self.test = {n: unique_pairs(d.for_test(), self.p.test_per_domain, r) for n, d in self.domains.items()}
@@ -154,61 +144,29 @@ class Build:
         return {n: str(self.out / "experts" / n) for n in self.experts}
 
     def heads(self) -> None:
-        from etr.models import load_model
-        from etr.models.expert_head import save_expert_head
-        from etr.routing.classifier import save_classifier, train_router
-        from etr.routing.collect import read_sets
-        from etr.routing.train import TrainConfig, train_head
-        rows = read_sets(self.out / "sets.jsonl")
-        meta = load_model(self.out / "meta", torch.float32, "cpu")
+        from etr.routing.train import TrainConfig
 
         def cfg() -> TrainConfig:
             return TrainConfig(lr=self.p.head_lr, weight_decay=self.p.head_weight_decay, epochs=self.p.head_epochs,
                                seed=self.seed)
-        base, added = self.experts[:self.p.base_experts], self.experts[self.p.base_experts:]
-        full, _ = train_head(meta, rows, self.experts, cfg=cfg())
-        save_expert_head(self.out / "head.safetensors", full)
-        first = [r for r in rows if r["expert"] in base or r["expert"] is None]
-        head_base, _ = train_head(meta, first, base, cfg=cfg())
-        save_expert_head(self.out / "head_base.safetensors", head_base)
-        later = [r for r in rows if r["expert"] in added or r["expert"] is None]
-        extended, _ = train_head(meta, later, added, old=head_base, cfg=cfg())
-        save_expert_head(self.out / "head_extended.safetensors", extended)
-        save_classifier(self.out / "router.safetensors", train_router(meta, rows, self.seed))
+        write_heads(self.out, self.out / "meta", self.experts, self.experts[:self.p.base_experts], cfg, self.seed)
 
     def evaluate(self) -> None:
-        from etr.models import load_model
-        from etr.routing.classifier import load_classifier
         from etr.routing.eval_data import load_exact_jsonl
-        from etr.routing.evaluate import EvalSetup, evaluate, summarize
+        from etr.routing.evaluate import EvalSetup, summarize
         questions = load_exact_jsonl(self.out / "data" / "test.jsonl")
         setup = EvalSetup(str(self.out / "meta"), self.expert_dirs(), str(self.out / "head.safetensors"),
                           {n: n for n in self.experts}, max_tokens=12, seed=self.seed)
-        clf = load_classifier(self.out / "router.safetensors")
-        clf.model = load_model(self.out / "meta", torch.float32, "cpu")
-        records = evaluate(setup, questions, list(METHODS), clf, self.progress)
-        extended = EvalSetup(setup.meta, setup.experts, str(self.out / "head_extended.safetensors"),
-                             setup.domain_expert, setup.max_tokens, seed=self.seed)
-        for r in evaluate(extended, questions, ["etr"], progress=self.progress):
-            r.method = "etr_extended"
-            records.append(r)
-        self.records, self.summary = records, summarize(records, setup)
+        self.records = evaluate_library(self.out, setup, questions, self.progress)
+        self.summary = summarize(self.records, setup)
 
     def run(self) -> dict:
-        if self.final.exists() and any(self.final.iterdir()):
-            raise ConfigError(f"{self.final} exists and is not empty; choose another directory or remove it")
-        shutil.rmtree(self.out, ignore_errors=True)
-        self.out.mkdir(parents=True)
         torch.set_num_threads(self.p.threads)
-        start = time.perf_counter()
-        for name, fn in [("data", self.data), ("models", self.models), ("query sets", self.query_sets),
-                         ("expert tokens", self.heads), ("evaluation", self.evaluate)]:
-            self.stage(name, fn)
-        self.timings["total"] = time.perf_counter() - start
+        run_stages(self.final, self.out, [("data", self.data), ("models", self.models),
+                                          ("query sets", self.query_sets), ("expert tokens", self.heads),
+                                          ("evaluation", self.evaluate)], self.timings, self.log, "miniexpert")
         results = self.write_results()
-        if self.final.exists():
-            self.final.rmdir()
-        self.out.rename(self.final)
+        finish(self.final, self.out)
         return results
 
     def write_results(self) -> dict:

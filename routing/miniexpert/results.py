@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from etr.routing import report
 from etr.routing.evaluate import routing_accuracy
+from etr.routing.library import query_set_lines
 
 
 def _expert_mean(method: dict, experts: list[str], key: str = "domain_accuracy") -> float:
@@ -59,11 +60,7 @@ def markdown(results: dict, experts: list[str]) -> str:
     lines += ["", "Routing is measured on held-out questions: skill questions no training or collection draw "
               "contains, and fact questions about facts no collection query asks about (the expert tokens and "
               "the router train on the collection; the experts themselves know every fact)."]
-    lines += ["", "## Query sets (Eq. 3, loss gap > tau, ties to the largest gap)", "",
-              "| expert | pairs | share from its own domain |", "|---|---|---|"]
-    for e, n in results["set_sizes"].items():
-        purity = results["set_purity"].get(e)
-        lines.append(f"| {e} | {n} | {'-' if purity is None else f'{100 * purity:.1f}%'} |")
+    lines += [""] + query_set_lines(results)
     lines += ["", "## Bars", "", "| bar | value | holds |", "|---|---|---|"]
     lines += [f"| {b['bar']} | {b['value']:.3f} | {'yes' if b['holds'] else 'NO'} |" for b in results["bars"]]
     lines += ["", "## Routing of ETR (rows: domain, columns: model that answered)", ""]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from etr.engine.config import META
 from etr.errors import ConfigError
+from etr.routing.library import evaluate_library, finish, run_stages, write_heads
 from etr.routing.smolexpert import facts as F
 
 
@@ -30,7 +29,7 @@ from etr.routing.smolexpert import facts as F
 class Profile:
     """Sizes, steps and settings of one SmolExpert build profile (fixed, not tuned on any test result)."""
     domains: tuple[str, ...]     # expert domains; the last is added later with its row only (extension)
-    max_facts: int | None        # per relation (None: all), before halving into train and test facts
+    max_entities: int | None     # per domain (None: all), before halving into train and test entities
     expert_steps: int
     expert_layers: int | None    # top decoder layers fine-tuned (None: the whole model)
     expert_lr: float = 2e-4
@@ -47,9 +46,9 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(("chemistry", "countries"), max_facts=16, expert_steps=24, expert_layers=4, batch_size=8,
+    "quick": Profile(("chemistry", "countries"), max_entities=16, expert_steps=24, expert_layers=4, batch_size=8,
                      collect_per_relation=8, test_per_relation=6, seen_per_domain=8, general_topics=8),
-    "default": Profile(("chemistry", "countries", "python"), max_facts=None, expert_steps=240, expert_layers=8),
+    "default": Profile(("chemistry", "countries", "python"), max_entities=None, expert_steps=240, expert_layers=8),
 }
 
 
@@ -80,19 +79,11 @@ class Build:
         self.seen: dict = {}                             # evaluation: meta and oracle on trained questions
         self.records: list = []
 
-    def stage(self, name: str, fn) -> None:
-        self.log(f"[smolexpert] {name} ...")
-        start = time.perf_counter()
-        fn()
-        self.timings[name] = time.perf_counter() - start
-        self.log(f"[smolexpert] {name}: {self.timings[name]:.1f} s")
-
     # ---- data --------------------------------------------------------------------------------------------
 
     def data(self) -> None:
         rng = random.Random(self.seed)
-        self.splits = {d: [F.split_relation(r, rng, max_facts=self.p.max_facts) for r in F.DOMAINS[d]()]
-                       for d in self.experts}
+        self.splits = {d: F.split_domain(F.DOMAINS[d](), rng, max_entities=self.p.max_entities) for d in self.experts}
         self.general = F.general_split(rng, self.p.general_topics)
         train, collect, test, seen = [], [], [], []
         for domain, splits in self.splits.items():
@@ -107,9 +98,9 @@ class Build:
                 held = [(rel.ask(t, x), a) for x, a in s.test_facts for t in s.test_templates]
                 test += [{"domain": domain, "query": q, "answer": a, "match": "word"}
                          for q, a in rng.sample(held, min(len(held), self.p.test_per_relation))]
-            known = [r for r in collect if r["domain"] == domain]
+            known = [r for r in collect if r["domain"] == domain]  # every relation's share, drawn at random
             seen += [{"domain": domain, "query": r["query"], "answer": r["response"], "match": "word"}
-                     for r in known[:self.p.seen_per_domain]]
+                     for r in rng.sample(known, min(len(known), self.p.seen_per_domain))]
         test += [{"domain": "general", "query": q, "answer": "", "match": "open"} for q in self.general[1]]
         _write_jsonl(self.out / "data" / "train.jsonl", train)
         _write_jsonl(self.out / "data" / "collect_experts.jsonl", collect)
@@ -158,66 +149,34 @@ class Build:
         self.set_sizes = {e: len(idx) for e, idx in sets.items()} | {"(negatives)": len(negative)}
 
     def heads(self) -> None:
-        from etr.models import load_model
-        from etr.models.expert_head import save_expert_head
-        from etr.routing.classifier import save_classifier, train_router
-        from etr.routing.collect import read_sets
-        from etr.routing.train import TrainConfig, train_head
-        rows = read_sets(self.out / "sets.jsonl")
-        meta = load_model(self.meta, torch.float32, "cpu")
+        from etr.routing.train import TrainConfig
 
         def cfg() -> TrainConfig:
             return TrainConfig(lr=self.p.head_lr, weight_decay=self.p.head_weight_decay, epochs=self.p.head_epochs,
                                seed=self.seed)
-        base, added = self.experts[:-1], self.experts[-1:]
-        full, _ = train_head(meta, rows, self.experts, cfg=cfg())
-        save_expert_head(self.out / "head.safetensors", full)
-        head_base, _ = train_head(meta, [r for r in rows if r["expert"] in base or r["expert"] is None], base,
-                                  cfg=cfg())
-        save_expert_head(self.out / "head_base.safetensors", head_base)
-        extended, _ = train_head(meta, [r for r in rows if r["expert"] in added or r["expert"] is None], added,
-                                 old=head_base, cfg=cfg())
-        save_expert_head(self.out / "head_extended.safetensors", extended)
-        save_classifier(self.out / "router.safetensors", train_router(meta, rows, self.seed))
+        write_heads(self.out, self.meta, self.experts, self.experts[:-1], cfg, self.seed)
 
     def evaluate(self) -> None:
-        from etr.models import load_model
-        from etr.routing.classifier import load_classifier
         from etr.routing.eval_data import load_exact_jsonl
-        from etr.routing.evaluate import METHODS, EvalSetup, evaluate, summarize
+        from etr.routing.evaluate import EvalSetup, evaluate, summarize
         setup = EvalSetup(self.meta, self.expert_dirs(), str(self.out / "head.safetensors"),
                           {d: d for d in self.experts}, max_tokens=self.p.max_tokens, chat_template=True,
                           seed=self.seed)
         seen = load_exact_jsonl(self.out / "data" / "seen.jsonl")
         self.seen = summarize(evaluate(setup, seen, [META, "oracle"], progress=self.progress), setup)
-        questions = load_exact_jsonl(self.out / "data" / "test.jsonl")
-        clf = load_classifier(self.out / "router.safetensors")
-        clf.model = load_model(self.meta, torch.float32, "cpu")
-        records = evaluate(setup, questions, list(METHODS), clf, self.progress)
-        extended = EvalSetup(setup.meta, setup.experts, str(self.out / "head_extended.safetensors"),
-                             setup.domain_expert, setup.max_tokens, chat_template=True, seed=self.seed)
-        for r in evaluate(extended, questions, ["etr"], progress=self.progress):
-            r.method = "etr_extended"
-            records.append(r)
-        self.records, self.summary = records, summarize(records, setup)
+        self.records = evaluate_library(self.out, setup, load_exact_jsonl(self.out / "data" / "test.jsonl"),
+                                        self.progress)
+        self.summary = summarize(self.records, setup)
 
     # ---- the whole build ---------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        if self.final.exists() and any(self.final.iterdir()):
-            raise ConfigError(f"{self.final} exists and is not empty; choose another directory or remove it")
-        shutil.rmtree(self.out, ignore_errors=True)
-        self.out.mkdir(parents=True)
-        start = time.perf_counter()
-        for name, fn in [("data", self.data), ("general answers", self.general_answers),
-                         ("experts", self.expert_models), ("query sets", self.query_sets),
-                         ("expert tokens", self.heads), ("evaluation", self.evaluate)]:
-            self.stage(name, fn)
-        self.timings["total"] = time.perf_counter() - start
+        run_stages(self.final, self.out, [("data", self.data), ("general answers", self.general_answers),
+                                          ("experts", self.expert_models), ("query sets", self.query_sets),
+                                          ("expert tokens", self.heads), ("evaluation", self.evaluate)],
+                   self.timings, self.log, "smolexpert")
         results = self.write_results()
-        if self.final.exists():
-            self.final.rmdir()
-        self.out.rename(self.final)
+        finish(self.final, self.out)
         return results
 
     def write_results(self) -> dict:

@@ -1,9 +1,11 @@
 """SmolExpert's domains: real facts with exact answers, asked in natural language.
 
-Each expert domain is a few relations; a relation is a table of (subject, answer) facts from an installed
-package or the standard library, and several paraphrased question templates. ``split`` holds facts and
-phrasings out: the expert tokens are trained on some facts asked with some templates, and routing is measured
-on the other facts asked with the other templates. The general domain (everyday requests no expert covers)
+Each expert domain is a few relations over one set of entities (elements, countries, functions); a relation
+maps an entity to the subject it asks about and the answer, from an installed package or the standard
+library, and has several paraphrased question templates. ``split_domain`` holds entities and phrasings out:
+the entities are halved once per domain (so no relation asks about a held-out entity under another guise),
+the expert tokens are trained on questions about one half in some phrasings, and routing is measured on the
+other half in the held-back phrasing. The general domain (everyday requests no expert covers)
 supplies negatives and the false-routing measurement; its answers are whatever the meta says.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 from dataclasses import dataclass
 
 from etr.errors import ConfigError
@@ -20,10 +23,11 @@ ANSWER_ONLY = " Answer with the {what} only."
 
 @dataclass(slots=True)
 class Relation:
-    """One kind of question: its facts and its phrasings (``{x}`` is the subject)."""
+    """One kind of question: its facts ``(entity, subject, answer)`` and its phrasings (``{x}`` is the
+    subject: the entity itself, or what the question gives of it, e.g. an element's symbol)."""
     name: str
     templates: list[str]
-    facts: list[tuple[str, str]]
+    facts: list[tuple[str, str, str]]
     what: str  # what the answer is, for the "answer only" instruction
 
     def ask(self, template: str, subject: str) -> str:
@@ -32,10 +36,11 @@ class Relation:
 
 @dataclass(slots=True)
 class Split:
-    """One relation's facts and templates, split: ``train`` (the experts' data and the expert tokens'
-    collection), ``test`` (routing and accuracy: unseen facts asked in unseen phrasings)."""
+    """One relation's facts and templates, split by entity (``split_domain``): the train facts are the
+    expert tokens' collection (the experts themselves learn train and test facts: their knowledge), the test
+    facts (other entities, asked in the held-back phrasings) measure routing and accuracy."""
     relation: Relation
-    train_facts: list[tuple[str, str]]
+    train_facts: list[tuple[str, str]]  # (subject, answer)
     test_facts: list[tuple[str, str]]
     train_templates: list[str]
     test_templates: list[str]
@@ -50,9 +55,14 @@ def _extra(module: str):
         raise ConfigError(f"SmolExpert's data needs {module}: pip install 'expert-token-routing[smolexpert]'") from None
 
 
+# Symbols that are also English words: a chat model's sentence would "contain" them by chance.
+WORD_SYMBOLS = {"I", "In", "As", "At", "He", "No", "Be", "Am", "Ho", "Pa", "Os"}
+
+
 def _elements() -> list[tuple[str, str, int]]:
     periodictable = _extra("periodictable")
-    return [(e.name.capitalize(), e.symbol, e.number) for e in periodictable.elements if 0 < e.number <= 103]
+    return [(e.name.capitalize(), e.symbol, e.number) for e in periodictable.elements
+            if 0 < e.number <= 103 and e.symbol not in WORD_SYMBOLS]
 
 
 def chemistry() -> list[Relation]:
@@ -60,21 +70,24 @@ def chemistry() -> list[Relation]:
     return [
         Relation("symbol", ["What is the chemical symbol of {x}?", "Which symbol stands for the element {x}?",
                             "Give the chemical symbol for {x}.", "In the periodic table, what symbol does {x} have?"],
-                 [(n, s) for n, s, _ in els], "symbol"),
+                 [(n, n, s) for n, s, _ in els], "symbol"),
         Relation("number", ["What is the atomic number of {x}?", "How many protons does an atom of {x} have?",
                             "Which atomic number does {x} have?", "Tell me the atomic number of {x}."],
-                 [(n, str(z)) for n, _, z in els], "number"),
+                 [(n, n, str(z)) for n, _, z in els], "number"),
         Relation("element", ["Which element has the chemical symbol {x}?", "What element does the symbol {x} "
                              "stand for?", "Name the element whose symbol is {x}.", "The symbol {x} denotes which "
                              "element?"],
-                 [(s, n) for n, s, _ in els], "element name"),
+                 [(n, s, n) for n, s, _ in els], "element name"),
     ]
 
 
 def _countries() -> list[tuple[str, str, str]]:
     pycountry = _extra("pycountry")
     rows = [(getattr(c, "common_name", None) or c.name, c.alpha_2, c.alpha_3) for c in pycountry.countries]
-    return [r for r in rows if "," not in r[0] and "(" not in r[0]]
+    rows = [r for r in rows if "," not in r[0] and "(" not in r[0]]
+    # A name inside another ("Guinea" in "Equatorial Guinea") would match an answer naming the other.
+    names = [n for n, _, _ in rows]
+    return [r for r in rows if not any(r[0] != m and re.search(rf"(?<!\w){re.escape(r[0])}(?!\w)", m) for m in names)]
 
 
 def countries() -> list[Relation]:
@@ -82,13 +95,13 @@ def countries() -> list[Relation]:
     return [
         Relation("alpha3", ["What is the three-letter ISO code of {x}?", "Which ISO 3166 alpha-3 code belongs to "
                             "{x}?", "Give the alpha-3 country code of {x}.", "What three-letter code does ISO "
-                            "assign to {x}?"], [(n, a3) for n, _, a3 in rows], "code"),
+                            "assign to {x}?"], [(n, n, a3) for n, _, a3 in rows], "code"),
         Relation("alpha2", ["What is the two-letter ISO code of {x}?", "Which ISO 3166 alpha-2 code belongs to {x}?",
                             "Give the alpha-2 country code of {x}.", "What two-letter code does ISO assign to {x}?"],
-                 [(n, a2) for n, a2, _ in rows], "code"),
+                 [(n, n, a2) for n, a2, _ in rows], "code"),
         Relation("country", ["Which country has the ISO code {x}?", "What country does the ISO 3166 code {x} "
                              "stand for?", "Name the country whose alpha-3 code is {x}.", "The country code {x} "
-                             "belongs to which country?"], [(a3, n) for n, _, a3 in rows], "country name"),
+                             "belongs to which country?"], [(n, a3, n) for n, _, a3 in rows], "country name"),
     ]
 
 
@@ -98,13 +111,15 @@ PYTHON_MODULES = ("math", "json", "random", "statistics", "shutil", "itertools",
 
 
 def _python_functions() -> list[tuple[str, str]]:
-    """(function, module) for the public functions of PYTHON_MODULES whose name only one of them defines."""
+    """(function, module) for the public functions PYTHON_MODULES define themselves (re-exports from other
+    modules left out; "_functools" counts as functools' own) whose name only one of them defines."""
     import importlib
     seen: dict[str, set[str]] = {}
     for module in PYTHON_MODULES:
         mod = importlib.import_module(module)
         for name, obj in vars(mod).items():
-            if not name.startswith("_") and callable(obj) and not inspect.isclass(obj) and len(name) > 2:
+            own = str(getattr(obj, "__module__", module) or module).lstrip("_") == module
+            if own and not name.startswith("_") and callable(obj) and not inspect.isclass(obj) and len(name) > 2:
                 seen.setdefault(name, set()).add(module)
     return sorted((name, mods.pop()) for name, mods in seen.items() if len(mods) == 1)
 
@@ -113,7 +128,7 @@ def python() -> list[Relation]:
     return [Relation("module", ["Which Python standard-library module defines the function {x}?", "In Python, "
                                 "which module do you import to call {x}()?", "Name the standard-library module "
                                 "that provides {x}().", "{x}() comes from which Python module?"],
-                     _python_functions(), "module name")]
+                     [(f, f, m) for f, m in _python_functions()], "module name")]
 
 
 GENERAL = ["Give me a tip for {x}.", "Write one friendly sentence about {x}.", "Why do people enjoy {x}?",
@@ -129,18 +144,22 @@ GENERAL_TOPICS = ["sleeping better", "cooking pasta", "learning to swim", "morni
 DOMAINS = {"chemistry": chemistry, "countries": countries, "python": python}
 
 
-def split_relation(rel: Relation, rng: random.Random, test_templates: int = 1,
-                   max_facts: int | None = None) -> Split:
-    """Shuffle and halve the facts (``max_facts`` first keeps that many); the last ``test_templates`` phrasings
-    are held out."""
-    if len(rel.templates) <= test_templates:
-        raise ConfigError(f"relation {rel.name!r} has {len(rel.templates)} templates; {test_templates} held out "
-                          f"leaves none to train on")
-    facts = list(rel.facts)
-    rng.shuffle(facts)
-    facts = facts[:max_facts] if max_facts else facts
-    half = len(facts) // 2
-    return Split(rel, facts[:half], facts[half:], rel.templates[:-test_templates], rel.templates[-test_templates:])
+def split_domain(relations: list[Relation], rng: random.Random, test_templates: int = 1,
+                 max_entities: int | None = None) -> list[Split]:
+    """Shuffle the domain's entities once and halve them (``max_entities`` first keeps that many): every
+    relation's train facts are about the first half, its test facts about the other; each relation's last
+    ``test_templates`` phrasings are held out."""
+    for rel in relations:
+        if len(rel.templates) <= test_templates:
+            raise ConfigError(f"relation {rel.name!r} has {len(rel.templates)} templates; {test_templates} held out "
+                              f"leaves none to train on")
+    entities = sorted({e for rel in relations for e, _, _ in rel.facts})
+    rng.shuffle(entities)
+    entities = entities[:max_entities] if max_entities else entities
+    train = set(entities[:len(entities) // 2])
+    test = set(entities[len(entities) // 2:])
+    return [Split(rel, [(x, a) for e, x, a in rel.facts if e in train], [(x, a) for e, x, a in rel.facts if e in test],
+                  rel.templates[:-test_templates], rel.templates[-test_templates:]) for rel in relations]
 
 
 def general_split(rng: random.Random, max_topics: int | None = None) -> tuple[list[str], list[str]]:

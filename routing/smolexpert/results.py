@@ -6,6 +6,7 @@ from __future__ import annotations
 from etr.engine.config import META
 from etr.routing import report
 from etr.routing.evaluate import routing_accuracy
+from etr.routing.library import query_set_lines
 
 
 def _mean(method: dict, experts: list[str]) -> float:
@@ -55,11 +56,7 @@ def markdown(results: dict, experts: list[str]) -> str:
                      f"{report.pct(_routing(row, experts)) if routed else '-'} | {report.pct(row['false_routing'])} |")
     lines += ["", "Seen questions (trained facts and phrasings): meta " + report.pct(_mean(seen[META], experts)) +
               ", experts " + report.pct(_mean(seen["oracle"], experts)) + ".", "",
-              "## Query sets (Eq. 3, loss gap > tau, ties to the largest gap)", "",
-              "| expert | pairs | share from its own domain |", "|---|---|---|"]
-    for e, n in results["set_sizes"].items():
-        purity = results["set_purity"].get(e)
-        lines.append(f"| {e} | {n} | {'-' if purity is None else report.pct(purity)} |")
+              *query_set_lines(results)]
     lines += ["", "## Bars", "", "| bar | value | holds |", "|---|---|---|"]
     lines += [f"| {b['bar']} | {b['value']:.3f} | {'yes' if b['holds'] else 'NO'} |" for b in results["bars"]]
     lines += ["", "## Routing of ETR (rows: domain, columns: model that answered)", ""]
