@@ -125,7 +125,9 @@ def main(argv=None) -> int:
     longest = max(c for _, c in points) + args.steps + 16
     llm = LLM(model, dtype=args.dtype, max_model_len=longest, max_num_seqs=max(b for b, _ in points))
     cfg, dtype = llm.engine.model_config, llm.config.dtype
-    wbytes = weight_bytes(llm.engine.runner.model)
+    from etr.models.loader import load_model
+    # A plain copy: the engine's CPU linears hold oneDNN-packed weights, which are not parameters.
+    wbytes = weight_bytes(load_model(model, dtype, "cpu"))
     bandwidth = read_bandwidth(args.bandwidth_gib)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {wbytes / 1e6:.0f} MB ({dtype})", flush=True)
     hf = None

@@ -76,6 +76,18 @@ def evaluate_library(out: Path, setup, questions, progress: bool) -> list:
     return records
 
 
+def write_report(out: Path, results: dict, text: str, records: list, log) -> dict:
+    """``results.md`` (``text``), ``results.json`` (``results`` and every answer) and ``routing.png``; returns
+    ``results``."""
+    from etr.routing import report
+    from etr.routing.evaluate import records_json
+    (out / "results.md").write_text(text)
+    report.write_json(out / "results.json", results | {"records": records_json(records)})
+    report.confusion_png(out / "routing.png", results["summary"], ("router", "etr", "etr_extended"))
+    log(text)
+    return results
+
+
 def query_set_lines(results: dict) -> list[str]:
     """The report's query-set section: pairs per expert and how pure each set came out."""
     lines = ["## Query sets (Eq. 3, loss gap > tau, ties to the largest gap)", "",

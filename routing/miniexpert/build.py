@@ -21,7 +21,7 @@ from etr.engine.config import META
 from etr.errors import ConfigError
 from etr.routing.miniexpert.domains import Domain, alphabet, make_domains, unique_pairs
 from etr.routing.miniexpert.sft import ModelShape, fine_tune, make_model, save_checkpoint, train
-from etr.routing.library import evaluate_library, finish, run_stages, write_heads
+from etr.routing.library import evaluate_library, finish, run_stages, write_heads, write_report
 from etr.routing.miniexpert.tokenizer import CharEncoder, build_tokenizer
 
 
@@ -170,8 +170,6 @@ class Build:
         return results
 
     def write_results(self) -> dict:
-        from etr.routing import report
-        from etr.routing.evaluate import records_json
         from etr.routing.miniexpert.results import bars, markdown
         checks = bars(self.summary, self.experts, self.name)
         results = {"profile": self.name, "seed": self.seed, "settings": asdict(self.p), "timings_s": self.timings,
@@ -179,12 +177,7 @@ class Build:
                    "fact_domains": [n for n in self.experts if self.domains[n].finite],
                    "set_sizes": self.set_sizes, "set_purity": self.set_purity, "summary": self.summary,
                    "bars": checks}
-        text = markdown(results, self.experts)
-        (self.out / "results.md").write_text(text)
-        report.write_json(self.out / "results.json", results | {"records": records_json(self.records)})
-        report.confusion_png(self.out / "routing.png", self.summary, ("router", "etr", "etr_extended"))
-        self.log(text)
-        return results
+        return write_report(self.out, results, markdown(results, self.experts), self.records, self.log)
 
 
 def build(out_dir: str | Path, profile: str = "default", seed: int = 0, progress: bool = True, log=print) -> dict:

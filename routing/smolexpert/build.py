@@ -21,7 +21,7 @@ import torch
 
 from etr.engine.config import META
 from etr.errors import ConfigError
-from etr.routing.library import evaluate_library, finish, run_stages, write_heads
+from etr.routing.library import evaluate_library, finish, run_stages, write_heads, write_report
 from etr.routing.smolexpert import facts as F
 
 
@@ -181,19 +181,12 @@ class Build:
         return results
 
     def write_results(self) -> dict:
-        from etr.routing import report
-        from etr.routing.evaluate import records_json
         from etr.routing.smolexpert.results import bars, markdown
         results = {"profile": self.name, "seed": self.seed, "meta": self.meta, "settings": asdict(self.p),
                    "timings_s": self.timings, "expert_loss": self.expert_loss, "set_sizes": self.set_sizes,
                    "set_purity": self.set_purity, "seen": self.seen, "summary": self.summary,
                    "bars": bars(self.summary, self.seen, self.experts, self.name)}
-        text = markdown(results, self.experts)
-        (self.out / "results.md").write_text(text)
-        report.write_json(self.out / "results.json", results | {"records": records_json(self.records)})
-        report.confusion_png(self.out / "routing.png", self.summary, ("router", "etr", "etr_extended"))
-        self.log(text)
-        return results
+        return write_report(self.out, results, markdown(results, self.experts), self.records, self.log)
 
 
 def build(out_dir: str | Path, profile: str = "default", seed: int = 0, progress: bool = True, log=print) -> dict:
