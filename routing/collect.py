@@ -48,11 +48,19 @@ def load_pairs(path: str | Path, tokenizer=None, chat_template: bool = False) ->
         query, response = _conversation(row["conversations"]) if "conversations" in row else (row["query"], row["response"])
         if tokenizer is None:
             raise InvalidPromptError(f"{path}:{n}: text pairs need a tokenizer (the meta checkpoint has none)")
-        prompt = (tokenizer.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
-                                                tokenize=False) if chat_template else query)
-        pairs.append(Pair(tokenizer(prompt, add_special_tokens=not chat_template).input_ids,
+        pairs.append(Pair(prompt_ids(tokenizer, query, chat_template),
                           tokenizer(response, add_special_tokens=False).input_ids, query, response))
     return pairs
+
+
+def prompt_ids(tokenizer, query: str, chat_template: bool) -> list[int]:
+    """Token ids of ``query``: as a user turn rendered by the chat template, ready for the assistant's answer,
+    or as plain text with the tokenizer's special tokens."""
+    if not chat_template:
+        return tokenizer(query).input_ids
+    text = tokenizer.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def compute_losses(models: dict, pairs: list[Pair], batch_size: int = 16, progress: bool = True) -> dict:

@@ -20,6 +20,7 @@ from etr.engine import SamplingParams
 from etr.engine.config import META
 from etr.errors import ConfigError, TokenizerMissingError
 from etr.routing.eval_data import Question, is_correct, prediction
+from etr.routing.collect import prompt_ids
 
 METHODS = (META, "oracle", "random", "router", "etr")
 
@@ -54,14 +55,6 @@ class Record:
 def expected_model(setup: EvalSetup, domain: str) -> str:
     """The model a question of ``domain`` should reach: its expert, or the meta."""
     return setup.domain_expert.get(domain, META)
-
-
-def _prompt_ids(tokenizer, q: Question, chat_template: bool) -> list[int]:
-    if not chat_template:
-        return tokenizer(q.prompt).input_ids
-    text = tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _make_llm(setup: EvalSetup, prompts: list[list[int]], experts: bool, head: bool):
@@ -123,7 +116,7 @@ def evaluate(setup: EvalSetup, questions: list[Question], methods: list[str], cl
     tokenizer = load_tokenizer(setup.meta)
     if tokenizer is None:
         raise TokenizerMissingError(f"{setup.meta} has no tokenizer: evaluation needs text prompts")
-    prompts = [_prompt_ids(tokenizer, q, setup.chat_template) for q in questions]
+    prompts = [prompt_ids(tokenizer, q.prompt, setup.chat_template) for q in questions]
     params = SamplingParams(temperature=0.0, max_tokens=setup.max_tokens)
     llms: dict[str, object] = {}  # "meta" (no expert rows) and "routed" (meta + experts), built when first needed
 

@@ -140,6 +140,20 @@ def train_rows(f: Features, init: torch.Tensor, frozen: torch.Tensor | None = No
     return new.detach()
 
 
+def head_features(model: DecoderLM, rows: list[dict], order: list[str], names: list[str],
+                  negatives: bool = True) -> tuple[Features, list]:
+    """Features of the query-set rows of ``names`` (and of the negatives), each targeting its expert's row in
+    ``order``; and each kept row's expert (None for a negative)."""
+    keep = [r for r in rows if r["expert"] in names or (negatives and r["expert"] is None)]
+    targets = [order.index(r["expert"]) if r["expert"] else ("token", None) for r in keep]
+    return query_features(model, [r["query_ids"] for r in keep], targets), [r["expert"] for r in keep]
+
+
+def initial_rows(model: DecoderLM, n: int) -> torch.Tensor:
+    """``n`` new expert rows, each the mean of the vocabulary's rows."""
+    return model.lm_head_weight.float().mean(0, keepdim=True).repeat(n, 1)
+
+
 def train_head(model: DecoderLM, rows: list[dict], extra_names: list[str] = (), old=None, negatives: bool = True,
                holdout: float = 0.0, cfg: TrainConfig | None = None):
     """Train rows for the experts named in ``rows`` (query sets as written by ``etr collect``: ``expert``
@@ -154,13 +168,10 @@ def train_head(model: DecoderLM, rows: list[dict], extra_names: list[str] = (), 
     if not names:
         raise ExpertHeadError("the query sets hold no expert that is not already in the head")
     order = old_names + names
-    keep = [r for r in rows if r["expert"] in names or (negatives and r["expert"] is None)]
-    targets = [order.index(r["expert"]) if r["expert"] else ("token", None) for r in keep]
-    features = query_features(model, [r["query_ids"] for r in keep], targets)
-    train_idx, held_idx = holdout_split([r["expert"] for r in keep], holdout, cfg.seed)
-    init = model.lm_head_weight.float().mean(0, keepdim=True).repeat(len(names), 1)
+    features, labels = head_features(model, rows, order, names, negatives)
+    train_idx, held_idx = holdout_split(labels, holdout, cfg.seed)
     frozen = None if old is None else old.embeddings.float()
-    new = train_rows(features.subset(train_idx), init, frozen, cfg)
+    new = train_rows(features.subset(train_idx), initial_rows(model, len(names)), frozen, cfg)
     weights = new if frozen is None else torch.cat([frozen, new])
     head = ExpertHead(order, weights, vocab_size=model.config.vocab_size,
                       meta_fingerprint=meta_fingerprint(model.lm_head_weight))

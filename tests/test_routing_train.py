@@ -1,5 +1,6 @@
 """Eq. 4 on cached features equals the full forward through the extended head (loss and gradients)."""
 
+import pytest
 import torch
 
 from etr.engine.attention import TorchAttentionBackend, causal_metadata
@@ -82,3 +83,29 @@ def test_train_cost_bench_runs_all_three_methods(tiny_dir, tmp_path, capsys):
     losses = [result[m]["final_loss"] for m in ("cached", "frozen", "reference")]
     assert max(losses) - min(losses) < 1e-3 and result["frozen_ratio"] > 0 and result["ratio"] > 0
     assert "over the frozen forward" in capsys.readouterr().out
+
+
+def test_settings_chosen_on_validation_questions(tiny_dir):
+    """The grid's candidate that routes the validation questions best is chosen (one that never trains routes
+    none of them), every candidate is reported, and equal scores go to the earlier candidate. A tiny random
+    model does not generalize across queries, so the validation questions here are the training ones: this
+    tests the choice, not generalization."""
+    from etr.routing.validation import choose_head_config, config_grid
+    model = load_model(tiny_dir("qwen2_untied"), torch.float32, "cpu", 64)
+    g = torch.Generator().manual_seed(1)
+
+    def queries(low: int) -> list[list[int]]:
+        return [torch.randint(low, low + 40, (5,), generator=g).tolist() for _ in range(12)]
+    rows = ([{"expert": "a", "query_ids": q} for q in queries(40)] +
+            [{"expert": "b", "query_ids": q} for q in queries(100)] +
+            [{"expert": None, "query_ids": q} for q in queries(160)])
+    val, val_experts = [r["query_ids"] for r in rows], [r["expert"] for r in rows]
+    grid = config_grid(TrainConfig(weight_decay=0.0), (0.0, 0.2), (0.0,), (60,))
+    chosen, table = choose_head_config(model, rows, ["b", "a"], val, val_experts, grid)
+    assert [r["lr"] for r in table] == [0.0, 0.2] and chosen.lr == 0.2 and table[1].get("chosen")
+    assert table[0]["routing_accuracy"] == 0.0 and table[0]["false_routing"] == 0.0 and table[0]["score"] == 0.0
+    assert table[1]["routing_accuracy"] >= 0.9 and table[1]["false_routing"] <= 0.1
+    assert table[1]["score"] == pytest.approx(table[1]["routing_accuracy"] - table[1]["false_routing"])
+    tie = config_grid(TrainConfig(), (0.0,), (0.1, 1.0), (1,))
+    chosen, table = choose_head_config(model, rows, ["a", "b"], val, val_experts, tie)
+    assert chosen.weight_decay == 0.1 and table[0].get("chosen") and not table[1].get("chosen")

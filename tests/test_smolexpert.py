@@ -17,13 +17,16 @@ def test_domains_hold_out_entities_and_phrasings():
         relations = make()
         splits = F.split_domain(relations, rng)
         entities = {(x, a): e for rel in relations for e, x, a in rel.facts}
-        train = {entities[f] for s in splits for f in s.train_facts}
-        test = {entities[f] for s in splits for f in s.test_facts}
+        train, val, test = ({entities[f] for s in splits for f in getattr(s, part)}
+                            for part in ("train_facts", "val_facts", "test_facts"))
         # No relation asks about a held-out entity, under any guise (an element by its symbol, say).
-        assert len(train) >= 45 and len(test) >= 45 and not train & test, name
+        assert len(train) >= 25 and len(val) >= 14 and len(test) >= 45, name
+        assert not train & test and not train & val and not val & test, name
         for rel, s in zip(relations, splits):
             assert len({x for _, x, _ in rel.facts}) == len(rel.facts), (name, rel.name)
-            assert not set(s.train_templates) & set(s.test_templates) and s.train_templates and s.test_templates
+            phrasings = [*s.train_templates, s.val_template, s.test_template]
+            assert len(set(phrasings)) == len(rel.templates) >= 4 and s.test_template not in s.expert_templates
+            assert s.val_template in s.expert_templates and s.val_template not in s.train_templates
     chem = F.chemistry()
     assert ("Iron", "Iron", "Fe") in chem[0].facts and ("Gold", "Gold", "79") in chem[1].facts
     assert ("Iron", "Fe", "Iron") in chem[2].facts and not any(s == "He" for _, s, _ in chem[2].facts)
@@ -31,10 +34,14 @@ def test_domains_hold_out_entities_and_phrasings():
     assert not any(n in ("Guinea", "Sudan") for n, _, _ in F.countries()[0].facts)  # inside other names
     modules = {f: m for f, _, m in F.python()[0].facts}
     assert modules["dumps"] == "json" and modules["reduce"] == "functools" and "recursive_repr" not in modules
-    train, test = F.general_split(rng)
-    assert train and test and not {q.split("for ")[-1] for q in test} & {q.split("for ")[-1] for q in train}
-    with pytest.raises(ConfigError, match="has 1 templates; 1 held out"):
-        F.split_domain([F.Relation("r", ["Q {x}?"], [("a", "a", "b")], "thing")], rng)
+    general = F.general_split(rng)
+    parts = [{t for q in qs for t in F.GENERAL_TOPICS if f" {t}" in q} for qs in (general.collect, general.val,
+                                                                            general.test)]
+    assert len(general.test) >= 40 and len(general.val) >= 20 and len(general.collect) >= 80
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert len(set(F.GENERAL_TOPICS)) == len(F.GENERAL_TOPICS)
+    with pytest.raises(ConfigError, match="has 2 templates; a validation and a test phrasing"):
+        F.split_domain([F.Relation("r", ["Q {x}?", "R {x}?"], [("a", "a", "b")], "thing")], rng)
 
 
 def test_word_and_open_questions(tmp_path):
@@ -86,3 +93,36 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
     train = {json.loads(line)["query"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
     assert not {q["query"] for q in test} & train  # no test question was ever trained on
     assert not (tmp_path / "lib.partial").exists()
+
+
+def test_top_layers_train_on_cached_inputs(tmp_path):
+    """With the bottom layers frozen, the loss from their cached output through the top layers (logits at the
+    answer only) equals HF's full forward with ``labels`` (float32); the model comes back whole, and
+    ``fine_tune`` runs the epochs asked for and saves a checkpoint of the full depth."""
+    import math
+    import torch
+    from transformers import AutoModelForCausalLM
+    from conftest import make_tiny_checkpoint
+    from etr.routing.smolexpert import sft
+    path = make_tiny_checkpoint(tmp_path / "tiny", "llama", num_layers=4, tokenizer=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n, answer in [(7, 2), (12, 3), (5, 1), (9, 4)]:
+        ids = torch.randint(0, 256, (n,), generator=g).tolist()
+        examples.append((ids, [-100] * (n - answer) + ids[n - answer:]))
+    ids, mask, labels = sft.batch(examples, 0)
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    cached = sft.frozen_inputs(model, examples, 2, 0, autocast=False, chunk=3)
+    with sft.layer_range(model, slice(2, 4), final_norm=True):
+        top = sft.answer_loss(model, mask, labels, inputs_embeds=sft.pad_hidden(cached))
+    torch.testing.assert_close(top, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sft.answer_loss(model, mask, labels, input_ids=ids), reference, atol=1e-5, rtol=1e-5)
+    assert len(model.model.layers) == model.config.num_hidden_layers == 4
+    pairs = [(f"question {i}", f"answer {i}") for i in range(10)]
+    loss, steps = sft.fine_tune(path, tmp_path / "expert", pairs, 1.5, 1e-3, 4, 2, seed=0, progress=False)
+    assert steps == math.ceil(1.5 * 10 / 4) and math.isfinite(loss)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "expert", dtype=torch.float32)
+    assert trained.config.num_hidden_layers == 4
+    same = [torch.equal(a, b) for a, b in zip(trained.model.layers.parameters(), model.model.layers.parameters())]
+    assert all(same[:len(same) // 2]) and not all(same[len(same) // 2:])  # only the top two layers changed

@@ -29,27 +29,30 @@ from etr.routing.smolexpert import facts as F
 class Profile:
     """Sizes, steps and settings of one SmolExpert build profile (fixed, not tuned on any test result)."""
     domains: tuple[str, ...]     # expert domains; the last is added later with its row only (extension)
-    max_entities: int | None     # per domain (None: all), before halving into train and test entities
-    expert_steps: int
+    max_entities: int | None     # per domain (None: all), before splitting into train, validation and test
+    expert_epochs: float         # passes over the expert's pairs (steps = epochs x pairs / batch, rounded up)
     expert_layers: int | None    # top decoder layers fine-tuned (None: the whole model)
     expert_lr: float = 2e-4
     batch_size: int = 16
     collect_per_relation: int = 40   # train facts x train phrasings drawn per relation for the collection
+    val_per_relation: int = 20
     test_per_relation: int = 40
     seen_per_domain: int = 24    # trained facts in trained phrasings: did each expert learn its domain?
     general_topics: int | None = None
     tau: float = 1.0             # Eq. 3 margin, in nats summed over the answer
-    head_lr: float = 2e-2
-    head_weight_decay: float = 0.1
-    head_epochs: int = 5
+    # The expert tokens' settings: every combination is trained, the best on the validation split is kept.
+    head_lrs: tuple[float, ...] = (2e-2, 5e-3, 5e-2)
+    head_weight_decays: tuple[float, ...] = (0.1, 1.0)
+    head_epochs: tuple[int, ...] = (5, 10)
     max_tokens: int = 16
 
 
 PROFILES = {
     # Quick: enough steps at a high rate for the top layers to take in 16 entities' facts (CI checks that).
-    "quick": Profile(("chemistry", "countries"), max_entities=16, expert_steps=48, expert_layers=4, expert_lr=1e-3,
-                     batch_size=8, collect_per_relation=8, test_per_relation=6, seen_per_domain=12, general_topics=8),
-    "default": Profile(("chemistry", "countries", "python"), max_entities=None, expert_steps=240, expert_layers=8),
+    "quick": Profile(("chemistry", "countries"), max_entities=16, expert_epochs=3, expert_layers=4, expert_lr=1e-3,
+                     batch_size=8, collect_per_relation=8, val_per_relation=4, test_per_relation=6,
+                     seen_per_domain=12, general_topics=16, head_lrs=(2e-2,), head_epochs=(5,)),
+    "default": Profile(("chemistry", "countries", "python"), max_entities=None, expert_epochs=5, expert_layers=8),
 }
 
 
@@ -72,10 +75,12 @@ class Build:
         self.experts = list(self.p.domains)
         self.timings: dict[str, float] = {}
         self.splits: dict[str, list[F.Split]] = {}      # data: every relation's facts and phrasings, split
-        self.general: tuple[list[str], list[str]] = ([], [])  # data: general requests (collection, test)
+        self.general = F.GeneralSplit([], [], [])        # data: general requests (collection, validation, test)
         self.expert_loss: dict[str, float] = {}          # experts: final training loss per expert
+        self.expert_steps: dict[str, int] = {}           # experts: optimizer steps per expert
         self.set_sizes: dict[str, int] = {}              # query sets: pairs per expert, and negatives
         self.set_purity: dict[str, float | None] = {}    # query sets: share from the expert's own domain
+        self.validation: list[dict] = []                 # expert tokens: every candidate setting, validated
         self.summary: dict = {}                          # evaluation: per-method figures on the test questions
         self.seen: dict = {}                             # evaluation: meta and oracle on trained questions
         self.records: list = []
@@ -86,36 +91,40 @@ class Build:
         rng = random.Random(self.seed)
         self.splits = {d: F.split_domain(F.DOMAINS[d](), rng, max_entities=self.p.max_entities) for d in self.experts}
         self.general = F.general_split(rng, self.p.general_topics)
-        train, collect, test, seen = [], [], [], []
+        train, collect, val, test, seen = [], [], [], [], []
         for domain, splits in self.splits.items():
             for s in splits:
                 rel = s.relation
-                # The expert's knowledge: every fact of its domain, in the training phrasings only.
+                # The expert's knowledge: every fact of its domain, in every phrasing but the test one.
                 train += [{"domain": domain, "query": rel.ask(t, x), "response": a}
-                          for x, a in s.train_facts + s.test_facts for t in s.train_templates]
+                          for x, a in s.train_facts + s.val_facts + s.test_facts for t in s.expert_templates]
                 asked = [(rel.ask(t, x), a) for x, a in s.train_facts for t in s.train_templates]
                 collect += [{"domain": domain, "query": q, "response": a}
                             for q, a in rng.sample(asked, min(len(asked), self.p.collect_per_relation))]
-                held = [(rel.ask(t, x), a) for x, a in s.test_facts for t in s.test_templates]
-                test += [{"domain": domain, "query": q, "answer": a, "match": "word"}
-                         for q, a in rng.sample(held, min(len(held), self.p.test_per_relation))]
+                val += self._questions(domain, rng, rel, s.val_facts, s.val_template, self.p.val_per_relation)
+                test += self._questions(domain, rng, rel, s.test_facts, s.test_template, self.p.test_per_relation)
             known = [r for r in collect if r["domain"] == domain]  # every relation's share, drawn at random
             seen += [{"domain": domain, "query": r["query"], "answer": r["response"], "match": "word"}
                      for r in rng.sample(known, min(len(known), self.p.seen_per_domain))]
-        test += [{"domain": "general", "query": q, "answer": "", "match": "open"} for q in self.general[1]]
-        _write_jsonl(self.out / "data" / "train.jsonl", train)
-        _write_jsonl(self.out / "data" / "collect_experts.jsonl", collect)
-        _write_jsonl(self.out / "data" / "test.jsonl", test)
-        _write_jsonl(self.out / "data" / "seen.jsonl", seen)
+        val += [{"domain": "general", "query": q, "answer": "", "match": "open"} for q in self.general.val]
+        test += [{"domain": "general", "query": q, "answer": "", "match": "open"} for q in self.general.test]
+        for name, rows in [("train", train), ("collect_experts", collect), ("val", val), ("test", test),
+                           ("seen", seen)]:
+            _write_jsonl(self.out / "data" / f"{name}.jsonl", rows)
+
+    @staticmethod
+    def _questions(domain: str, rng: random.Random, rel: F.Relation, facts: list, template: str, n: int) -> list:
+        drawn = rng.sample(facts, min(len(facts), n))
+        return [{"domain": domain, "query": rel.ask(template, x), "answer": a, "match": "word"} for x, a in drawn]
 
     def general_answers(self) -> None:
         """The meta's own answers to the general collection requests: the negatives' responses."""
         from etr import LLM, SamplingParams
         llm = LLM(self.meta, dtype="float32", max_model_len=512, max_num_seqs=32, num_kv_blocks=32 * 32 + 1)
-        outs = llm.chat([[{"role": "user", "content": q}] for q in self.general[0]],
+        outs = llm.chat([[{"role": "user", "content": q}] for q in self.general.collect],
                         SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=self.progress)
         rows = [json.loads(line) for line in (self.out / "data" / "collect_experts.jsonl").read_text().splitlines()]
-        rows += [{"domain": "general", "query": q, "response": o.text} for q, o in zip(self.general[0], outs)]
+        rows += [{"domain": "general", "query": q, "response": o.text} for q, o in zip(self.general.collect, outs)]
         _write_jsonl(self.out / "data" / "collect.jsonl", rows)
 
     # ---- models ------------------------------------------------------------------------------------------
@@ -125,10 +134,11 @@ class Build:
         rows = [json.loads(line) for line in (self.out / "data" / "train.jsonl").read_text().splitlines()]
         for i, domain in enumerate(self.experts):
             pairs = [(r["query"], r["response"]) for r in rows if r["domain"] == domain]
-            self.expert_loss[domain] = fine_tune(
-                self.meta, self.out / "experts" / domain, pairs, self.p.expert_steps, self.p.expert_lr,
+            self.expert_loss[domain], self.expert_steps[domain] = fine_tune(
+                self.meta, self.out / "experts" / domain, pairs, self.p.expert_epochs, self.p.expert_lr,
                 self.p.batch_size, self.p.expert_layers, self.seed + 1 + i, f"expert {domain}", self.progress)
-            self.log(f"[smolexpert] expert {domain}: {len(pairs)} pairs, final loss {self.expert_loss[domain]:.3f}")
+            self.log(f"[smolexpert] expert {domain}: {len(pairs)} pairs, {self.expert_steps[domain]} steps, "
+                     f"final loss {self.expert_loss[domain]:.3f}")
 
     def expert_dirs(self) -> dict[str, str]:
         return {d: str(self.out / "experts" / d) for d in self.experts}
@@ -150,12 +160,23 @@ class Build:
         self.set_sizes = {e: len(idx) for e, idx in sets.items()} | {"(negatives)": len(negative)}
 
     def heads(self) -> None:
+        """Choose the expert tokens' settings on the validation split, then train every head with them."""
+        from dataclasses import replace
+        from etr.models import load_model
+        from etr.models.tokenizer import load_tokenizer
+        from etr.routing import collect
         from etr.routing.train import TrainConfig
-
-        def cfg() -> TrainConfig:
-            return TrainConfig(lr=self.p.head_lr, weight_decay=self.p.head_weight_decay, epochs=self.p.head_epochs,
-                               seed=self.seed)
-        write_heads(self.out, self.meta, self.experts, self.experts[:-1], cfg, self.seed)
+        from etr.routing.validation import choose_head_config, config_grid
+        tok = load_tokenizer(self.meta)
+        val = [json.loads(line) for line in (self.out / "data" / "val.jsonl").read_text().splitlines()]
+        val_ids = [collect.prompt_ids(tok, r["query"], chat_template=True) for r in val]
+        grid = config_grid(TrainConfig(seed=self.seed), self.p.head_lrs, self.p.head_weight_decays, self.p.head_epochs)
+        chosen, self.validation = choose_head_config(
+            load_model(self.meta, torch.float32, "cpu"), collect.read_sets(self.out / "sets.jsonl"), self.experts,
+            val_ids, [None if r["domain"] == "general" else r["domain"] for r in val], grid)
+        self.log(f"[smolexpert] expert tokens: lr {chosen.lr}, weight decay {chosen.weight_decay}, "
+                 f"{chosen.epochs} epochs (best of {len(grid)} on the validation split)")
+        write_heads(self.out, self.meta, self.experts, self.experts[:-1], lambda: replace(chosen, log=[]), self.seed)
 
     def evaluate(self) -> None:
         from etr.routing.eval_data import load_exact_jsonl
@@ -183,7 +204,8 @@ class Build:
     def write_results(self) -> dict:
         from etr.routing.smolexpert.results import bars, markdown
         results = {"profile": self.name, "seed": self.seed, "meta": self.meta, "settings": asdict(self.p),
-                   "timings_s": self.timings, "expert_loss": self.expert_loss, "set_sizes": self.set_sizes,
+                   "timings_s": self.timings, "expert_loss": self.expert_loss, "expert_steps": self.expert_steps,
+                   "validation": self.validation, "set_sizes": self.set_sizes,
                    "set_purity": self.set_purity, "seen": self.seen, "summary": self.summary,
                    "bars": bars(self.summary, self.seen, self.experts, self.name)}
         return write_report(self.out, results, markdown(results, self.experts), self.records, self.log)

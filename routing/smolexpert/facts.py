@@ -2,11 +2,12 @@
 
 Each expert domain is a few relations over one set of entities (elements, countries, functions); a relation
 maps an entity to the subject it asks about and the answer, from an installed package or the standard
-library, and has several paraphrased question templates. ``split_domain`` holds entities and phrasings out:
-the entities are halved once per domain (so no relation asks about a held-out entity under another guise),
-the expert tokens are trained on questions about one half in some phrasings, and routing is measured on the
-other half in the held-back phrasing. The general domain (everyday requests no expert covers)
-supplies negatives and the false-routing measurement; its answers are whatever the meta says.
+library, and has four paraphrased question templates. ``split_domain`` holds entities and phrasings out:
+the entities are split once per domain (so no relation asks about a held-out entity under another guise),
+the expert tokens are trained on questions about some entities in two phrasings, their settings are chosen
+on other entities in a third, and routing is measured on the remaining half of the entities in the fourth.
+The general domain (everyday requests no expert covers) supplies negatives and the false-routing
+measurement, split the same way; its answers are whatever the meta says.
 """
 
 from __future__ import annotations
@@ -36,14 +37,21 @@ class Relation:
 
 @dataclass(slots=True)
 class Split:
-    """One relation's facts and templates, split by entity (``split_domain``): the train facts are the
-    expert tokens' collection (the experts themselves learn train and test facts: their knowledge), the test
-    facts (other entities, asked in the held-back phrasings) measure routing and accuracy."""
+    """One relation's facts and phrasings, split by entity (``split_domain``). The train facts in the train
+    phrasings are the expert tokens' collection; the validation facts in the validation phrasing choose the
+    expert tokens' settings; the test facts in the test phrasing measure routing and accuracy. The expert
+    itself learns every fact (its knowledge) in the train and validation phrasings."""
     relation: Relation
     train_facts: list[tuple[str, str]]  # (subject, answer)
+    val_facts: list[tuple[str, str]]
     test_facts: list[tuple[str, str]]
     train_templates: list[str]
-    test_templates: list[str]
+    val_template: str
+    test_template: str
+
+    @property
+    def expert_templates(self) -> list[str]:
+        return [*self.train_templates, self.val_template]
 
 
 def _extra(module: str):
@@ -132,42 +140,66 @@ def python() -> list[Relation]:
 
 
 GENERAL = ["Give me a tip for {x}.", "Write one friendly sentence about {x}.", "Why do people enjoy {x}?",
-           "Suggest a first step for {x}."]
+           "What should a beginner know about {x}?", "How can I get better at {x}?", "Suggest a first step for {x}."]
 GENERAL_TOPICS = ["sleeping better", "cooking pasta", "learning to swim", "morning walks", "reading novels",
                   "gardening", "saving money", "painting a room", "baking bread", "planning a trip", "drinking water",
                   "writing a letter", "cleaning a kitchen", "riding a bike", "making tea", "studying for exams",
                   "meeting new people", "watching sunsets", "keeping a journal", "organizing a desk",
                   "taking photos", "hiking in the hills", "playing chess", "feeding birds", "learning a song",
                   "folding laundry", "visiting a museum", "camping", "stretching", "caring for a cat",
-                  "packing a lunch", "decorating a cake"]
+                  "packing a lunch", "decorating a cake", "walking a dog", "learning to knit", "making a budget",
+                  "waking up early", "writing a thank-you note", "playing the guitar", "running a first 5k",
+                  "sewing a button", "making friends at work", "cooking rice", "brewing coffee", "planting tomatoes",
+                  "reading to children", "having a picnic", "going to the beach", "learning to draw",
+                  "building a sandcastle", "staying focused", "keeping a houseplant alive", "planning a birthday party",
+                  "doing yoga", "shopping for groceries", "washing a car", "writing a short story", "learning to dance",
+                  "making pancakes", "cleaning windows", "taking a nap", "playing board games", "going fishing",
+                  "wrapping a gift", "hosting dinner guests", "practicing patience", "sorting old photos",
+                  "making a smoothie", "fixing a squeaky door", "learning to juggle", "flying a kite", "ice skating",
+                  "watching the stars", "making soup", "writing a poem", "singing in a choir", "going bowling",
+                  "giving a wedding toast", "volunteering", "decluttering a closet", "learning to whistle",
+                  "making a paper airplane", "doing a puzzle", "cooking eggs", "walking in the rain"]
 
 DOMAINS = {"chemistry": chemistry, "countries": countries, "python": python}
 
 
-def split_domain(relations: list[Relation], rng: random.Random, test_templates: int = 1,
-                 max_entities: int | None = None) -> list[Split]:
-    """Shuffle the domain's entities once and halve them (``max_entities`` first keeps that many): every
-    relation's train facts are about the first half, its test facts about the other; each relation's last
-    ``test_templates`` phrasings are held out."""
+def split_domain(relations: list[Relation], rng: random.Random, max_entities: int | None = None,
+                 val_share: float = 1 / 3) -> list[Split]:
+    """Shuffle the domain's entities once (``max_entities`` first keeps that many) and halve them: the second
+    half are every relation's test facts; ``val_share`` of the first half its validation facts, the rest its
+    train facts. Each relation's last phrasing is the test one, the one before it the validation one."""
     for rel in relations:
-        if len(rel.templates) <= test_templates:
-            raise ConfigError(f"relation {rel.name!r} has {len(rel.templates)} templates; {test_templates} held out "
-                              f"leaves none to train on")
+        if len(rel.templates) < 3:
+            raise ConfigError(f"relation {rel.name!r} has {len(rel.templates)} templates; a validation and a test "
+                              f"phrasing held out need at least 3")
     entities = sorted({e for rel in relations for e, _, _ in rel.facts})
     rng.shuffle(entities)
     entities = entities[:max_entities] if max_entities else entities
-    train = set(entities[:len(entities) // 2])
-    test = set(entities[len(entities) // 2:])
-    return [Split(rel, [(x, a) for e, x, a in rel.facts if e in train], [(x, a) for e, x, a in rel.facts if e in test],
-                  rel.templates[:-test_templates], rel.templates[-test_templates:]) for rel in relations]
+    half = len(entities) // 2
+    n_val = int(half * val_share)
+    val, train, test = set(entities[:n_val]), set(entities[n_val:half]), set(entities[half:])
+
+    def facts(rel: Relation, part: set) -> list[tuple[str, str]]:
+        return [(x, a) for e, x, a in rel.facts if e in part]
+    return [Split(rel, facts(rel, train), facts(rel, val), facts(rel, test), rel.templates[:-2], rel.templates[-2],
+                  rel.templates[-1]) for rel in relations]
 
 
-def general_split(rng: random.Random, max_topics: int | None = None) -> tuple[list[str], list[str]]:
-    """General requests for collection (training phrasings, half the topics) and for testing (the rest)."""
+@dataclass(slots=True)
+class GeneralSplit:
+    """General requests: the collection's (train topics in the train phrasings), the validation's (other
+    topics, the validation phrasing) and the test's (the rest, the test phrasing)."""
+    collect: list[str]
+    val: list[str]
+    test: list[str]
+
+
+def general_split(rng: random.Random, max_topics: int | None = None) -> GeneralSplit:
+    """Half the topics for testing, a quarter for validation, a quarter for the collection."""
     topics = list(GENERAL_TOPICS)
     rng.shuffle(topics)
     topics = topics[:max_topics] if max_topics else topics
-    half = len(topics) // 2
-    train = [t.format(x=x) for t in GENERAL[:-1] for x in topics[:half]]
-    test = [GENERAL[-1].format(x=x) for x in topics[half:]]
-    return train, test
+    half, quarter = len(topics) // 2, len(topics) // 4
+    return GeneralSplit([t.format(x=x) for t in GENERAL[:-2] for x in topics[:quarter]],
+                        [GENERAL[-2].format(x=x) for x in topics[quarter:half]],
+                        [GENERAL[-1].format(x=x) for x in topics[half:]])

@@ -46,6 +46,8 @@ def markdown(results: dict, experts: list[str]) -> str:
              f"Meta: SmolLM2-135M-Instruct ({results['meta']}), not trained. Build time "
              f"{results['timings_s']['total']:.0f} s: " +
              ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items() if k != "total"), "",
+             "Experts: " + ", ".join(f"{e} {results['expert_steps'][e]} steps (final loss {results['expert_loss'][e]:.3f})"
+                                     for e in experts) + ".", "",
              "## Test questions: facts the expert tokens never saw, in phrasings no training used", ""]
     lines += ["| method | " + " | ".join(experts) + " | mean | routing | false routing (general) |",
               "|---" * (len(experts) + 4) + "|"]
@@ -56,9 +58,20 @@ def markdown(results: dict, experts: list[str]) -> str:
                      f"{report.pct(_routing(row, experts)) if routed else '-'} | {report.pct(row['false_routing'])} |")
     lines += ["", "Seen questions (trained facts and phrasings): meta " + report.pct(_mean(seen[META], experts)) +
               ", experts " + report.pct(_mean(seen["oracle"], experts)) + ".", "",
-              *query_set_lines(results)]
+              *query_set_lines(results), *validation_lines(results["validation"])]
     lines += ["", "## Bars", "", "| bar | value | holds |", "|---|---|---|"]
     lines += [f"| {b['bar']} | {b['value']:.3f} | {'yes' if b['holds'] else 'NO'} |" for b in results["bars"]]
     lines += ["", "## Routing of ETR (rows: domain, columns: model that answered)", ""]
     lines += report.confusion_table(s["etr"]["confusion"])
     return "\n".join(lines) + "\n"
+
+
+def validation_lines(table: list[dict]) -> list[str]:
+    """The candidate settings of the expert tokens, each scored on the validation split (the first generated
+    position's routing: its accuracy on domain questions, false routing on general requests)."""
+    lines = ["", "## Expert tokens' settings, chosen on the validation split (score: routing - false routing)", "",
+             "| lr | weight decay | epochs | routing | false routing | score | chosen |", "|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['lr']:g} | {r['weight_decay']:g} | {r['epochs']} | {report.pct(r['routing_accuracy'])} | "
+                     f"{report.pct(r['false_routing'])} | {r['score']:.3f} | {'yes' if r.get('chosen') else ''} |")
+    return lines
