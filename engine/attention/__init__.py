@@ -44,8 +44,9 @@ def block_size_for(backend: str, block_size: int | None) -> int:
 
 
 def get_backend(name: str, device) -> AttentionBackend:
-    """An instance of the backend ``name`` resolves to."""
-    return BACKENDS[resolve_backend(name, device)]()
+    """An instance of the backend ``name`` resolves to (the torch backend knows its device)."""
+    resolved = resolve_backend(name, device)
+    return TorchAttentionBackend(device) if resolved == "torch" else BACKENDS[resolved]()
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "KVCache", "FlashAttentionBackend", "TorchAttentionBackend",

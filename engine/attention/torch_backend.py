@@ -1,6 +1,9 @@
 """Plain-torch paged attention: gather each sequence's pages, then scaled_dot_product_attention.
 
-Runs anywhere torch runs; the reference the Triton and flash-attn backends are tested against.
+Runs anywhere torch runs; the reference the Triton and flash-attn backends are tested against. Built for a
+CPU device (``TorchAttentionBackend("cpu")``, as engines build it), its decode reads the pages in place with
+the C++ op of ``kernels/cpu_paged_decode.py`` where that op builds; built without a device, it is the gather
+reference throughout.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 
 from etr.engine.attention.base import KVCache
 from etr.engine.attention.metadata import AttentionMetadata
+from etr.kernels import cpu_paged_decode
 
 
 def page_slots(block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int, block_size: int):
@@ -46,12 +50,18 @@ class TorchAttentionBackend:
     """Attention by gathering pages and calling SDPA; runs on any device and is the reference."""
     name = "torch"
 
+    def __init__(self, device: torch.device | str | None = None):
+        # Asked here, so that a first build of the op happens while the engine starts, not in a request.
+        self.in_place = device is not None and torch.device(device).type == "cpu" and cpu_paged_decode.available()
+
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.block_tables is None:
             return
         # Known on the host: asking the device whether any slot is -1 would wait for it every step.
         meta.extra["keep"] = meta.slot_mapping >= 0 if meta.has_padding else None
-        if not meta.is_prefill:
+        if not meta.is_prefill and self.in_place and meta.dtype in IN_PLACE_DTYPES and not meta.has_padding:
+            meta.extra["in_place"] = True
+        elif not meta.is_prefill:
             slots, valid = page_slots(meta.block_tables, meta.context_lens, max(meta.context_lens_list), meta.block_size)
             # An additive float mask, built once per step in the dtype each layer adds it in: the activations'
             # for SDPA, float32 for the CPU's grouped matmuls.
@@ -93,6 +103,8 @@ class TorchAttentionBackend:
         return out
 
     def _decode(self, q, kv_cache, meta, scale):
+        if meta.extra.get("in_place"):
+            return cpu_paged_decode.paged_decode(q, *kv_cache, meta.block_tables, meta.context_lens, scale)
         slots, mask = meta.extra["slots"], meta.extra["mask"]
         keys, values = (gather_slots(pages, slots).transpose(1, 2) for pages in kv_cache)  # [B, kv_heads, L, D]
         batch, length = slots.shape
@@ -102,6 +114,8 @@ class TorchAttentionBackend:
                                              scale=scale, enable_gqa=True)
         return out.squeeze(2)
 
+
+IN_PLACE_DTYPES = (torch.float32, torch.bfloat16)
 
 # For one decode query per sequence, SDPA's CPU flash kernel is slower than two float32 matmuls except for
 # one sequence of few keys (bench/RESULTS.md, "Measurements behind code choices").

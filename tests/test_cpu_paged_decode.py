@@ -1,0 +1,94 @@
+"""The CPU decode-attention op that reads KV pages in place (kernels/cpu_paged_decode.cpp) against its
+plain-torch reference on awkward sizes, and the torch backend's decode with it against the gather path.
+
+Tolerances: float32 within 1e-5 (absolute and relative); bfloat16 outputs within 1e-2 absolute and relative
+(the op and the reference both accumulate in float32 and round once to bf16, whose step is 2^-8 relative:
+they may differ by a rounding step where the float32 sums differ in their last bits)."""
+
+import os
+
+import pytest
+import torch
+
+from etr.engine.attention import AttentionMetadata, TorchAttentionBackend, get_backend
+from etr.kernels import cpu_paged_decode as K
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(scope="module")
+def op():
+    if not K.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the CPU decode-attention op must build in CI: {K.load_error()}")
+        pytest.skip(f"the CPU decode-attention op did not build here: {K.load_error()}")
+
+
+def pages(num_blocks, block_size, kv_heads, dim, dtype, g):
+    return tuple(torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (4, 4, 48, 5), (8, 1, 80, 7),
+                                                           (2, 2, 32, 1)])
+def test_op_matches_reference(op, dtype, heads, kv_heads, dim, block_size):
+    g = torch.Generator().manual_seed(heads * 100 + dim)
+    lens = torch.tensor([1, 17, 33, 100, 5, 2 * block_size], dtype=torch.int32)
+    blocks_per_seq = -(-int(lens.max()) // block_size) + 1
+    num_blocks = len(lens) * blocks_per_seq + 3
+    k_pages, v_pages = pages(num_blocks, block_size, kv_heads, dim, dtype, g)
+    # Scattered, shuffled blocks, with garbage (NaN) in every slot past each sequence's end.
+    tables = torch.randperm(num_blocks, generator=g)[:len(lens) * blocks_per_seq].view(len(lens), -1).to(torch.int32)
+    for b, n in enumerate(lens.tolist()):
+        for pos in range(n, blocks_per_seq * block_size):
+            k_pages[tables[b, pos // block_size], pos % block_size] = float("nan")
+            v_pages[tables[b, pos // block_size], pos % block_size] = float("nan")
+    q = torch.randn(len(lens), heads, dim, generator=g).to(dtype)
+    got = K.paged_decode(q, k_pages, v_pages, tables, lens, dim ** -0.5)
+    want = K.reference(q, k_pages, v_pages, tables, lens, dim ** -0.5)
+    assert got.dtype == dtype and got.shape == q.shape and not got.isnan().any()
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    # A non-contiguous q (a view out of a fused projection) gives the same.
+    wide = torch.cat([q, q], dim=2)[:, :, :dim]
+    torch.testing.assert_close(K.paged_decode(wide, k_pages, v_pages, tables, lens, dim ** -0.5), got, atol=0, rtol=0)
+
+
+def test_op_refuses_bad_shapes(op):
+    k, v = pages(4, 16, 3, 64, torch.float32, torch.Generator().manual_seed(0))
+    tables, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="head grouping"):
+        K.paged_decode(torch.randn(1, 4, 64), k, v, tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="int32"):
+        K.paged_decode(torch.randn(1, 9, 64), k, v, tables.long(), lens, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_decode_in_place_equals_gather(op, dtype):
+    """The engine's torch backend on the CPU decodes in place; the gather path (no device) agrees."""
+    g = torch.Generator().manual_seed(3)
+    block_size, heads, kv_heads, dim = 16, 9, 3, 64
+    k_pages, v_pages = pages(20, block_size, kv_heads, dim, dtype, g)
+    lens = [3, 40, 129]
+    tables = torch.tensor([[5, 0, 0, 0, 0, 0, 0, 0, 0], [7, 2, 9, 0, 0, 0, 0, 0, 0],
+                           [1, 3, 4, 6, 8, 10, 11, 12, 13]], dtype=torch.int32)
+    slots = torch.tensor([tables[i, (n - 1) // block_size] * block_size + (n - 1) % block_size
+                          for i, n in enumerate(lens)], dtype=torch.long)
+
+    def meta():
+        return AttentionMetadata(is_prefill=False, query_lens=[1] * 3, context_lens_list=lens,
+                                 cu_seqlens_q=torch.arange(4, dtype=torch.int32), slot_mapping=slots,
+                                 context_lens=torch.tensor(lens, dtype=torch.int32), block_tables=tables,
+                                 block_size=block_size, dtype=dtype)
+    q, k, v = (torch.randn(3, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+    outs = []
+    for backend in (get_backend("torch", "cpu"), TorchAttentionBackend()):
+        m = meta()
+        backend.prepare(m)
+        outs.append(backend.forward(q, k, v, (k_pages.clone(), v_pages.clone()), m, dim ** -0.5))
+    assert get_backend("torch", "cpu").in_place and not TorchAttentionBackend().in_place
+    torch.testing.assert_close(outs[0], outs[1], **TOL[dtype])
+
+
+def test_backend_keeps_the_gather_path_without_the_op(monkeypatch):
+    monkeypatch.setattr(K, "available", lambda: False)
+    assert not TorchAttentionBackend("cpu").in_place
