@@ -1,8 +1,10 @@
-// Decode attention on the CPU reading the KV pages in place: one query token per sequence, each (sequence,
-// KV head) pair a task of at::parallel_for. For its group of query heads a task reads every key row once
-// (scores), takes a float32 softmax, then reads every value row once (weighted sum); bf16 rows are widened to
-// float32 one row at a time in a small buffer, so nothing of the context is gathered or converted as a whole.
-// The plain-torch reference is engine/attention/torch_backend.py's gather + grouped_decode_attention.
+// Decode attention on the CPU reading the KV pages in place: one query token per sequence. A task is one
+// sequence's run of whole pages (a sequence is cut into several when there are fewer sequences than threads
+// want work), all heads at once, so it reads each position's keys and values as one contiguous row of the
+// page. For every query head it keeps a float32 running maximum, sum and weighted value sum (split-K, as in
+// flash decoding); a second pass combines a sequence's parts. bf16 rows are widened to float32 one row at a
+// time, so nothing of the context is gathered or converted as a whole. The plain-torch reference is
+// kernels/cpu_paged_decode.py's ``reference``.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,6 +23,7 @@ inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, sr
 
 inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
     std::memcpy(dst + i, &wide, sizeof(float));
@@ -29,17 +32,6 @@ inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
 
 inline float narrow(float x, float) { return x; }
 inline at::BFloat16 narrow(float x, at::BFloat16) { return at::BFloat16(x); }  // round to nearest even
-
-template <typename T>
-struct Task {
-  const T* q;            // [G, D] this task's query heads
-  const T* k_pages;      // [blocks, block_size, kv_heads, D]
-  const T* v_pages;
-  const int32_t* blocks;  // this sequence's block table
-  int64_t len, block_size, kv_heads, kv_head, dim, group;
-  float scale;
-  T* out;                // [G, D]
-};
 
 // exp(x) for x <= 0 (scores minus their maximum) that the compiler vectorizes: 2^n * p(r), x = n ln2 + r,
 // |r| <= ln2 / 2, p of degree 6 (relative error below 2e-7); exp(-87.3) underflows to ~1e-38, not to 0.
@@ -55,93 +47,137 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// Calls fn(row pointer of K or V, position) for every position, block by block (no division per row), and
-// prefetches the next block's rows while the current one is consumed.
-template <typename T, typename Fn>
-inline void for_each_row(const T* pages, const Task<T>& t, Fn&& fn) {
-  const int64_t stride = t.kv_heads * t.dim;
-  const int64_t num_blocks = (t.len + t.block_size - 1) / t.block_size;
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    const T* base = pages + (t.blocks[j] * t.block_size * t.kv_heads + t.kv_head) * t.dim;
-    const int64_t n = std::min(t.block_size, t.len - j * t.block_size);
-    if (j + 1 < num_blocks) {
-      const T* next = pages + (t.blocks[j + 1] * t.block_size * t.kv_heads + t.kv_head) * t.dim;
-      for (int64_t i = 0; i < std::min(t.block_size, t.len - (j + 1) * t.block_size); ++i)
-        for (int64_t b = 0; b < t.dim * static_cast<int64_t>(sizeof(T)); b += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(next + i * stride) + b);
-    }
-    for (int64_t i = 0; i < n; ++i) fn(base + i * stride, j * t.block_size + i);
-  }
-}
+struct Shape {
+  int64_t heads, kv_heads, dim, group, block_size, max_blocks;
+  float scale;
+};
 
-// scratch: q (G*D) | one K/V row (D) | scores (G*len) | accumulator (G*D)
+struct Part {  // one task: sequence b, pages [first, last) of its block table, positions [first * bs, end)
+  int64_t b, first, last, end;
+};
+
+// Running results of one part, per query head: maximum m, sum l, and the unnormalised weighted sum acc [D].
 template <typename T>
-void run_task(const Task<T>& t, std::vector<float>& scratch) {
-  const int64_t D = t.dim, G = t.group, L = t.len;
-  scratch.resize(static_cast<size_t>(G * D + D + G * L + G * D));
+void run_part(const Part& part, const Shape& s, const T* q_all, const T* k_pages, const T* v_pages,
+              const int32_t* tables, float* m, float* l, float* acc, std::vector<float>& scratch) {
+  const int64_t H = s.heads, D = s.dim, G = s.group, row = s.kv_heads * D, bs = s.block_size;
+  const int64_t begin = part.first * bs, n = part.end - begin;
+  scratch.resize(static_cast<size_t>(H * D + row + H * n));
   float* q = scratch.data();
-  float* buf = q + G * D;
-  float* scores = buf + D;
-  float* acc = scores + G * L;
-  widen(t.q, q, G * D);
-  for (int64_t i = 0; i < G * D; ++i) q[i] *= t.scale;
-  for_each_row(t.k_pages, t, [&](const T* k, int64_t pos) {
-    widen(k, buf, D);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < D; ++i) s += qg[i] * buf[i];
-      scores[g * L + pos] = s;
+  float* buf = q + H * D;
+  float* scores = buf + row;  // [H, n]
+  widen(q_all + part.b * H * D, q, H * D);
+  for (int64_t i = 0; i < H * D; ++i) q[i] *= s.scale;
+  const int32_t* blocks = tables + part.b * s.max_blocks;
+  auto each_row = [&](const T* pages, auto&& fn) {
+    for (int64_t j = part.first; j < part.last; ++j) {
+      const T* base = pages + static_cast<int64_t>(blocks[j]) * bs * row;
+      if (j + 1 < part.last) {
+        const char* next = reinterpret_cast<const char*>(pages + static_cast<int64_t>(blocks[j + 1]) * bs * row);
+        for (int64_t b = 0; b < bs * row * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+      }
+      const int64_t count = std::min(bs, part.end - j * bs);
+      for (int64_t i = 0; i < count; ++i) fn(base + i * row, j * bs + i - begin);
+    }
+  };
+  each_row(k_pages, [&](const T* k, int64_t pos) {
+    widen(k, buf, row);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q + h * D;
+      const float* kh = buf + (h / G) * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < D; ++i) dot += qh[i] * kh[i];
+      scores[h * n + pos] = dot;
     }
   });
-  std::vector<float> inv_sum(G);
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * L;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t pos = 0; pos < L; ++pos) m = std::max(m, sg[pos]);
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = scores + h * n;
+    float mh = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) mh = std::max(mh, sh[i]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t pos = 0; pos < L; ++pos) {
-      sg[pos] = exp_nonpositive(sg[pos] - m);
-      sum += sg[pos];
+    for (int64_t i = 0; i < n; ++i) {
+      sh[i] = exp_nonpositive(sh[i] - mh);
+      sum += sh[i];
     }
-    inv_sum[g] = 1.f / sum;
+    m[h] = mh;
+    l[h] = sum;
   }
-  std::fill(acc, acc + G * D, 0.f);
-  for_each_row(t.v_pages, t, [&](const T* v, int64_t pos) {
-    widen(v, buf, D);
-    for (int64_t g = 0; g < G; ++g) {
-      float p = scores[g * L + pos];
-      float* ag = acc + g * D;
+  std::fill(acc, acc + H * D, 0.f);
+  each_row(v_pages, [&](const T* v, int64_t pos) {
+    widen(v, buf, row);
+    for (int64_t h = 0; h < H; ++h) {
+      const float p = scores[h * n + pos];
+      const float* vh = buf + (h / G) * D;
+      float* ah = acc + h * D;
 #pragma omp simd
-      for (int64_t i = 0; i < D; ++i) ag[i] += p * buf[i];
+      for (int64_t i = 0; i < D; ++i) ah[i] += p * vh[i];
     }
   });
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < D; ++i) t.out[g * D + i] = narrow(acc[g * D + i] * inv_sum[g], T());
+}
+
+// Tasks: every sequence cut into runs of whole pages of at least MIN_PART_POSITIONS positions, so that there
+// are about TASKS_PER_THREAD tasks per thread when sequences are few and long.
+constexpr int64_t MIN_PART_POSITIONS = 256;
+constexpr int64_t TASKS_PER_THREAD = 4;
+
+std::vector<Part> plan(const int32_t* lens, int64_t batch, int64_t bs) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < batch; ++b) total += lens[b];
+  const int64_t want = TASKS_PER_THREAD * at::get_num_threads();
+  const int64_t positions = std::max(MIN_PART_POSITIONS, (total + want - 1) / want);
+  const int64_t pages = std::max<int64_t>(1, (positions + bs - 1) / bs);
+  std::vector<Part> parts;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t used = (lens[b] + bs - 1) / bs;
+    for (int64_t first = 0; first < used; first += pages)
+      parts.push_back({b, first, std::min(used, first + pages), std::min<int64_t>(lens[b], (first + pages) * bs)});
+  }
+  return parts;
 }
 
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& tables,
             const at::Tensor& lens, double scale, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = k_pages.size(1), kv_heads = k_pages.size(2), group = heads / kv_heads;
-  const int64_t max_blocks = tables.size(1);
+  const Shape s{heads, k_pages.size(2), dim, heads / k_pages.size(2), k_pages.size(1), tables.size(1),
+                static_cast<float>(scale)};
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  const std::vector<Part> parts = plan(lp, batch, s.block_size);
+  const int64_t P = static_cast<int64_t>(parts.size());
+  std::vector<float> m(P * heads), l(P * heads), acc(P * heads * dim);
   const T* qp = q.data_ptr<T>();
   const T* kp = k_pages.data_ptr<T>();
   const T* vp = v_pages.data_ptr<T>();
   const int32_t* tp = tables.data_ptr<int32_t>();
-  const int32_t* lp = lens.data_ptr<int32_t>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
-      const int64_t offset = (b * heads + h * group) * dim;
-      Task<T> t{qp + offset, kp, vp, tp + b * max_blocks, lp[b], block_size, kv_heads, h, dim, group,
-                static_cast<float>(scale), op + offset};
-      run_task(t, scratch);
+    for (int64_t i = begin; i < end; ++i)
+      run_part(parts[i], s, qp, kp, vp, tp, &m[i * heads], &l[i * heads], &acc[i * heads * dim], scratch);
+  });
+  // Combine each sequence's parts (consecutive in `parts`): rescale to the largest maximum, then normalise.
+  T* op = out.data_ptr<T>();
+  std::vector<int64_t> first_part(batch + 1, P);
+  for (int64_t i = P - 1; i >= 0; --i) first_part[parts[i].b] = i;
+  for (int64_t b = batch - 1; b >= 0; --b) first_part[b] = std::min(first_part[b], first_part[b + 1]);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> total(dim);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t i = first_part[b]; i < first_part[b + 1]; ++i) mx = std::max(mx, m[i * heads + h]);
+        std::fill(total.begin(), total.end(), 0.f);
+        float sum = 0.f;
+        for (int64_t i = first_part[b]; i < first_part[b + 1]; ++i) {
+          const float w = std::exp(m[i * heads + h] - mx);
+          sum += w * l[i * heads + h];
+          const float* a = &acc[(i * heads + h) * dim];
+          for (int64_t d = 0; d < dim; ++d) total[d] += w * a[d];
+        }
+        T* o = op + (b * heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = narrow(total[d] / sum, T());
+      }
     }
   });
 }

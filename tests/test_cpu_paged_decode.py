@@ -53,6 +53,27 @@ def test_op_matches_reference(op, dtype, heads, kv_heads, dim, block_size):
     torch.testing.assert_close(K.paged_decode(wide, k_pages, v_pages, tables, lens, dim ** -0.5), got, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_op_splits_long_sequences(op, dtype, threads):
+    """Few long sequences are cut into runs of pages whose partial softmaxes are combined (split-K): the
+    result is the reference's whatever the cut (it depends on the thread count)."""
+    g = torch.Generator().manual_seed(threads)
+    block_size, heads, kv_heads, dim = 7, 6, 2, 40
+    lens = torch.tensor([1500, 3, 701], dtype=torch.int32)
+    per_seq = -(-1500 // block_size)
+    k_pages, v_pages = pages(len(lens) * per_seq + 1, block_size, kv_heads, dim, dtype, g)
+    tables = (torch.randperm(len(lens) * per_seq, generator=g).view(len(lens), -1) + 1).to(torch.int32)
+    q = torch.randn(len(lens), heads, dim, generator=g).to(dtype) * 3  # peaked softmaxes: parts' maxima differ
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = K.paged_decode(q, k_pages, v_pages, tables, lens, dim ** -0.5)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, K.reference(q, k_pages, v_pages, tables, lens, dim ** -0.5), **TOL[dtype])
+
+
 def test_op_refuses_bad_shapes(op):
     k, v = pages(4, 16, 3, 64, torch.float32, torch.Generator().manual_seed(0))
     tables, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
