@@ -122,9 +122,21 @@ void run_part(const Part& part, const Shape& s, const T* q_all, const T* k_pages
 constexpr int64_t MIN_PART_POSITIONS = 256;
 constexpr int64_t TASKS_PER_THREAD = 4;
 
-std::vector<Part> plan(const int32_t* lens, int64_t batch, int64_t bs) {
+std::vector<Part> plan(const int32_t* lens, const int32_t* tables, int64_t batch, int64_t bs, int64_t max_blocks,
+                       int64_t num_blocks) {
   int64_t total = 0;
-  for (int64_t b = 0; b < batch; ++b) total += lens[b];
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1, "paged_decode: context_lens[", b, "] = ", lens[b], " (must be >= 1)");
+    const int64_t used = (lens[b] + bs - 1) / bs;
+    TORCH_CHECK(used <= max_blocks, "paged_decode: context_lens[", b, "] = ", lens[b], " needs ", used,
+                " pages; block_tables has ", max_blocks, " columns");
+    for (int64_t j = 0; j < used; ++j) {
+      const int32_t page = tables[b * max_blocks + j];
+      TORCH_CHECK(page >= 0 && page < num_blocks, "paged_decode: block_tables[", b, ", ", j, "] = ", page,
+                  " is not a page of the ", num_blocks, " in the cache");
+    }
+    total += lens[b];
+  }
   const int64_t want = TASKS_PER_THREAD * at::get_num_threads();
   const int64_t positions = std::max(MIN_PART_POSITIONS, (total + want - 1) / want);
   const int64_t pages = std::max<int64_t>(1, (positions + bs - 1) / bs);
@@ -144,13 +156,13 @@ void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_
   const Shape s{heads, k_pages.size(2), dim, heads / k_pages.size(2), k_pages.size(1), tables.size(1),
                 static_cast<float>(scale)};
   const int32_t* lp = lens.data_ptr<int32_t>();
-  const std::vector<Part> parts = plan(lp, batch, s.block_size);
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const std::vector<Part> parts = plan(lp, tp, batch, s.block_size, s.max_blocks, k_pages.size(0));
   const int64_t P = static_cast<int64_t>(parts.size());
   std::vector<float> m(P * heads), l(P * heads), acc(P * heads * dim);
   const T* qp = q.data_ptr<T>();
   const T* kp = k_pages.data_ptr<T>();
   const T* vp = v_pages.data_ptr<T>();
-  const int32_t* tp = tables.data_ptr<int32_t>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t i = begin; i < end; ++i)
@@ -186,8 +198,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pages, const at
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pages.dim() == 4 && v_pages.sizes() == k_pages.sizes(),
               "paged_decode: q [B, H, D] and pages [blocks, block_size, kv_heads, D] expected");
-  TORCH_CHECK(q.size(2) == k_pages.size(3) && q.size(1) % k_pages.size(2) == 0,
+  TORCH_CHECK(k_pages.size(2) > 0 && q.size(2) == k_pages.size(3) && q.size(1) % k_pages.size(2) == 0,
               "paged_decode: head_dim or head grouping mismatch");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.dim() == 1 &&
+                  context_lens.size(0) == q.size(0),
+              "paged_decode: block_tables [B, pages] and context_lens [B] must have one row per query");
   TORCH_CHECK(q.scalar_type() == k_pages.scalar_type() && k_pages.scalar_type() == v_pages.scalar_type(),
               "paged_decode: q and pages must share a dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,

@@ -3,7 +3,9 @@
 Each candidate ``TrainConfig`` trains the rows of every expert on the same cached features of the query sets;
 the validation questions (their own entities and phrasing) are scored by the decision greedy decoding makes at
 the first generated position: a domain's question should pick its expert's row, a general request no expert
-row. The score is routing accuracy minus false routing; ties go to the earlier candidate.
+row. The score is routing accuracy minus false routing; ties go to the earlier candidate. The settings are
+validated on a head trained with every expert at once; a library build uses them for its extended head too
+(the last expert's row trained against frozen older rows), which this does not score separately.
 """
 
 from __future__ import annotations

@@ -81,6 +81,28 @@ def test_op_refuses_bad_shapes(op):
         K.paged_decode(torch.randn(1, 4, 64), k, v, tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="int32"):
         K.paged_decode(torch.randn(1, 9, 64), k, v, tables.long(), lens, 1.0)
+    with pytest.raises(RuntimeError, match="one row per query"):
+        K.paged_decode(torch.randn(2, 9, 64), k, v, tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match=r"context_lens\[0\] = 0"):
+        K.paged_decode(torch.randn(1, 9, 64), k, v, tables, torch.zeros(1, dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="needs 3 pages; block_tables has 2 columns"):
+        K.paged_decode(torch.randn(1, 9, 64), k, v, tables, torch.tensor([33], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match=r"block_tables\[0, 1\] = 4 is not a page of the 4"):
+        K.paged_decode(torch.randn(1, 9, 64), k, v, torch.tensor([[0, 4]], dtype=torch.int32),
+                       torch.tensor([20], dtype=torch.int32), 1.0)
+
+
+def test_backend_keeps_the_gather_path_where_the_op_does_not_apply(op):
+    """Padded batches (CUDA-graph rows with slot -1) and float16 keep the gather path."""
+    backend = get_backend("torch", "cpu")
+    for dtype, padded in [(torch.float16, False), (torch.float32, True)]:
+        meta = AttentionMetadata(is_prefill=False, query_lens=[1], context_lens_list=[3],
+                                 cu_seqlens_q=torch.arange(2, dtype=torch.int32), slot_mapping=torch.tensor([2]),
+                                 context_lens=torch.tensor([3], dtype=torch.int32),
+                                 block_tables=torch.zeros(1, 1, dtype=torch.int32), block_size=16, dtype=dtype,
+                                 has_padding=padded)
+        backend.prepare(meta)
+        assert "in_place" not in meta.extra and "slots" in meta.extra
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -92,6 +92,10 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
     test = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
     train = {json.loads(line)["query"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
     assert not {q["query"] for q in test} & train  # no test question was ever trained on
+    val = {json.loads(line)["query"] for line in (out / "data" / "val.jsonl").read_text().splitlines()}
+    collected = {json.loads(line)["query"] for line in (out / "data" / "collect.jsonl").read_text().splitlines()}
+    assert val and not val & collected and not val & {q["query"] for q in test}
+    assert results["validation"] and sum(bool(r.get("chosen")) for r in results["validation"]) == 1
     assert not (tmp_path / "lib.partial").exists()
 
 
@@ -126,3 +130,6 @@ def test_top_layers_train_on_cached_inputs(tmp_path):
     assert trained.config.num_hidden_layers == 4
     same = [torch.equal(a, b) for a, b in zip(trained.model.layers.parameters(), model.model.layers.parameters())]
     assert all(same[:len(same) // 2]) and not all(same[len(same) // 2:])  # only the top two layers changed
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=f"layers={bad}: train between 1 and the model's 4"):
+            sft.fine_tune(path, tmp_path / "bad", pairs, 1, 1e-3, 4, bad, seed=0, progress=False)

@@ -121,8 +121,10 @@ def fine_tune(meta_dir: str | Path, out_dir: str | Path, pairs: list[tuple[str, 
     steps = math.ceil(epochs * len(examples) / batch_size)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    params = trainable_top(model, layers)
     total = len(model.model.layers)
+    if layers is not None and not 1 <= layers <= total:
+        raise ValueError(f"layers={layers}: train between 1 and the model's {total} decoder layers (None: all)")
+    params = trainable_top(model, layers)
     frozen = 0 if layers is None else total - layers
     cached = frozen_inputs(model, examples, frozen, pad) if frozen else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
