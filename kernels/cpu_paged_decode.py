@@ -39,6 +39,7 @@ def available() -> bool:
         return False
     try:
         from torch.utils import cpp_extension
+        _find_ninja()
         name = _name()
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
         if not any(Path(root).glob(f"**/{name}/{name}.so")):  # torch nests it by Python version
@@ -49,6 +50,18 @@ def available() -> bool:
         _error.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
         return False
     return True
+
+
+def _find_ninja() -> None:
+    """torch looks for ``ninja`` on PATH; the ``ninja`` package's binary sits in the virtualenv's bin, which
+    is not on PATH unless the virtualenv is activated (nor in a Ray worker it starts)."""
+    import shutil
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def load_error() -> str | None:
