@@ -3,10 +3,12 @@ seed; the cost (seconds) and the expert's accuracy on its domain's test and seen
 (the oracle: the expert answers every question of its domain).
 
     python bench/smolexpert_layers.py LIB [--domain chemistry] [--layers 8 all] [--epochs 5] [--lr 2e-4]
-                                          [--meta DIR]
+                                          [--meta DIR] [--profile default] [--data-seed 0]
 
-LIB is a finished ``etr smolexpert build`` directory (its data/train.jsonl, test.jsonl and seen.jsonl); the
-experts trained here go to a temporary directory. Prints one row per setting.
+LIB holds a build's data (data/train.jsonl, test.jsonl and seen.jsonl), as ``etr smolexpert build`` writes it;
+where LIB has none, only the build's data stage runs (``--profile``, ``--data-seed``: the same files the build
+of that seed writes) and writes them there. The experts trained here go to a temporary directory. Prints one row
+per setting.
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ def accuracy(model_dir: str, questions) -> float:
     return sum(is_correct(q, o.text) for q, o in zip(questions, outs)) / len(questions)
 
 
+def ensure_data(lib: Path, profile: str, seed: int) -> None:
+    """Write the build's data stage into ``lib/data`` unless it is there (the data of the build of ``seed``)."""
+    from etr.routing.smolexpert.build import Build
+    if (lib / "data" / "train.jsonl").exists():
+        return
+    stage = Build(lib, profile, seed, progress=False, log=print)
+    stage.out = lib
+    stage.data()
+    print(f"wrote the {profile} profile's data of seed {seed} to {lib / 'data'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from etr.default_model import default_model_dir
     from etr.routing.eval_data import load_exact_jsonl
@@ -42,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--meta", default=None, help="the chat model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--profile", default="default", help="the data's profile, where LIB has no data")
+    ap.add_argument("--data-seed", type=int, default=0, help="the data's seed, where LIB has no data")
     args = ap.parse_args(argv)
     lib = Path(args.lib)
+    ensure_data(lib, args.profile, args.data_seed)
     rows = [json.loads(line) for line in (lib / "data" / "train.jsonl").read_text().splitlines()]
     pairs = [(r["query"], r["response"]) for r in rows if r["domain"] == args.domain]
     test = [q for q in load_exact_jsonl(lib / "data" / "test.jsonl") if q.domain == args.domain]

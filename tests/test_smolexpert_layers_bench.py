@@ -23,3 +23,19 @@ def test_layers_bench_runs_both_settings(tmp_path, capsys):
     rows = [line.split() for line in lines[2:]]
     assert [r[0] for r in rows] == ["1", "all"] and all(r[1] == "3" for r in rows)  # ceil(2 * 6 / 4) steps
     assert all(r[4].endswith("%") and 0 <= float(r[4][:-1]) <= 100 for r in rows)
+
+
+def test_layers_bench_writes_the_builds_data_where_the_library_has_none(tmp_path):
+    bench = load_bench("smolexpert_layers")
+    lib = tmp_path / "lib"
+    bench.ensure_data(lib, "quick", 3)
+    written = {name: (lib / "data" / f"{name}.jsonl").read_text() for name in ("train", "test", "seen")}
+    assert all(written.values())
+    domains = {json.loads(line)["domain"] for line in written["train"].splitlines()}
+    assert domains == {"chemistry", "countries"}  # the quick profile's experts
+    other = tmp_path / "other"
+    bench.ensure_data(other, "quick", 4)  # another seed draws other facts
+    assert (other / "data" / "test.jsonl").read_text() != written["test"]
+    (lib / "data" / "train.jsonl").write_text("kept\n")
+    bench.ensure_data(lib, "quick", 3)  # data already there: left alone
+    assert (lib / "data" / "train.jsonl").read_text() == "kept\n"
