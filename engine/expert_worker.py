@@ -3,9 +3,11 @@ actor (``engine/remote_expert.py`` is the switcher's side).
 
 A handed-over sequence crosses the network once, as token ids, sampling parameters and the seeded
 generator's state (``HandOver``). The worker's own thread then decodes it with every other sequence it holds,
-and ``poll`` returns what was produced since the previous poll, for all sequences at once (``Progress``):
-one call per switcher step, never one per token per request, and the worker keeps decoding while a poll's
-answer travels back. Nothing here imports Ray: the actor is ``ray.remote(ExpertWorker)``.
+and after each step sends what the step produced, for all its sequences in one frame (``Progress``), over the
+channel (``engine/expert_channel.py``): one message per engine step, never one per token per request, and the
+worker never waits for the switcher to collect it. Ray calls only start the channel (``open_channel``),
+describe the engine (``info``) and report its counts (``stats``). Nothing here imports Ray at module level:
+the actor is ``ray.remote(ExpertWorker)``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from etr.engine.config import EngineConfig
+from etr.engine.expert_channel import Channel, ChannelClosed, Listener
 from etr.engine.kv_cache import size_kv_pools
 from etr.engine.llm_engine import LLMEngine
 from etr.engine.sampling_params import SamplingParams
 from etr.engine.sequence import Sequence
+
+HEARTBEAT_S = 0.5  # while it holds sequences the worker sends at least this often: silence means trouble
 
 
 @dataclass(slots=True)
@@ -50,6 +55,7 @@ class Progress:
     text: str | None = None        # the whole text so far, for streamed or finished sequences
     prefill_s: float | None = None  # once, after the hand-over: the expert's prefill of the shared context
     error: str | None = None       # why the expert could not take the sequence (finish_reason "error")
+    held_s: float | None = None    # once, after the hand-over: from its arrival to this frame's sending
 
 
 def vocab_fingerprint(tokenizer) -> str | None:
@@ -68,11 +74,16 @@ class ExpertWorker:
                  num_threads: int | None = None):
         self.seqs: dict[int, Sequence] = {}  # by the switcher's sequence id
         self.ids: dict[Sequence, int] = {}   # and back
-        self.inbox: deque[tuple[list[HandOver], list[int]]] = deque()
+        self.inbox: deque[tuple[list[HandOver], list[int], float]] = deque()  # with the time each arrived
+        self.frames_received = 0   # frames from the switcher, counted when the engine thread has applied them
+        self.frames_applied = 0
         self.outbox: dict[int, Progress] = {}
+        self.arrived: dict[int, float] = {}  # hand-overs whose first progress is not sent yet: when they arrived
         self.prefill_reported: set[int] = set()
         self.cond = threading.Condition()
         self.failure: BaseException | None = None
+        self.channel: Channel | None = None
+        self.last_sent = time.monotonic()
         # Built on the thread that steps it (see etr/async_llm.py: torch's OpenMP team belongs to one thread).
         built: list = []
         thread = threading.Thread(target=self._run, args=(config, model_dir, device, tokenizer_dir, num_threads, built),
@@ -104,32 +115,37 @@ class ExpertWorker:
                 "vocab_fingerprint": vocab_fingerprint(engine.tokenizer), "device": str(engine.device),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def poll(self, handovers: list[HandOver], aborts: list[int], wait_s: float) -> dict:
-        """Take new hand-overs and aborts, then return the progress made since the previous poll, waiting up
-        to ``wait_s`` for some while sequences are still decoding."""
-        start = time.perf_counter()
-        with self.cond:
-            if handovers or aborts:
-                self.inbox.append((handovers, aborts))
-                self.cond.notify_all()
-            self.cond.wait_for(lambda: self.outbox or self.failure is not None or not (self.seqs or self.inbox),
-                               timeout=wait_s)
-            if self.failure is not None:
-                raise RuntimeError(f"the expert's engine loop died: {self.failure!r}") from self.failure
-            progress, self.outbox = list(self.outbox.values()), {}
-        return {"progress": progress, "poll_s": time.perf_counter() - start, **self._counts()}
+    def open_channel(self, timeout_s: float) -> tuple[str, int, bytes]:
+        """Listen on this node's address for the switcher (``timeout_s`` to connect) and return where, with the
+        secret it must show."""
+        import ray
+        listener = Listener(ray.util.get_node_ip_address())
+        threading.Thread(target=self._receive, args=(listener, timeout_s), name="etr-expert-channel",
+                         daemon=True).start()
+        return listener.host, listener.port, listener.secret
 
-    def abort(self, seq_ids: list[int]) -> None:
-        """Free these sequences' blocks (without touching the progress a poll has yet to collect)."""
+    def stats(self, frames_sent: int) -> dict:
+        """Counts once the first ``frames_sent`` frames of the switcher are applied (hand-overs adopted, aborts
+        freed): counts that reflect every abort sent before."""
         with self.cond:
-            self.inbox.append(([], list(seq_ids)))
-            self.cond.notify_all()
-
-    def stats(self) -> dict:
-        """Counts after every hand-over and abort received so far has been applied (at most one step's wait)."""
-        with self.cond:
-            self.cond.wait_for(lambda: not self.inbox or self.failure is not None, timeout=30)
+            self.cond.wait_for(lambda: self.frames_applied >= frames_sent or self.failure is not None, timeout=30)
         return self._counts()
+
+    def _receive(self, listener: Listener, timeout_s: float) -> None:
+        """The channel's reading thread: each frame of hand-overs and aborts goes to the engine thread's inbox.
+        When the switcher is gone, so are its sequences: they are aborted and their blocks freed."""
+        try:
+            self.channel = listener.accept(timeout_s)
+            while True:
+                frames = self.channel.receive(60.0)
+                now = time.perf_counter()
+                with self.cond:
+                    self.inbox.extend((handovers, aborts, now) for handovers, aborts in frames)
+                    self.cond.notify_all()
+        except ChannelClosed:
+            with self.cond:
+                self.inbox.append(([], list(self.seqs), time.perf_counter()))
+                self.cond.notify_all()
 
     def _counts(self) -> dict:
         engine = self.engine
@@ -150,23 +166,50 @@ class ExpertWorker:
         try:
             while True:
                 with self.cond:
-                    self.cond.wait_for(lambda: self.inbox or self.engine.has_unfinished())
+                    self.cond.wait_for(lambda: self.inbox or self.engine.has_unfinished(), timeout=HEARTBEAT_S)
                     while self.inbox:
                         self._apply(*self.inbox.popleft())
-                    self.cond.notify_all()  # stats() waits for an empty inbox
+                        self.frames_applied += 1
+                    self.cond.notify_all()  # stats() waits for its frames to be applied
                 if self.engine.has_unfinished():
                     progressed = self.engine.step()
                     with self.cond:
                         for seq in progressed:
                             self._record(seq)
-                        self.cond.notify_all()
-        except BaseException as e:  # noqa: BLE001 (the next poll raises it to the switcher)
+                self._flush()
+        except BaseException as e:  # noqa: BLE001 (sent to the switcher, which fails this expert's requests)
             with self.cond:
                 self.failure = e
                 self.cond.notify_all()
+            self._send({"failure": f"the expert's engine loop died: {type(e).__name__}: {e}"})
 
-    def _apply(self, handovers: list[HandOver], aborts: list[int]) -> None:
+    def _flush(self) -> None:
+        """Send what the last step produced (and hand-overs that failed), or, while sequences are held, a sign
+        of life at least every ``HEARTBEAT_S``."""
+        now = time.perf_counter()
+        with self.cond:
+            progress, self.outbox = list(self.outbox.values()), {}
+            for p in progress:
+                arrived = self.arrived.pop(p.seq_id, None)
+                if arrived is not None:
+                    p.held_s = now - arrived
+            quiet = bool(self.seqs) and time.monotonic() - self.last_sent > HEARTBEAT_S
+            counts = self._counts()
+        if progress or quiet:
+            self._send({"progress": progress, **counts})
+
+    def _send(self, message: dict) -> None:
+        if self.channel is None:
+            return
+        try:
+            self.channel.send(message)
+        except ChannelClosed:  # the switcher is gone: the reading thread aborts its sequences
+            return
+        self.last_sent = time.monotonic()
+
+    def _apply(self, handovers: list[HandOver], aborts: list[int], arrived: float) -> None:
         for h in handovers:
+            self.arrived[h.seq_id] = arrived
             try:
                 seq = self._sequence(h)
                 self.engine.adopt(seq)
@@ -181,6 +224,7 @@ class ExpertWorker:
                 del self.ids[seq]
                 self.prefill_reported.discard(seq_id)
             self.outbox.pop(seq_id, None)
+            self.arrived.pop(seq_id, None)
 
     def _sequence(self, h: HandOver) -> Sequence:
         seq = Sequence(h.token_ids, h.params, self.engine.block_size, self.engine.device)

@@ -1,10 +1,12 @@
 """The switcher's side of an expert in a Ray actor: it stands where a local ``LLMEngine`` would, so the switcher
 hands sequences to it and steps it the same way (``launch`` sends, ``finish`` collects).
 
-Each launch is one ``poll`` call carrying the new hand-overs and returning every token the actor produced
-since the previous one; the sequences stay here as mirrors that receive those tokens. Only token ids, sampling
-parameters and generator states cross the network. An actor that dies fails the sequences it held with
-``ExpertUnavailableError`` (finish_reason "error"); later hand-overs to it fail the same way at once.
+Ray places the actor and loads the expert; then one socket (``engine/expert_channel.py``) carries the new
+hand-overs and aborts to it, and brings back the tokens of each of its engine steps, which ``finish`` collects:
+the sequences stay here as mirrors that receive those tokens. Only token ids, sampling parameters and
+generator states cross the network. An actor that dies (its connection closes, or it falls silent for longer
+than ``ray_timeout_s``) fails the sequences it held with ``ExpertUnavailableError`` (finish_reason "error");
+later hand-overs to it fail the same way at once.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from etr.engine.config import EngineConfig
-from etr.engine.expert_worker import HandOver, vocab_fingerprint
+from etr.engine.expert_channel import ChannelClosed, connect as connect_channel
+from etr.engine.expert_worker import HEARTBEAT_S, HandOver, vocab_fingerprint
 from etr.engine.llm_engine import check_prompt
 from etr.engine.phases import phase
 from etr.engine.sampling_params import SamplingParams
 from etr.engine.sequence import Sequence, SequenceStatus
 from etr.errors import ConfigError, ExpertUnavailableError
 
-POLL_WAIT_S = 1.0  # a poll returns as soon as tokens exist; this only bounds an idle one
+POLL_WAIT_S = 1.0  # a waiting finish returns as soon as tokens arrive; this only bounds an idle one
 
 
 def ray_module():
@@ -57,9 +60,7 @@ def connect(config: EngineConfig) -> None:
 
 @dataclass(slots=True)
 class PendingPoll:
-    ref: object               # the ObjectRef of the actor's answer
-    sent_at: float
-    handed_over: list[Sequence]
+    wait: bool  # finish may wait (up to POLL_WAIT_S) for the actor's next tokens: nothing else has work
 
 
 class RemoteExpertEngine:
@@ -76,7 +77,10 @@ class RemoteExpertEngine:
         self.pinned: set[int] = set()  # sequences that started here (route=), not handed over by the meta
         self.dead: ExpertUnavailableError | None = None
         self.counts = {"kv_blocks_used": 0, "num_running": 0, "num_waiting": 0}
-        self.actor, info = self._start(device, tokenizer_dir)
+        self.sent_at: dict[int, float] = {}  # hand-overs sent, not yet answered: when
+        self.frames_sent = 0
+        self.last_heard = time.monotonic()
+        self.actor, info, self.channel = self._start(device, tokenizer_dir)
         self.info = info
         self.device, self.block_size = info["device"], info["block_size"]
         self.model_config = SimpleNamespace(vocab_size=info["vocab_size"], hidden_size=info["hidden_size"])
@@ -105,7 +109,7 @@ class RemoteExpertEngine:
         # The actor ends with its last handle, but a placement group outlives it: release both with this object.
         self._release = weakref.finalize(self, _release, actor, group)
         try:
-            return actor, ray.get(actor.info.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+            info = ray.get(actor.info.remote(), timeout=max(deadline - time.monotonic(), 1.0))
         except ray.exceptions.GetTimeoutError:
             ray.kill(actor)
             remove_placement_group(group)
@@ -113,6 +117,16 @@ class RemoteExpertEngine:
         except ray.exceptions.RayError as e:
             remove_placement_group(group)
             raise self._unavailable(f"it failed to load: {_cause(e)}") from None
+        left = max(deadline - time.monotonic(), 5.0)
+        try:
+            host, port, secret = ray.get(actor.open_channel.remote(left), timeout=left)
+            channel = connect_channel(host, port, secret, left)
+        except (ChannelClosed, ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+            self._release()
+            raise self._unavailable(f"its channel did not open: {_cause(e)}") from None
+        self._release.detach()
+        self._release = weakref.finalize(self, _release, actor, group, channel)
+        return actor, info, channel
 
     def _unavailable(self, why: str) -> ExpertUnavailableError:
         return ExpertUnavailableError(f"expert {self.name!r} ({self.model_dir}, Ray actor): {why}")
@@ -148,15 +162,18 @@ class RemoteExpertEngine:
         return bool(self.seqs)
 
     def launch(self, wait: bool = True) -> PendingPoll | None:
-        """Send the new hand-overs and ask for progress; ``wait``: let the actor hold its answer up to
-        ``POLL_WAIT_S`` until it has a token (False when other engines have work: they must not stall)."""
+        """Send the new hand-overs; ``wait``: let ``finish`` wait up to ``POLL_WAIT_S`` for the actor's next
+        tokens (False when other engines have work: they must not stall)."""
         if self.dead is not None or not self.seqs:
             return None
-        with phase(f"{self.label} send"):
-            sent, self.to_send = self.to_send, []
-            handovers = [self._handover(s) for s in sent]
-            ref = self.actor.poll.remote(handovers, [], POLL_WAIT_S if wait else 0.0)
-        return PendingPoll(ref, time.perf_counter(), sent)
+        if self.to_send:
+            with phase(f"{self.label} send"):
+                sent, self.to_send = self.to_send, []
+                now = time.perf_counter()
+                self.sent_at.update((s.seq_id, now) for s in sent)
+                if not self._send([self._handover(s) for s in sent], []):
+                    return None
+        return PendingPoll(wait)
 
     def _handover(self, seq: Sequence) -> HandOver:
         # A request pinned here was never the meta's: like a local expert's, it is seeded on the expert's device.
@@ -167,25 +184,46 @@ class RemoteExpertEngine:
                         seq.stream, self.name, seq.switch_index or 0, seq.text)
 
     def finish(self, pending: PendingPoll) -> list[Sequence]:
-        ray = ray_module()
-        try:  # a poll answers within POLL_WAIT_S plus a step: far longer means the actor's node is gone
+        if self.dead is not None:
+            return []
+        try:
             with phase(f"{self.label} wait"):
-                answer = ray.get(pending.ref, timeout=POLL_WAIT_S + self.config.ray_timeout_s)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+                frames = self.channel.receive(POLL_WAIT_S if pending.wait else 0.0)
+        except ChannelClosed as e:
             return self._die(e)
-        network_s = max(time.perf_counter() - pending.sent_at - answer["poll_s"], 0.0)
-        for seq in pending.handed_over:
-            seq.switch_network_s = network_s
-        self.counts = {k: answer[k] for k in self.counts}
-        return [self._apply(p) for p in answer["progress"] if p.seq_id in self.seqs]
+        now = time.monotonic()
+        if not frames:  # the worker speaks at least every HEARTBEAT_S while it holds sequences
+            if self.seqs and now - self.last_heard > HEARTBEAT_S + self.config.ray_timeout_s:
+                return self._die(TimeoutError(f"no word from it for {now - self.last_heard:.0f} s"))
+            return []
+        self.last_heard = now
+        progressed = []
+        for frame in frames:
+            if "failure" in frame:
+                return progressed + self._die(RuntimeError(frame["failure"]))
+            self.counts = {k: frame[k] for k in self.counts}
+            progressed += [self._apply(p) for p in frame["progress"] if p.seq_id in self.seqs]
+        return progressed
+
+    def _send(self, handovers: list[HandOver], aborts: list[int]) -> bool:
+        try:
+            self.channel.send((handovers, aborts))
+        except ChannelClosed as e:
+            self._die(e)
+            return False
+        self.frames_sent += 1
+        return True
 
     def _apply(self, progress) -> Sequence:
         seq, now = self.seqs[progress.seq_id], time.perf_counter()
         if progress.error is not None:
             self._fail(seq, self._unavailable(f"it could not take the request: {progress.error}"))
+            self.sent_at.pop(seq.seq_id, None)
             del self.seqs[seq.seq_id]
             self.pinned.discard(seq.seq_id)
             return seq
+        if progress.held_s is not None and seq.seq_id in self.sent_at:  # the hand-over's first answer
+            seq.switch_network_s = max(now - self.sent_at.pop(seq.seq_id) - progress.held_s, 0.0)
         seq.token_ids += progress.token_ids
         if progress.token_ids and seq.first_token_time is None:
             seq.first_token_time = now
@@ -195,6 +233,7 @@ class RemoteExpertEngine:
             seq.switch_prefill_s = progress.prefill_s
         if progress.finished:
             seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, progress.finish_reason, now
+            self.sent_at.pop(seq.seq_id, None)
             del self.seqs[seq.seq_id]
             self.pinned.discard(seq.seq_id)
         return seq
@@ -207,6 +246,7 @@ class RemoteExpertEngine:
         self.seqs.clear()
         self.to_send.clear()
         self.pinned.clear()
+        self.sent_at.clear()
         self.counts = dict.fromkeys(self.counts, 0)
         self._release()  # a hung actor still holds its resources and its placement group
         return failed
@@ -224,15 +264,18 @@ class RemoteExpertEngine:
         self.pinned.difference_update(s.seq_id for s in gone)
         self.to_send = [s for s in self.to_send if s not in gone]
         for seq in gone:
+            self.sent_at.pop(seq.seq_id, None)
             if not seq.is_finished:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         if self.dead is None:
-            self.actor.abort.remote([s.seq_id for s in gone])
+            self._send([], [s.seq_id for s in gone])
 
     def refresh(self) -> dict:
-        """Ask the actor for its counts now (after every call sent before; a test and benchmark aid)."""
+        """Ask the actor for its counts now (after every hand-over and abort sent before; a test and benchmark
+        aid)."""
         if self.dead is None:
-            self.counts = ray_module().get(self.actor.stats.remote(), timeout=self.config.ray_timeout_s)
+            self.counts = ray_module().get(self.actor.stats.remote(self.frames_sent),
+                                           timeout=self.config.ray_timeout_s)
         return self.counts
 
     def num_running(self) -> int:
@@ -251,7 +294,9 @@ class RemoteExpertEngine:
         return self.dead is not None or self.refresh()["kv_blocks_used"] == 0
 
 
-def _release(actor, group) -> None:
+def _release(actor, group, channel=None) -> None:
+    if channel is not None:
+        channel.close()
     try:
         import ray
         from ray.util.placement_group import remove_placement_group
