@@ -47,7 +47,7 @@ class HandOver:
 
 @dataclass(slots=True)
 class Progress:
-    """What one sequence produced since the previous poll."""
+    """What one sequence produced since the previous message."""
     seq_id: int
     token_ids: list[int]
     finished: bool = False
@@ -68,15 +68,14 @@ def vocab_fingerprint(tokenizer) -> str | None:
 
 
 class ExpertWorker:
-    """One expert checkpoint's engine with its loop, driven through ``poll`` and ``abort``."""
+    """One expert checkpoint's engine with its loop, fed and heard through its channel (``open_channel``)."""
 
     def __init__(self, config: EngineConfig, model_dir: str, device: str, tokenizer_dir: str | None = None,
                  num_threads: int | None = None):
         self.seqs: dict[int, Sequence] = {}  # by the switcher's sequence id
         self.ids: dict[Sequence, int] = {}   # and back
         self.inbox: deque[tuple[list[HandOver], list[int], float]] = deque()  # with the time each arrived
-        self.frames_received = 0   # frames from the switcher, counted when the engine thread has applied them
-        self.frames_applied = 0
+        self.frames_applied = 0    # frames from the switcher the engine thread has applied
         self.outbox: dict[int, Progress] = {}
         self.arrived: dict[int, float] = {}  # hand-overs whose first progress is not sent yet: when they arrived
         self.prefill_reported: set[int] = set()
@@ -133,19 +132,23 @@ class ExpertWorker:
 
     def _receive(self, listener: Listener, timeout_s: float) -> None:
         """The channel's reading thread: each frame of hand-overs and aborts goes to the engine thread's inbox.
-        When the switcher is gone, so are its sequences: they are aborted and their blocks freed."""
+        When the switcher is gone, so are its sequences: all are aborted (``None``: every sequence held once the
+        frames before are applied) and their blocks freed."""
         try:
-            self.channel = listener.accept(timeout_s)
+            self.channel = listener.accept(timeout_s, send_timeout=timeout_s)
             while True:
                 frames = self.channel.receive(60.0)
                 now = time.perf_counter()
                 with self.cond:
                     self.inbox.extend((handovers, aborts, now) for handovers, aborts in frames)
                     self.cond.notify_all()
-        except ChannelClosed:
+        except Exception as e:  # noqa: BLE001 (closed or unreadable: the switcher, if still there, fails this expert)
+            self._send({"failure": f"the actor stopped reading the switcher's frames: {type(e).__name__}: {e}"})
             with self.cond:
-                self.inbox.append(([], list(self.seqs), time.perf_counter()))
+                self.inbox.append(([], None, time.perf_counter()))
                 self.cond.notify_all()
+            if self.channel is not None:
+                self.channel.close()
 
     def _counts(self) -> dict:
         engine = self.engine
@@ -207,7 +210,7 @@ class ExpertWorker:
             return
         self.last_sent = time.monotonic()
 
-    def _apply(self, handovers: list[HandOver], aborts: list[int], arrived: float) -> None:
+    def _apply(self, handovers: list[HandOver], aborts: list[int] | None, arrived: float) -> None:
         for h in handovers:
             self.arrived[h.seq_id] = arrived
             try:
@@ -217,7 +220,7 @@ class ExpertWorker:
                 self.outbox[h.seq_id] = Progress(h.seq_id, [], True, "error", error=f"{type(e).__name__}: {e}")
                 continue
             self.seqs[h.seq_id], self.ids[seq] = seq, h.seq_id
-        for seq_id in aborts:
+        for seq_id in list(self.seqs) if aborts is None else aborts:
             seq = self.seqs.pop(seq_id, None)
             if seq is not None:
                 self.engine.abort([seq])

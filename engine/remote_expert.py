@@ -69,19 +69,24 @@ class RemoteExpertEngine:
 
     def __init__(self, config: EngineConfig, name: str, model_dir: str, device, tokenizer_dir: str | None):
         self.config, self.name, self.model_dir = config, name, str(model_dir)
-        self.label = f"expert {name}"  # in profiler spans
+        self.actor, info, channel = self._start(device, tokenizer_dir)
+        self._init_state(info, channel)
+
+    def _init_state(self, info: dict, channel) -> None:
+        """Everything but the actor (tests drive a channel without Ray through this)."""
+        self.label = f"expert {self.name}"  # in profiler spans
         self.tokenizer = None  # the facade writes text with the meta's tokenizer (same ids)
         self.switched: list[Sequence] = []  # experts never switch further
         self.seqs: dict[int, Sequence] = {}  # held by the actor (or about to be), by sequence id
         self.to_send: list[Sequence] = []
         self.pinned: set[int] = set()  # sequences that started here (route=), not handed over by the meta
         self.dead: ExpertUnavailableError | None = None
+        self.undelivered: list[Sequence] = []  # failed by the actor's death, not yet returned by a step
         self.counts = {"kv_blocks_used": 0, "num_running": 0, "num_waiting": 0}
         self.sent_at: dict[int, float] = {}  # hand-overs sent, not yet answered: when
         self.frames_sent = 0
         self.last_heard = time.monotonic()
-        self.actor, info, self.channel = self._start(device, tokenizer_dir)
-        self.info = info
+        self.channel, self.info = channel, info
         self.device, self.block_size = info["device"], info["block_size"]
         self.model_config = SimpleNamespace(vocab_size=info["vocab_size"], hidden_size=info["hidden_size"])
         self.vocab_fingerprint = info["vocab_fingerprint"]
@@ -120,7 +125,7 @@ class RemoteExpertEngine:
         left = max(deadline - time.monotonic(), 5.0)
         try:
             host, port, secret = ray.get(actor.open_channel.remote(left), timeout=left)
-            channel = connect_channel(host, port, secret, left)
+            channel = connect_channel(host, port, secret, left, send_timeout=self.config.ray_timeout_s)
         except (ChannelClosed, ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             self._release()
             raise self._unavailable(f"its channel did not open: {_cause(e)}") from None
@@ -155,25 +160,26 @@ class RemoteExpertEngine:
         if self.dead is not None:
             self._fail(seq, self.dead)
             return
+        if not self.seqs:  # silence while it held nothing says nothing: the liveness clock starts now
+            self.last_heard = time.monotonic()
         self.seqs[seq.seq_id] = seq
         self.to_send.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.seqs or self.undelivered)
 
     def launch(self, wait: bool = True) -> PendingPoll | None:
         """Send the new hand-overs; ``wait``: let ``finish`` wait up to ``POLL_WAIT_S`` for the actor's next
         tokens (False when other engines have work: they must not stall)."""
-        if self.dead is not None or not self.seqs:
-            return None
-        if self.to_send:
+        if self.dead is None and self.to_send:
             with phase(f"{self.label} send"):
                 sent, self.to_send = self.to_send, []
                 now = time.perf_counter()
                 self.sent_at.update((s.seq_id, now) for s in sent)
-                if not self._send([self._handover(s) for s in sent], []):
-                    return None
-        return PendingPoll(wait)
+                self._send([self._handover(s) for s in sent], [])
+        if self.undelivered:  # failed requests are returned at once
+            return PendingPoll(False)
+        return PendingPoll(wait) if self.dead is None and self.seqs else None
 
     def _handover(self, seq: Sequence) -> HandOver:
         # A request pinned here was never the meta's: like a local expert's, it is seeded on the expert's device.
@@ -184,35 +190,39 @@ class RemoteExpertEngine:
                         seq.stream, self.name, seq.switch_index or 0, seq.text)
 
     def finish(self, pending: PendingPoll) -> list[Sequence]:
-        if self.dead is not None:
-            return []
+        progressed = self._receive(pending.wait) if self.dead is None else []
+        failed, self.undelivered = self.undelivered, []
+        return list({id(s): s for s in progressed + failed}.values())
+
+    def _receive(self, wait: bool) -> list[Sequence]:
         try:
             with phase(f"{self.label} wait"):
-                frames = self.channel.receive(POLL_WAIT_S if pending.wait else 0.0)
+                frames = self.channel.receive(POLL_WAIT_S if wait and not self.undelivered else 0.0)
         except ChannelClosed as e:
-            return self._die(e)
+            self._die(e)
+            return []
         now = time.monotonic()
-        if not frames:  # the worker speaks at least every HEARTBEAT_S while it holds sequences
+        if not frames:  # the worker speaks at least every HEARTBEAT_S between its steps while it holds sequences
             if self.seqs and now - self.last_heard > HEARTBEAT_S + self.config.ray_timeout_s:
-                return self._die(TimeoutError(f"no word from it for {now - self.last_heard:.0f} s"))
+                self._die(TimeoutError(f"no word from it for {now - self.last_heard:.0f} s"))
             return []
         self.last_heard = now
         progressed = []
         for frame in frames:
             if "failure" in frame:
-                return progressed + self._die(RuntimeError(frame["failure"]))
+                self._die(RuntimeError(frame["failure"]))
+                return progressed
             self.counts = {k: frame[k] for k in self.counts}
             progressed += [self._apply(p) for p in frame["progress"] if p.seq_id in self.seqs]
         return progressed
 
-    def _send(self, handovers: list[HandOver], aborts: list[int]) -> bool:
+    def _send(self, handovers: list[HandOver], aborts: list[int]) -> None:
         try:
             self.channel.send((handovers, aborts))
-        except ChannelClosed as e:
+        except ChannelClosed as e:  # the requests it held come back failed from the next finish
             self._die(e)
-            return False
+            return
         self.frames_sent += 1
-        return True
 
     def _apply(self, progress) -> Sequence:
         seq, now = self.seqs[progress.seq_id], time.perf_counter()
@@ -238,18 +248,19 @@ class RemoteExpertEngine:
             self.pinned.discard(seq.seq_id)
         return seq
 
-    def _die(self, error: Exception) -> list[Sequence]:
+    def _die(self, error: Exception) -> None:
+        """Fail every sequence the actor held (the next ``finish`` returns them) and release it."""
         self.dead = self._unavailable(f"the actor died: {_cause(error)}")
         failed = list(self.seqs.values())
         for seq in failed:
             self._fail(seq, self.dead)
+        self.undelivered += failed
         self.seqs.clear()
         self.to_send.clear()
         self.pinned.clear()
         self.sent_at.clear()
         self.counts = dict.fromkeys(self.counts, 0)
         self._release()  # a hung actor still holds its resources and its placement group
-        return failed
 
     @staticmethod
     def _fail(seq: Sequence, error: ExpertUnavailableError) -> None:
@@ -274,8 +285,11 @@ class RemoteExpertEngine:
         """Ask the actor for its counts now (after every hand-over and abort sent before; a test and benchmark
         aid)."""
         if self.dead is None:
-            self.counts = ray_module().get(self.actor.stats.remote(self.frames_sent),
-                                           timeout=self.config.ray_timeout_s)
+            ray = ray_module()
+            try:
+                self.counts = ray.get(self.actor.stats.remote(self.frames_sent), timeout=self.config.ray_timeout_s)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+                raise self._unavailable(f"it did not report its counts: {_cause(e)}") from None
         return self.counts
 
     def num_running(self) -> int:
