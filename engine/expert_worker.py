@@ -52,7 +52,8 @@ class Progress:
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
-    text: str | None = None        # the whole text so far, for streamed or finished sequences
+    text: str | None = None        # streamed or finished sequences: the text from ``text_from`` on (what changed)
+    text_from: int = 0
     prefill_s: float | None = None  # once, after the hand-over: the expert's prefill of the shared context
     error: str | None = None       # why the expert could not take the sequence (finish_reason "error")
     held_s: float | None = None    # once, after the hand-over: from its arrival to this frame's sending
@@ -78,6 +79,7 @@ class ExpertWorker:
         self.frames_applied = 0    # frames from the switcher the engine thread has applied
         self.outbox: dict[int, Progress] = {}
         self.arrived: dict[int, float] = {}  # hand-overs whose first progress is not sent yet: when they arrived
+        self.texts: dict[int, str] = {}      # the text the switcher has of each sequence (only changes are sent)
         self.prefill_reported: set[int] = set()
         self.cond = threading.Condition()
         self.failure: BaseException | None = None
@@ -196,10 +198,25 @@ class ExpertWorker:
                 arrived = self.arrived.pop(p.seq_id, None)
                 if arrived is not None:
                     p.held_s = now - arrived
+                if p.text is not None:
+                    self._text_change(p)
             quiet = bool(self.seqs) and time.monotonic() - self.last_sent > HEARTBEAT_S
             counts = self._counts()
         if progress or quiet:
             self._send({"progress": progress, **counts})
+
+    def _text_change(self, p: Progress) -> None:
+        """Cut ``p.text`` (the whole text) to what changed since the last one sent: a long streamed answer
+        must not cost its whole text every step. Detokenizing can rewrite a last partial character, hence
+        the common prefix rather than the length."""
+        before, text = self.texts.get(p.seq_id, ""), p.text
+        same = len(before) if text.startswith(before) else next(
+            (i for i, (x, y) in enumerate(zip(before, text)) if x != y), min(len(before), len(text)))
+        p.text, p.text_from = text[same:], same
+        if p.finished:
+            self.texts.pop(p.seq_id, None)
+        else:
+            self.texts[p.seq_id] = text
 
     def _send(self, message: dict) -> None:
         if self.channel is None:
@@ -220,6 +237,7 @@ class ExpertWorker:
                 self.outbox[h.seq_id] = Progress(h.seq_id, [], True, "error", error=f"{type(e).__name__}: {e}")
                 continue
             self.seqs[h.seq_id], self.ids[seq] = seq, h.seq_id
+            self.texts[h.seq_id] = h.text
         for seq_id in list(self.seqs) if aborts is None else aborts:
             seq = self.seqs.pop(seq_id, None)
             if seq is not None:
@@ -228,6 +246,7 @@ class ExpertWorker:
                 self.prefill_reported.discard(seq_id)
             self.outbox.pop(seq_id, None)
             self.arrived.pop(seq_id, None)
+            self.texts.pop(seq_id, None)
 
     def _sequence(self, h: HandOver) -> Sequence:
         seq = Sequence(h.token_ids, h.params, self.engine.block_size, self.engine.device)

@@ -238,7 +238,7 @@ class RemoteExpertEngine:
         if progress.token_ids and seq.first_token_time is None:
             seq.first_token_time = now
         if progress.text is not None:
-            seq.text = progress.text
+            seq.text = seq.text[:progress.text_from] + progress.text
         if progress.prefill_s is not None:
             seq.switch_prefill_s = progress.prefill_s
         if progress.finished:

@@ -198,3 +198,21 @@ def test_silence_counts_only_while_requests_are_held():
     got = step(engine)
     assert got == [a] and "no word from it" in str(a.error)
     actor.close()
+
+
+def test_only_the_changed_text_crosses_and_the_mirror_rebuilds_it():
+    from etr.engine.expert_worker import ExpertWorker
+    worker = SimpleNamespace(texts={1: "Hello wor", 2: "ab\ufffd"})
+    grown, rewritten = Progress(1, [5], text="Hello world"), Progress(2, [6], True, "stop", text="ab\u00e9!")
+    ExpertWorker._text_change(worker, grown)
+    ExpertWorker._text_change(worker, rewritten)  # a partial character completed: the last one changes
+    assert (grown.text, grown.text_from) == ("ld", 9) and (rewritten.text, rewritten.text_from) == ("\u00e9!", 2)
+    assert worker.texts == {1: "Hello world"}  # a finished sequence's text is forgotten
+    engine, actor = scripted()
+    (a,) = held(engine, 1)
+    a.text = "ab\ufffd"
+    step(engine)
+    actor.send({"progress": [Progress(a.seq_id, [6], text="\u00e9!", text_from=2)], **COUNTS})
+    step(engine, wait=True)
+    assert a.text == "ab\u00e9!"
+    actor.close()
