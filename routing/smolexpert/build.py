@@ -95,8 +95,11 @@ class Build:
         for domain, splits in self.splits.items():
             for s in splits:
                 rel = s.relation
-                # The expert's knowledge: every fact of its domain, in every phrasing but the test one.
-                train += [{"domain": domain, "query": rel.ask(t, x), "response": a}
+                # The expert's knowledge: every fact of its domain, in every phrasing but the test one. The
+                # phrasing is kept so that the experts' own settings can be chosen on the validation phrasing
+                # with experts that never saw it (bench/smolexpert_layers.py --on val).
+                train += [{"domain": domain, "query": rel.ask(t, x), "response": a,
+                           "phrasing": "val" if t == s.val_template else "train"}
                           for x, a in s.train_facts + s.val_facts + s.test_facts for t in s.expert_templates]
                 asked = [(rel.ask(t, x), a) for x, a in s.train_facts for t in s.train_templates]
                 collect += [{"domain": domain, "query": q, "response": a}
