@@ -14,7 +14,7 @@ from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from etr.engine.kv_cache import allocate_kv_cache
 from etr.engine.pending_step import DeviceStream, host_to_device
 from etr.engine.sequence import Sequence
-from etr.kernels import fused_norm, interpreted, lm_head
+from etr.kernels import cpu_decode_step, fused_norm, interpreted, lm_head
 from etr.kernels.cpu_gemm import use_fp32_gemm, use_packed_bf16, wants_fp32_gemm, wants_packed_bf16
 from etr.errors import ConfigError
 from etr.models.loader import load_model
@@ -45,6 +45,7 @@ class ModelRunner:
             check_fused_ops(device)
             self.model.use_fused_ops()
         self.backend = get_backend(config.backend_for(device), device)
+        self.native_step = self._native_step()
         self.mixed = MixedAttention(self.backend)
         self.num_blocks = 0
         self.kv_caches: list = []
@@ -54,6 +55,12 @@ class ModelRunner:
         # The Triton extended head runs on CUDA; tests switch it on for the CPU under TRITON_INTERPRET=1.
         self.use_triton_head = device.type == "cuda" and lm_head.triton is not None
         self.stream = DeviceStream(device)  # every step runs here (see engine/pending_step.py)
+
+    def _native_step(self) -> cpu_decode_step.DecodeStep | None:
+        """The CPU's decode step as one C++ op, where the backend reads KV pages in place and the op builds."""
+        if not getattr(self.backend, "in_place", False) or not cpu_decode_step.available():
+            return None
+        return cpu_decode_step.DecodeStep.for_model(self.model)
 
     def _wants_graphs(self, requested: bool | None) -> bool:
         capturable = self.backend.name in CAPTURABLE_BACKENDS
@@ -133,7 +140,11 @@ class ModelRunner:
             return self.graphs.run([s.last_token for s in seqs], [len(s) - 1 for s in seqs],
                                    [self._slot(s, len(s) - 1) for s in seqs], [len(s) for s in seqs],
                                    [s.block_table for s in seqs])
-        return self._forward(*self.prepare_decode(seqs), self.backend)
+        input_ids, positions, meta = self.prepare_decode(seqs)
+        self.backend.prepare(meta)
+        if self.native_step is not None and meta.extra.get("in_place"):
+            return self.native_step(input_ids, positions, meta, self.kv_caches)
+        return self.model(input_ids, positions, meta, self.kv_caches, self.backend)
 
     def _mixed(self, seqs: list[Sequence], d: int) -> torch.Tensor:
         ids_d, pos_d, meta_d = self.prepare_decode(seqs[:d])

@@ -2,71 +2,29 @@
 
 The torch backend's decode otherwise gathers every sequence's context out of its pages and converts it to
 float32 as a whole, each step and each layer; this kernel reads each key and value row once where it lies,
-with float32 arithmetic. It is compiled on first use with the machine's C++ compiler (``-march=native``;
-torch caches the build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), and where
-it cannot be built the backend keeps the gather path (``available()`` says which, ``load_error()`` why).
+with float32 arithmetic. It is compiled on first use (kernels/cpp_op.py), and where it cannot be built the backend keeps the gather
+path (``available()`` says which, ``load_error()`` why).
 ``reference`` is the plain-torch computation it is tested against.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import sys
-from pathlib import Path
-
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_paged_decode.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
-_error: list[str] = []
+from etr.kernels.cpp_op import CppOp
+
+OP = CppOp("cpu_paged_decode.cpp", "CPU decode-attention op", "ETR_CPU_PAGED_DECODE")
 
 
-def _name() -> str:
-    """The build's name: a new source, torch or CPU gets a new build (``-march=native`` fits one CPU)."""
-    from etr.kernels.cpu_gemm import cpu_flags
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu_flags())).encode()
-    return "etr_cpu_paged_decode_" + hashlib.sha256(key).hexdigest()[:12]
-
-
-@functools.cache
 def available() -> bool:
     """Whether the op is loaded, compiling it first if needed (once per process; tens of seconds the first
     time on a machine). ``ETR_CPU_PAGED_DECODE=0`` turns it off."""
-    if os.environ.get("ETR_CPU_PAGED_DECODE", "1") == "0":
-        _error.append("turned off by ETR_CPU_PAGED_DECODE=0")
-        return False
-    try:
-        from torch.utils import cpp_extension
-        _find_ninja()
-        name = _name()
-        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-        if not any(Path(root).glob(f"**/{name}/{name}.so")):  # torch nests it by Python version
-            print("etr: building the CPU decode-attention op (once per machine) ...", file=sys.stderr, flush=True)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
-    except Exception as e:  # noqa: BLE001 (no compiler, no ninja, a failed build: the gather path stays)
-        _error.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
-        return False
-    return True
-
-
-def _find_ninja() -> None:
-    """torch looks for ``ninja`` on PATH; the ``ninja`` package's binary sits in the virtualenv's bin, which
-    is not on PATH unless the virtualenv is activated (nor in a Ray worker it starts)."""
-    import shutil
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-        except ImportError:
-            return
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return OP.available()
 
 
 def load_error() -> str | None:
     """Why the op is not available (None when it is, or before ``available()`` was asked)."""
-    return _error[-1] if _error else None
+    return OP.error
 
 
 def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,

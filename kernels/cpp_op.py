@@ -1,0 +1,68 @@
+"""Torch C++ ops of this package, compiled on first use with the machine's C++ compiler (``-march=native``;
+torch caches each build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). A source,
+torch or CPU that changes gets a build of its own. Where an op cannot be built, its caller keeps a plain-torch
+path; ``CppOp.available()`` says which, ``CppOp.error`` why."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+
+class CppOp:
+    """One C++ source built into one torch op library, loaded once per process."""
+
+    def __init__(self, source: str, what: str, switch: str):
+        self.source = Path(__file__).with_name(source)
+        self.what, self.switch = what, switch  # what it is, for messages; the env variable that turns it off
+        self.error: str | None = None
+        self._loaded: bool | None = None
+
+    def name(self) -> str:
+        """The build's name: a new source, torch or CPU gets a new build (``-march=native`` fits one CPU)."""
+        from etr.kernels.cpu_gemm import cpu_flags
+        key = self.source.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu_flags())).encode()
+        return f"etr_{self.source.stem}_" + hashlib.sha256(key).hexdigest()[:12]
+
+    def available(self) -> bool:
+        """Whether the op is loaded, compiling it first if needed (tens of seconds the first time on a
+        machine). ``{switch}=0`` in the environment turns it off."""
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded
+
+    def _load(self) -> bool:
+        if os.environ.get(self.switch, "1") == "0":
+            self.error = f"turned off by {self.switch}=0"
+            return False
+        try:
+            from torch.utils import cpp_extension
+            _find_ninja()
+            name = self.name()
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+            if not any(Path(root).glob(f"**/{name}/{name}.so")):  # torch nests it by Python version
+                print(f"etr: building the {self.what} (once per machine) ...", file=sys.stderr, flush=True)
+            cpp_extension.load(name, [str(self.source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
+        except Exception as e:  # noqa: BLE001 (no compiler, no ninja, a failed build: the torch path stays)
+            self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            return False
+        return True
+
+
+def _find_ninja() -> None:
+    """torch looks for ``ninja`` on PATH; the ``ninja`` package's binary sits in the virtualenv's bin, which
+    is not on PATH unless the virtualenv is activated (nor in a Ray worker it starts)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")

@@ -1,0 +1,83 @@
+"""A whole decode step of the decoder stack on the CPU as one C++ op (``cpu_decode_step.cpp``).
+
+It runs the ATen ops that ``DecoderLM.forward`` runs for a decode step with the torch backend's in-place
+attention, in the same order and dtypes, so its hidden states are the same bits (tests/test_cpu_decode_step.py
+checks them against the model's forward); what it saves is the Python between them, which at batch 1 costs a
+small model more than its arithmetic (bench/RESULTS.md). Built on first use (kernels/cpp_op.py); where it
+cannot be built, or ``ETR_CPU_DECODE_STEP=0``, the engine runs the model's forward.
+
+``DecodeStep.for_model`` says whether a model can take it: the Llama/Qwen2 decoder of models/decoder.py
+without the Triton ops, its linears either plain ``nn.Linear`` or oneDNN-prepacked (``PackedBf16Linear``), all
+of one kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from etr.kernels import cpu_paged_decode
+from etr.kernels.cpp_op import CppOp
+from etr.kernels.cpu_gemm import PackedBf16Linear
+
+OP = CppOp("cpu_decode_step.cpp", "CPU decode-step op", "ETR_CPU_DECODE_STEP")
+
+
+def available() -> bool:
+    """Whether the op (and the decode-attention op it calls) is loaded, building them first if needed."""
+    return cpu_paged_decode.available() and OP.available()
+
+
+def load_error() -> str | None:
+    """Why the op is not available (None when it is, or before ``available()`` was asked)."""
+    return cpu_paged_decode.load_error() or OP.error
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
+    """(weight, bias, packed) of a linear the op can run, else None."""
+    if isinstance(module, PackedBf16Linear):
+        return module.packed, module.bias, True
+    if type(module) is nn.Linear:
+        return module.weight, module.bias, False
+    return None
+
+
+@dataclass(slots=True)
+class DecodeStep:
+    """The argument lists of one model for the op, gathered once (the weights never move)."""
+    model: nn.Module
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    packed: bool
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> DecodeStep | None:
+        """The step for ``model`` on the CPU, or None where the model cannot take it (see the module doc)."""
+        from etr.models.decoder import DecoderLM
+        if not isinstance(model, DecoderLM) or model.fused or model.embed_tokens.weight.device.type != "cpu":
+            return None
+        weights, biases, kinds = [], [], set()
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [_linear_weight(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if any(x is None for x in linears):
+                return None
+            (qkv, o, gate_up, down) = linears
+            weights += [layer.input_layernorm.weight, qkv[0], o[0], layer.post_attention_layernorm.weight,
+                        gate_up[0], down[0]]
+            biases += [x[1] for x in linears]
+            kinds |= {x[2] for x in linears}
+        return cls(model, weights, biases, kinds.pop()) if len(kinds) == 1 else None
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches) -> torch.Tensor:
+        """Final hidden states ``[B, hidden]`` of a decode step (``meta`` prepared by the torch backend)."""
+        m, cfg = self.model, self.model.config
+        layer = m.layers[0]
+        return torch.ops.etr_cpu_step.decode_layers(
+            input_ids, positions, m.embed_tokens.weight, m.rope_cos, m.rope_sin, self.weights, self.biases,
+            [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping, meta.block_tables,
+            meta.context_lens, m.norm.weight, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            layer.mlp.intermediate, layer.input_layernorm.eps, layer.self_attn.scale, self.packed)

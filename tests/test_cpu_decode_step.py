@@ -1,0 +1,97 @@
+"""The CPU decode step as one C++ op (kernels/cpu_decode_step.cpp) against the model's own forward: the same
+ATen ops in the same order, so the hidden states and the KV pages it writes must be the same bits (no
+tolerance), for Llama and Qwen2 (biases), tied and untied, GQA and MHA, float32 and bf16 (plain and
+oneDNN-prepacked linears); and the engine takes it for CPU decode steps, with tokens equal to the forward's."""
+
+import os
+
+import pytest
+import torch
+
+from etr.engine.config import EngineConfig
+from etr.engine.model_runner import ModelRunner
+from etr.engine.sampling_params import SamplingParams
+from etr.engine.sequence import Sequence
+from etr.kernels import cpu_decode_step as K
+from etr.kernels.cpu_gemm import PackedBf16Linear, packed_bf16_available
+
+
+@pytest.fixture(scope="module")
+def op():
+    if not K.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the CPU decode-step op must build in CI: {K.load_error()}")
+        pytest.skip(f"the CPU decode-step op did not build here: {K.load_error()}")
+
+
+def runner(path, dtype, packed, monkeypatch):
+    """A runner whose linears are plain (``packed=False``) or oneDNN-prepacked, whatever this CPU would pick."""
+    import etr.engine.model_runner as M
+    if packed and not packed_bf16_available():
+        pytest.skip("this torch build cannot prepack bf16 weights for oneDNN")
+    monkeypatch.setattr(M, "wants_fp32_gemm", lambda *a: False)
+    monkeypatch.setattr(M, "wants_packed_bf16", lambda *a: packed)
+    r = ModelRunner(EngineConfig(model=str(path), dtype=dtype, max_model_len=256, max_num_seqs=8), str(path),
+                    torch.device("cpu"))
+    assert any(isinstance(m, PackedBf16Linear) for m in r.model.modules()) == packed
+    r.allocate_kv(64)
+    return r
+
+
+def prefilled(r, lengths, g):
+    """Sequences of random tokens, prefilled through the model, with their next token appended."""
+    seqs, block = [], 0
+    for n in lengths:
+        seq = Sequence(torch.randint(3, r.config.vocab_size, (n,), generator=g).tolist(), SamplingParams(),
+                       r.block_size)
+        blocks = -(-(n + 1) // r.block_size)
+        seq.block_table = list(range(block + blocks - 1, block - 1, -1))  # scattered: reversed
+        block += blocks
+        seqs.append(seq)
+    r.hidden_states(seqs, 0)
+    for seq in seqs:
+        seq.token_ids.append(int(torch.randint(3, r.config.vocab_size, (1,), generator=g)))
+    return seqs
+
+
+@pytest.mark.parametrize("name", ["llama_tied_gqa", "llama_untied_hd48", "qwen2_untied", "qwen2_tied_hd32"])
+@pytest.mark.parametrize("dtype, packed", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_step_is_the_forward_bit_for_bit(op, tiny_dir, monkeypatch, name, dtype, packed):
+    r = runner(tiny_dir(name), dtype, packed, monkeypatch)
+    assert r.native_step is not None and r.native_step.packed == packed
+    seqs = prefilled(r, [1, 17, 5, 40], torch.Generator().manual_seed(len(name)))
+    ids, positions, meta = r.prepare_decode(seqs)
+    r.backend.prepare(meta)
+    assert meta.extra.get("in_place")
+    pools = [(k.clone(), v.clone()) for k, v in r.kv_caches]
+    with torch.inference_mode():
+        want = r.model(ids, positions, meta, pools, r.backend)
+    got = r.native_step(ids, positions, meta, r.kv_caches)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    # As bytes: the pools' unwritten slots hold whatever memory they were given (NaN != NaN).
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+               for (k, v), (k2, v2) in zip(r.kv_caches, pools) for a, b in ((k, k2), (v, v2)))
+
+
+def test_engine_decodes_through_the_step_with_the_forwards_tokens(op, tiny_dir, monkeypatch):
+    from etr import LLM
+    path = str(tiny_dir("qwen2_untied"))
+    prompts = [[5, 6, 7], list(range(10, 50)), [9] * 20]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    calls = []
+    step = K.DecodeStep.__call__
+    monkeypatch.setattr(K.DecodeStep, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
+    native = [o.token_ids for o in LLM(path, dtype="bfloat16").generate(prompts, params, use_tqdm=False)]
+    assert len(calls) == 11  # every decode step of the batch (the first token comes from the prefill)
+    monkeypatch.setenv("ETR_CPU_DECODE_STEP", "0")
+    monkeypatch.setattr(K, "OP", K.CppOp("cpu_decode_step.cpp", "CPU decode-step op", "ETR_CPU_DECODE_STEP"))
+    plain = LLM(path, dtype="bfloat16")
+    assert plain.engine.runner.native_step is None
+    assert [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)] == native
+    assert len(calls) == 11 and K.load_error() == "turned off by ETR_CPU_DECODE_STEP=0"
+
+
+def test_a_model_it_cannot_run_keeps_the_forward(op, tiny_dir, monkeypatch):
+    r = runner(tiny_dir("llama_tied_gqa"), torch.float32, False, monkeypatch)
+    r.model.use_fused_ops()
+    assert K.DecodeStep.for_model(r.model) is None
