@@ -92,6 +92,11 @@ def test_engine_decodes_through_the_step_with_the_forwards_tokens(op, tiny_dir, 
 
 
 def test_a_model_it_cannot_run_keeps_the_forward(op, tiny_dir, monkeypatch):
+    from etr.kernels.cpu_gemm import use_fp32_gemm
+    r = runner(tiny_dir("llama_tied_gqa"), torch.bfloat16, False, monkeypatch)
+    assert K.DecodeStep.for_model(r.model) is not None
+    use_fp32_gemm(r.model)  # a CPU without native bf16: its linears keep float32 copies
+    assert K.DecodeStep.for_model(r.model) is None
     r = runner(tiny_dir("llama_tied_gqa"), torch.float32, False, monkeypatch)
-    r.model.use_fused_ops()
+    r.model.use_fused_ops()  # the Triton ops
     assert K.DecodeStep.for_model(r.model) is None
