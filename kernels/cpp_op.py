@@ -1,10 +1,16 @@
 """Torch C++ ops of this package, compiled on first use with the machine's C++ compiler (``-march=native``;
-torch caches each build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). A source,
-torch or CPU that changes gets a build of its own. Where an op cannot be built, its caller keeps a plain-torch
-path; ``CppOp.available()`` says which, ``CppOp.error`` why."""
+each build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, in ``etr/``).
+A source, torch installation (each virtualenv its own) or CPU that changes gets a build of its own. Where an op
+cannot be built, its caller keeps a plain-torch path; ``CppOp.available()`` says which, ``CppOp.error`` why.
+
+Processes that load an op at once (tests, Ray actors, several servers) take turns on an ``flock`` of its build
+directory, which the kernel releases when its holder dies. torch's own lock file is not released that way: a
+process killed while building left it behind, and every later load waited on it forever. Under the flock no
+other process is building, so a torch lock file found there is such a leftover and is removed."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -28,7 +34,8 @@ class CppOp:
     def name(self) -> str:
         """The build's name: a new source, torch or CPU gets a new build (``-march=native`` fits one CPU)."""
         from etr.kernels.cpu_gemm import cpu_flags
-        key = self.source.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu_flags())).encode()
+        key = (self.source.read_bytes() + torch.__version__.encode() + torch.__file__.encode()
+               + " ".join(sorted(cpu_flags())).encode())
         return f"etr_{self.source.stem}_" + hashlib.sha256(key).hexdigest()[:12]
 
     def available(self) -> bool:
@@ -47,10 +54,15 @@ class CppOp:
             _find_ninja()
             name = self.name()
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-            if not any(Path(root).glob(f"**/{name}/{name}.so")):  # torch nests it by Python version
-                print(f"etr: building the {self.what} (once per machine) ...", file=sys.stderr, flush=True)
-            cpp_extension.load(name, [str(self.source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                               is_python_module=False, verbose=False)
+            build = Path(root) / "etr" / name
+            build.mkdir(parents=True, exist_ok=True)
+            with open(build / "etr.lock", "w") as turn:
+                fcntl.flock(turn, fcntl.LOCK_EX)
+                (build / "lock").unlink(missing_ok=True)  # torch's, left by a builder that died
+                if not (build / f"{name}.so").exists():
+                    print(f"etr: building the {self.what} (once per machine) ...", file=sys.stderr, flush=True)
+                cpp_extension.load(name, [str(self.source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                   build_directory=str(build), is_python_module=False, verbose=False)
         except Exception as e:  # noqa: BLE001 (no compiler, no ninja, a failed build: the torch path stays)
             self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             return False

@@ -135,3 +135,21 @@ def test_backend_decode_in_place_equals_gather(op, dtype):
 def test_backend_keeps_the_gather_path_without_the_op(monkeypatch):
     monkeypatch.setattr(K, "available", lambda: False)
     assert not TorchAttentionBackend("cpu").in_place
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(op, tmp_path):
+    """torch's build lock, as a builder killed mid-build leaves it: the next process loads the op anyway (it
+    used to wait for the file to go, forever)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    build = Path(root) / "etr" / K.OP.name()
+    assert (build / f"{K.OP.name()}.so").exists()  # the fixture's load built it there
+    (build / "lock").touch()
+    code = "from etr.kernels import cpu_paged_decode as K; print(K.available(), K.load_error())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "None"], out.stderr[-2000:]
+    assert not (build / "lock").exists()
