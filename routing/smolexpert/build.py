@@ -27,7 +27,7 @@ from etr.routing.smolexpert import facts as F
 
 @dataclass(slots=True)
 class Profile:
-    """Sizes, steps and settings of one SmolExpert build profile (fixed, not tuned on any test result)."""
+    """Sizes, steps and settings of one SmolExpert build profile (none tuned on a test result)."""
     domains: tuple[str, ...]     # expert domains; the last is added later with its row only (extension)
     max_entities: int | None     # per domain (None: all), before splitting into train, validation and test
     expert_epochs: float         # passes over the expert's pairs (steps = epochs x pairs / batch, rounded up)
@@ -52,7 +52,10 @@ PROFILES = {
     "quick": Profile(("chemistry", "countries"), max_entities=16, expert_epochs=3, expert_layers=4, expert_lr=1e-3,
                      batch_size=8, collect_per_relation=8, val_per_relation=4, test_per_relation=6,
                      seen_per_domain=12, general_topics=16, head_lrs=(2e-2,), head_epochs=(5,)),
-    "default": Profile(("chemistry", "countries", "python"), max_entities=None, expert_epochs=5, expert_layers=8),
+    # Default: the experts' layers and epochs were chosen on validation data with experts that never saw the
+    # validation phrasing (bench/smolexpert_layers.py --on val; bench/RESULTS.md): the whole model for 3
+    # epochs, over the top 8 layers for 5 and the whole model for 2.
+    "default": Profile(("chemistry", "countries", "python"), max_entities=None, expert_epochs=3, expert_layers=None),
 }
 
 
