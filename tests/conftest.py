@@ -184,6 +184,13 @@ def inject_step_fault(switcher, at_call: int) -> None:
     switcher.step = failing
 
 
+def require_cpp_op(kernel, what: str) -> None:
+    """Skip where the C++ op of ``kernel`` (a module of etr.kernels) did not build; in CI that skip fails the
+    run (see ``_ci_forbids_skip``)."""
+    if not kernel.available():
+        pytest.skip(f"the {what} did not build here: {kernel.load_error()}")
+
+
 def load_bench(name: str):
     """The script ``bench/<name>.py`` as a module (bench/ is not a package; its dataclasses need the module
     registered under its name)."""

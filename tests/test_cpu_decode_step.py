@@ -3,10 +3,9 @@ ATen ops in the same order, so the hidden states and the KV pages it writes must
 tolerance), for Llama and Qwen2 (biases), tied and untied, GQA and MHA, float32 and bf16 (plain and
 oneDNN-prepacked linears); and the engine takes it for CPU decode steps, with tokens equal to the forward's."""
 
-import os
-
 import pytest
 import torch
+from conftest import require_cpp_op
 
 from etr.engine.config import EngineConfig
 from etr.engine.model_runner import ModelRunner
@@ -18,10 +17,7 @@ from etr.kernels.cpu_gemm import PackedBf16Linear, packed_bf16_available
 
 @pytest.fixture(scope="module")
 def op():
-    if not K.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the CPU decode-step op must build in CI: {K.load_error()}")
-        pytest.skip(f"the CPU decode-step op did not build here: {K.load_error()}")
+    require_cpp_op(K, "CPU decode-step op")
 
 
 def runner(path, dtype, packed, monkeypatch):

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import require_cpp_op
 
 from etr.engine.attention import AttentionMetadata, TorchAttentionBackend, get_backend
 from etr.kernels import cpu_paged_decode as K
@@ -18,10 +19,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2
 
 @pytest.fixture(scope="module")
 def op():
-    if not K.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the CPU decode-attention op must build in CI: {K.load_error()}")
-        pytest.skip(f"the CPU decode-attention op did not build here: {K.load_error()}")
+    require_cpp_op(K, "CPU decode-attention op")
 
 
 def pages(num_blocks, block_size, kv_heads, dim, dtype, g):
