@@ -73,6 +73,14 @@ def training_pairs(lib: Path, domain: str, on: str) -> list[tuple[str, str]]:
     return [(r["query"], r["response"]) for r in rows]
 
 
+def build_seed(profile: str, data_seed: int, domain: str, index: int) -> int:
+    """The seed ``etr smolexpert build --seed data_seed`` trains ``domain``'s expert with (Build.expert_models);
+    a domain the profile does not have: by its place in ``--domain``."""
+    from etr.routing.smolexpert.build import PROFILES
+    domains = PROFILES[profile].domains if profile in PROFILES else ()
+    return data_seed + 1 + (domains.index(domain) if domain in domains else index)
+
+
 def main(argv: list[str] | None = None) -> int:
     from etr.default_model import default_model_dir
     from etr.routing.eval_data import load_exact_jsonl
@@ -86,14 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=None,
-                    help="the first domain's training seed, the next domain's one more (default: the seeds the "
-                         "build of --data-seed gives its experts)")
+                    help="the first domain's training seed, the next domain's one more (default: the seed the "
+                         "build of --data-seed gives each domain's expert)")
     ap.add_argument("--meta", default=None, help="the chat model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--profile", default="default", help="the data's profile, where LIB has no data")
     ap.add_argument("--data-seed", type=int, default=0, help="the data's seed, where LIB has no data")
     args = ap.parse_args(argv)
     lib = Path(args.lib)
-    args.seed = args.data_seed + 1 if args.seed is None else args.seed
     ensure_data(lib, args.profile, args.data_seed)
     meta = args.meta or str(default_model_dir(torch.float32))
     scored = {d: [q for q in load_exact_jsonl(lib / "data" / f"{args.on}.jsonl") if q.domain == d] for d in args.domain}
@@ -101,18 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     pairs = {d: training_pairs(lib, d, args.on) for d in args.domain}
     for d in args.domain:
         print(f"{d}: {len(pairs[d])} pairs, {len(scored[d])} {args.on} and {len(seen[d])} seen questions")
-    print(f"lr {args.lr:g}, batch {args.batch_size}, seed {args.seed}")
+    seeds = {d: args.seed + i if args.seed is not None else build_seed(args.profile, args.data_seed, d, i)
+             for i, d in enumerate(args.domain)}
+    print(f"lr {args.lr:g}, batch {args.batch_size}, seeds " + ", ".join(f"{d} {s}" for d, s in seeds.items()))
     print(f"{'domain':>10} {'layers':>6} {'epochs':>6} {'steps':>6} {'train s':>8} {'final loss':>11} "
           f"{args.on + ' acc':>9} {'seen acc':>9}")
     totals = []
     with tempfile.TemporaryDirectory() as tmp:
         for layers, epochs in args.settings:
             name, acc, took = "all" if layers is None else str(layers), [], 0.0
-            for i, d in enumerate(args.domain):
+            for d in args.domain:
                 out = Path(tmp) / f"{name}-{epochs:g}-{d}"
                 start = time.perf_counter()
                 loss, steps = fine_tune(meta, out, pairs[d], epochs, args.lr, args.batch_size, layers,
-                                        args.seed + i, f"{d} {name}:{epochs:g}")
+                                        seeds[d], f"{d} {name}:{epochs:g}")
                 trained = time.perf_counter() - start
                 took += trained
                 acc.append(accuracy(str(out), scored[d]))

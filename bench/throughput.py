@@ -72,10 +72,11 @@ def bench_vllm(python: str, model_dir: str, dtype: str, batch: int, prompt_len: 
     return None if got is None else got["tok_s"]
 
 
-def peer_json(cmd: list[str]) -> dict | None:
-    """The last JSON line a peer script prints; None when it fails (its stderr's tail is printed)."""
+def peer_json(cmd: list[str], timeout_s: float = 900) -> dict | None:
+    """The last JSON line a peer script prints; None when it fails or runs past ``timeout_s`` (its stderr's
+    tail is printed)."""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         print(f"peer {cmd[1]} failed: {e}", file=sys.stderr)
         return None

@@ -119,7 +119,7 @@ at::Tensor decode_layers(const at::Tensor& input_ids, const at::Tensor& position
 
 TORCH_LIBRARY(etr_cpu_step, m) {
   m.def("decode_layers(Tensor input_ids, Tensor positions, Tensor embed, Tensor cos_table, Tensor sin_table, "
-        "Tensor[] weights, Tensor?[] biases, Tensor[] k_pages, Tensor[] v_pages, Tensor slot_mapping, "
+        "Tensor[] weights, Tensor?[] biases, Tensor(a!)[] k_pages, Tensor(b!)[] v_pages, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, Tensor final_norm, int heads, int kv_heads, int head_dim, "
         "int intermediate, float eps, float scale, bool packed) -> Tensor");
 }

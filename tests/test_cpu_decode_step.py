@@ -1,6 +1,7 @@
 """The CPU decode step as one C++ op (kernels/cpu_decode_step.cpp) against the model's own forward: the same
 ATen ops in the same order, so the hidden states and the KV pages it writes must be the same bits (no
-tolerance), for Llama and Qwen2 (biases), tied and untied, GQA and MHA, float32 and bf16 (plain and
+tolerance), for Llama (llama3 rope; biases on every linear) and Qwen2 (q/k/v biases), tied and untied, GQA and
+MHA, float32 and bf16 (plain and
 oneDNN-prepacked linears); and the engine takes it for CPU decode steps, with tokens equal to the forward's."""
 
 import pytest
@@ -50,10 +51,29 @@ def prefilled(r, lengths, g):
     return seqs
 
 
-@pytest.mark.parametrize("name", ["llama_tied_gqa", "llama_untied_hd48", "qwen2_untied", "qwen2_tied_hd32"])
+@pytest.fixture(scope="module")
+def llama_all_biases(tmp_path_factory):
+    """Biases on every linear (q/k/v, o, gate/up, down), made non-zero: the op's four bias slots all used."""
+    from conftest import make_tiny_checkpoint
+    from transformers import AutoModelForCausalLM
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("biases"), "llama", hidden_size=64, num_attention_heads=4,
+                                num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["llama_tied_gqa", "llama_untied_hd48", "llama3_rope", "qwen2_untied",
+                                  "qwen2_tied_hd32", "llama_all_biases"])
 @pytest.mark.parametrize("dtype, packed", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_step_is_the_forward_bit_for_bit(op, tiny_dir, monkeypatch, name, dtype, packed):
-    r = runner(tiny_dir(name), dtype, packed, monkeypatch)
+def test_step_is_the_forward_bit_for_bit(op, tiny_dir, llama_all_biases, monkeypatch, name, dtype, packed):
+    r = runner(llama_all_biases if name == "llama_all_biases" else tiny_dir(name), dtype, packed, monkeypatch)
+    if name == "llama_all_biases":
+        assert all(b is not None for b in r.native_step.biases)
     assert r.native_step is not None and r.native_step.packed == packed
     seqs = prefilled(r, [1, 17, 5, 40], torch.Generator().manual_seed(len(name)))
     ids, positions, meta = r.prepare_decode(seqs)
@@ -74,6 +94,8 @@ def test_engine_decodes_through_the_step_with_the_forwards_tokens(op, tiny_dir, 
     path = str(tiny_dir("qwen2_untied"))
     prompts = [[5, 6, 7], list(range(10, 50)), [9] * 20]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    import etr.engine.model_runner as M
+    monkeypatch.setattr(M, "wants_fp32_gemm", lambda *a: False)  # CPUs without native bf16 would keep fp32 copies
     calls = []
     step = K.DecodeStep.__call__
     monkeypatch.setattr(K.DecodeStep, "__call__", lambda self, *a: calls.append(1) or step(self, *a))

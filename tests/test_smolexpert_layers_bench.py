@@ -75,3 +75,10 @@ def test_layers_bench_writes_the_builds_data_where_the_library_has_none(tmp_path
     (lib / "data" / "train.jsonl").write_text("kept\n")
     bench.ensure_data(lib, "quick", 3)  # data already there: left alone
     assert (lib / "data" / "train.jsonl").read_text() == "kept\n"
+
+
+def test_layers_bench_trains_each_domain_with_the_builds_seed():
+    bench = load_bench("smolexpert_layers")
+    # Build.expert_models: seed + 1 + the domain's place in the profile, whatever order --domain gives.
+    assert [bench.build_seed("default", 4, d, i) for i, d in enumerate(["python", "countries"])] == [7, 6]
+    assert bench.build_seed("default", 4, "other", 1) == 6  # not in the profile: its place in --domain
