@@ -29,9 +29,20 @@ def scaling_prompt(batch: int, context: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(context)] for _ in range(batch)]
 
 
+def kv_bytes_per_token(model_dir: str, dtype: str) -> int:
+    """K and V of one token over every layer, from the checkpoint's config.json (float32 if not bf16/fp16)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        c = json.load(f)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    elem = 2 if dtype in ("bfloat16", "float16", "half") else 4
+    return 2 * c["num_hidden_layers"] * kv_heads * head_dim * elem
+
+
 def scaling(model_dir: str, dtype: str, steps: int, vocab: int, points: list[tuple[int, int]]) -> None:
-    tokens = max(b * (c + steps + 1) for b, c in points)  # the largest point's KV, at 64 KiB a token (ample)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(2, -(-tokens * 64 * 1024 // 2**30) + 1)))
+    tokens = max(b * (c + steps + 16) for b, c in points)  # the largest point's KV, with its pages' rounding
+    gib = -(-tokens * kv_bytes_per_token(model_dir, dtype) * 2 // 2**30)  # twice that: vLLM's own headroom
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(2, gib + 1)))
     from vllm import LLM, SamplingParams, TokensPrompt
     longest = max(c for _, c in points) + steps + 16
     llm = LLM(model=model_dir, dtype=dtype, max_model_len=longest, max_num_seqs=max(b for b, _ in points),

@@ -10,7 +10,6 @@ other process is building, so a torch lock file found there is such a leftover a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -18,6 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialized between processes there
+    fcntl = None
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
@@ -57,8 +61,9 @@ class CppOp:
             build = Path(root) / "etr" / name
             build.mkdir(parents=True, exist_ok=True)
             with open(build / "etr.lock", "w") as turn:
-                fcntl.flock(turn, fcntl.LOCK_EX)
-                (build / "lock").unlink(missing_ok=True)  # torch's, left by a builder that died
+                if fcntl is not None:
+                    fcntl.flock(turn, fcntl.LOCK_EX)
+                    (build / "lock").unlink(missing_ok=True)  # torch's, left by a builder that died
                 if not (build / f"{name}.so").exists():
                     print(f"etr: building the {self.what} (once per machine) ...", file=sys.stderr, flush=True)
                 cpp_extension.load(name, [str(self.source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],

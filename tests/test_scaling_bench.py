@@ -58,6 +58,16 @@ def test_vllm_peer_draws_the_same_prompts():
         assert peer.scaling_prompt(batch, context, 300) == scaling.scaling_prompt(batch, context, 300)
 
 
+def test_vllm_peer_sizes_its_kv_space_from_the_config(tmp_path):
+    """The vLLM peer's KV space comes from the checkpoint (K and V of every layer, its KV heads and head size)."""
+    peer = load_bench("vllm_peer")
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    cfg = load_model_config(path)
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+    assert peer.kv_bytes_per_token(str(path), "bfloat16") == per_token * 2
+    assert peer.kv_bytes_per_token(str(path), "float32") == per_token * 4
+
+
 def test_vllm_points_join_the_table(tmp_path, capsys):
     """The vLLM peer's figures (a stand-in interpreter that prints what vllm_peer.py prints) become rows with
     their point's floor; a failed peer leaves its rows out and says so."""
