@@ -13,6 +13,7 @@ from etr.engine.model_runner import ModelRunner
 from etr.engine.sampling_params import SamplingParams
 from etr.engine.sequence import Sequence
 from etr.kernels import cpu_decode_step as K
+from etr.kernels import cpu_gemv
 from etr.kernels.cpu_gemm import PackedBf16Linear, packed_bf16_available
 
 
@@ -70,12 +71,16 @@ def llama_all_biases(tmp_path_factory):
 @pytest.mark.parametrize("name", ["llama_tied_gqa", "llama_untied_hd48", "llama3_rope", "qwen2_untied",
                                   "qwen2_tied_hd32", "llama_all_biases"])
 @pytest.mark.parametrize("dtype, packed", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_step_is_the_forward_bit_for_bit(op, tiny_dir, llama_all_biases, monkeypatch, name, dtype, packed):
+@pytest.mark.parametrize("lengths", [[1, 17, 5, 40], [23]], ids=["batch4", "batch1"])
+def test_step_is_the_forward_bit_for_bit(op, tiny_dir, llama_all_biases, monkeypatch, name, dtype, packed, lengths):
+    """At batch 1 the prepacked linears run the one-row GEMV (where it is available), in the op as in the
+    forward."""
     r = runner(llama_all_biases if name == "llama_all_biases" else tiny_dir(name), dtype, packed, monkeypatch)
     if name == "llama_all_biases":
         assert all(b is not None for b in r.native_step.biases)
     assert r.native_step is not None and r.native_step.packed == packed
-    seqs = prefilled(r, [1, 17, 5, 40], torch.Generator().manual_seed(len(name)))
+    assert bool(r.native_step.row_weights) == (packed and cpu_gemv.available())
+    seqs = prefilled(r, lengths, torch.Generator().manual_seed(len(name)))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
     assert meta.extra.get("in_place")
