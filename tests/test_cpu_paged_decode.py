@@ -28,7 +28,7 @@ def pages(num_blocks, block_size, kv_heads, dim, dtype, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (4, 4, 48, 5), (8, 1, 80, 7),
-                                                           (2, 2, 32, 1)])
+                                                           (2, 2, 32, 1), (8, 1, 128, 16), (14, 2, 96, 3)])
 def test_op_matches_reference(op, dtype, heads, kv_heads, dim, block_size):
     g = torch.Generator().manual_seed(heads * 100 + dim)
     lens = torch.tensor([1, 17, 33, 100, 5, 2 * block_size], dtype=torch.int32)
