@@ -8,8 +8,8 @@ cannot be built, or ``ETR_CPU_DECODE_STEP=0``, the engine runs the model's forwa
 
 ``DecodeStep.for_model`` says whether a model can take it: the Llama/Qwen2 decoder of models/decoder.py
 without the Triton ops, its linears either plain ``nn.Linear`` or oneDNN-prepacked (``PackedBf16Linear``), all
-of one kind. Prepacked linears that keep their plain weight for the one-row GEMV (kernels/cpu_gemv.py) take
-it in the op too, at batch 1, as their forward does.
+of one kind: the op runs each linear as the module does (``F.linear``, oneDNN, or the package's own bf16
+GEMM of kernels/cpu_bf16_linear.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from etr.kernels import cpu_gemv, cpu_paged_decode
+from etr.kernels import cpu_paged_decode
 from etr.kernels.cpp_op import CppOp
 from etr.kernels.cpu_gemm import PackedBf16Linear
 
@@ -36,13 +36,15 @@ def load_error() -> str | None:
     return cpu_paged_decode.load_error() or OP.error
 
 
-def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None] | None:
-    """(weight, bias, packed, the plain weight of the one-row GEMV or None) of a linear the op can run, else
-    None."""
+KINDS = {"plain": 0, "onednn": 1, "etr": 2}  # the op's linear_kind
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, str] | None:
+    """(weight, bias, kind) of a linear the op can run, else None."""
     if isinstance(module, PackedBf16Linear):
-        return module.packed, module.bias, True, module.weight
+        return module.packed, module.bias, module.kind
     if type(module) is nn.Linear:
-        return module.weight, module.bias, False, None
+        return module.weight, module.bias, "plain"
     return None
 
 
@@ -52,8 +54,7 @@ class DecodeStep:
     model: nn.Module
     weights: list[torch.Tensor]
     biases: list[torch.Tensor | None]
-    packed: bool
-    row_weights: list[torch.Tensor]  # laid out as ``weights``: the GEMV's plain weights, or empty
+    kind: str  # of every linear: "plain", "onednn" or "etr"
 
     @classmethod
     def for_model(cls, model: nn.Module) -> DecodeStep | None:
@@ -61,23 +62,18 @@ class DecodeStep:
         from etr.models.decoder import DecoderLM
         if not isinstance(model, DecoderLM) or model.fused or model.embed_tokens.weight.device.type != "cpu":
             return None
-        weights, biases, rows, kinds = [], [], [], set()
+        weights, biases, kinds = [], [], set()
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [_linear_weight(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if any(x is None for x in linears):
                 return None
             (qkv, o, gate_up, down) = linears
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            weights += [norms[0], qkv[0], o[0], norms[1], gate_up[0], down[0]]
-            rows += [norms[0], qkv[3], o[3], norms[1], gate_up[3], down[3]]
+            weights += [layer.input_layernorm.weight, qkv[0], o[0], layer.post_attention_layernorm.weight,
+                        gate_up[0], down[0]]
             biases += [x[1] for x in linears]
             kinds |= {x[2] for x in linears}
-        if len(kinds) != 1:
-            return None
-        if any(r is None for r in rows) or not cpu_gemv.available():
-            rows = []
-        return cls(model, weights, biases, kinds.pop(), rows)
+        return cls(model, weights, biases, kinds.pop()) if len(kinds) == 1 else None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches) -> torch.Tensor:
@@ -88,5 +84,4 @@ class DecodeStep:
             input_ids, positions, m.embed_tokens.weight, m.rope_cos, m.rope_sin, self.weights, self.biases,
             [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping, meta.block_tables,
             meta.context_lens, m.norm.weight, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            layer.mlp.intermediate, layer.input_layernorm.eps, layer.self_attn.scale, self.packed,
-            self.row_weights)
+            layer.mlp.intermediate, layer.input_layernorm.eps, layer.self_attn.scale, KINDS[self.kind])

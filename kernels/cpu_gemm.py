@@ -93,22 +93,25 @@ def wants_packed_bf16(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedBf16Linear(nn.Module):
-    """Drop-in for a bf16 ``nn.Linear`` whose weight is reordered once into oneDNN's blocked layout: faster
-    than ``F.linear`` at every batch size measured (bench/RESULTS.md), with the same bits in every case checked
-    (tests/test_cpu_gemm.py). Where the one-row GEMV op runs (kernels/cpu_gemv.py: CPUs with AVX512-BF16) the
-    plain weight is kept beside the packed one (twice the weight memory) and one-row inputs, a decode step at
-    batch 1, go to it; ``weight`` is None where it does not."""
+    """Drop-in for a bf16 ``nn.Linear`` whose weight is packed once for a CPU GEMM with native bf16: the
+    package's own (kernels/cpu_bf16_linear.py: CPUs with AVX512-BF16 and no AMX; ``kind == "etr"``) or oneDNN's
+    blocked layout (``kind == "onednn"``). Both are faster than ``F.linear`` at every batch size measured
+    (bench/RESULTS.md); the plain weight is not kept."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        from etr.kernels import cpu_gemv
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # tuned for decode rows
+        from etr.kernels import cpu_bf16_linear
+        self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach()
-        self.weight = weight.detach().contiguous() if cpu_gemv.available() else None
+        if cpu_bf16_linear.available():
+            self.kind, self.packed = "etr", cpu_bf16_linear.pack(weight)
+        else:
+            self.kind = "onednn"
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # tuned for decode rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None and x.numel() == x.shape[-1]:
-            return torch.ops.etr_cpu_gemv.gemv(x, self.weight, self.bias)
+        if self.kind == "etr":
+            return torch.ops.etr_cpu_linear.linear(x, self.packed, self.bias, self.out_features)
         if not x.is_contiguous():
             x = x.contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -13,7 +13,6 @@ from etr.engine.model_runner import ModelRunner
 from etr.engine.sampling_params import SamplingParams
 from etr.engine.sequence import Sequence
 from etr.kernels import cpu_decode_step as K
-from etr.kernels import cpu_gemv
 from etr.kernels.cpu_gemm import PackedBf16Linear, packed_bf16_available
 
 
@@ -22,11 +21,18 @@ def op():
     require_cpp_op(K, "CPU decode-step op")
 
 
-def runner(path, dtype, packed, monkeypatch):
-    """A runner whose linears are plain (``packed=False``) or oneDNN-prepacked, whatever this CPU would pick."""
+def runner(path, dtype, linears, monkeypatch):
+    """A runner whose linears are plain, oneDNN-prepacked or packed for the package's own bf16 GEMM, whatever
+    this CPU would pick."""
     import etr.engine.model_runner as M
+    from etr.kernels import cpu_bf16_linear
+    packed = linears != "plain"
     if packed and not packed_bf16_available():
         pytest.skip("this torch build cannot prepack bf16 weights for oneDNN")
+    if linears == "etr" and not cpu_bf16_linear.available():
+        pytest.skip(f"the package's bf16 linear is not for this CPU: {cpu_bf16_linear.load_error()}")
+    if linears == "onednn":
+        monkeypatch.setattr(cpu_bf16_linear, "available", lambda: False)
     monkeypatch.setattr(M, "wants_fp32_gemm", lambda *a: False)
     monkeypatch.setattr(M, "wants_packed_bf16", lambda *a: packed)
     r = ModelRunner(EngineConfig(model=str(path), dtype=dtype, max_model_len=256, max_num_seqs=8), str(path),
@@ -70,16 +76,14 @@ def llama_all_biases(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["llama_tied_gqa", "llama_untied_hd48", "llama3_rope", "qwen2_untied",
                                   "qwen2_tied_hd32", "llama_all_biases"])
-@pytest.mark.parametrize("dtype, packed", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype, linears", [(torch.float32, "plain"), (torch.bfloat16, "plain"),
+                                            (torch.bfloat16, "onednn"), (torch.bfloat16, "etr")])
 @pytest.mark.parametrize("lengths", [[1, 17, 5, 40], [23]], ids=["batch4", "batch1"])
-def test_step_is_the_forward_bit_for_bit(op, tiny_dir, llama_all_biases, monkeypatch, name, dtype, packed, lengths):
-    """At batch 1 the prepacked linears run the one-row GEMV (where it is available), in the op as in the
-    forward."""
-    r = runner(llama_all_biases if name == "llama_all_biases" else tiny_dir(name), dtype, packed, monkeypatch)
+def test_step_is_the_forward_bit_for_bit(op, tiny_dir, llama_all_biases, monkeypatch, name, dtype, linears, lengths):
+    r = runner(llama_all_biases if name == "llama_all_biases" else tiny_dir(name), dtype, linears, monkeypatch)
     if name == "llama_all_biases":
         assert all(b is not None for b in r.native_step.biases)
-    assert r.native_step is not None and r.native_step.packed == packed
-    assert bool(r.native_step.row_weights) == (packed and cpu_gemv.available())
+    assert r.native_step is not None and r.native_step.kind == linears
     seqs = prefilled(r, lengths, torch.Generator().manual_seed(len(name)))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
@@ -116,10 +120,10 @@ def test_engine_decodes_through_the_step_with_the_forwards_tokens(op, tiny_dir, 
 
 def test_a_model_it_cannot_run_keeps_the_forward(op, tiny_dir, monkeypatch):
     from etr.kernels.cpu_gemm import use_fp32_gemm
-    r = runner(tiny_dir("llama_tied_gqa"), torch.bfloat16, False, monkeypatch)
+    r = runner(tiny_dir("llama_tied_gqa"), torch.bfloat16, "plain", monkeypatch)
     assert K.DecodeStep.for_model(r.model) is not None
     use_fp32_gemm(r.model)  # a CPU without native bf16: its linears keep float32 copies
     assert K.DecodeStep.for_model(r.model) is None
-    r = runner(tiny_dir("llama_tied_gqa"), torch.float32, False, monkeypatch)
+    r = runner(tiny_dir("llama_tied_gqa"), torch.float32, "plain", monkeypatch)
     r.model.use_fused_ops()  # the Triton ops
     assert K.DecodeStep.for_model(r.model) is None

@@ -32,13 +32,20 @@ needs_packing = pytest.mark.skipif(not cpu_gemm.packed_bf16_available(), reason=
 @needs_packing
 @pytest.mark.parametrize("rows", [1, 3, 16, 70])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_a_bf16_linear(rows, bias):
+@pytest.mark.parametrize("kind", ["etr", "onednn"])
+def test_packed_linear_equals_a_bf16_linear(rows, bias, kind, monkeypatch):
+    from etr.kernels import cpu_bf16_linear
+    if kind == "onednn":  # what CPUs with AMX (or without the package's op) run
+        monkeypatch.setattr(cpu_bf16_linear, "available", lambda: False)
+    elif not cpu_bf16_linear.available():
+        pytest.skip(f"the package's bf16 linear is not for this CPU: {cpu_bf16_linear.load_error()}")
     g = torch.Generator().manual_seed(rows + bias)
     w = torch.randn(97, 40, generator=g).bfloat16()
     b = torch.randn(97, generator=g).bfloat16() if bias else None
     x = torch.randn(40, rows, generator=g).bfloat16().t()  # a non-contiguous input
-    got = cpu_gemm.PackedBf16Linear(w, b)(x)
-    assert got.shape == (rows, 97) and got.dtype == torch.bfloat16
+    lin = cpu_gemm.PackedBf16Linear(w, b)
+    got = lin(x)
+    assert lin.kind == kind and got.shape == (rows, 97) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-2, rtol=8e-3)  # within 1 bf16 ulp
 
 

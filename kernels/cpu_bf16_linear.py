@@ -1,0 +1,51 @@
+"""bf16 linear layers on CPUs with AVX512-BF16 and no AMX (``cpu_bf16_linear.cpp``): weights packed once into
+the bf16 dot instruction's operand layout, any number of input rows.
+
+Measured against oneDNN's prepacked bf16 GEMM on a Zen 4 CPU it is faster at every row count from 1 (a
+decode step at batch 1, where it streams the weights at close to the read bandwidth) to 1,024 (a prefill)
+(bench/RESULTS.md). ``PackedBf16Linear`` (kernels/cpu_gemm.py) uses it where ``available()``; on CPUs with AMX
+oneDNN's AMX GEMM stays (not measured against this one). Built on first use (kernels/cpp_op.py);
+``ETR_CPU_LINEAR=0`` turns it off. ``reference`` is the plain-torch computation it is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from etr.kernels.cpp_op import CppOp
+
+OP = CppOp("cpu_bf16_linear.cpp", "CPU bf16 linear op", "ETR_CPU_LINEAR")
+
+
+def available() -> bool:
+    """Whether the op is loaded and the one to use here: the CPU has AVX512-BF16 and no AMX."""
+    from etr.kernels.cpu_gemm import cpu_flags
+    flags = cpu_flags()
+    if OP._loaded is None and OP.error is None:
+        if "avx512_bf16" not in flags:
+            OP.error, OP._loaded = "this CPU has no AVX512-BF16", False
+        elif "amx_bf16" in flags:
+            OP.error, OP._loaded = "this CPU has AMX: oneDNN's bf16 GEMM is used", False
+    return OP.available() and torch.ops.etr_cpu_linear.native()
+
+
+def load_error() -> str | None:
+    """Why the op is not available (None when it is, or before ``available()`` was asked)."""
+    return OP.error
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 ``[out, in]`` weight in the op's layout (``[ceil(out/32), ceil(in/2), 32, 2]``, zero-padded)."""
+    return torch.ops.etr_cpu_linear.pack(weight.detach())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on ``packed = pack(weight)``, all bf16, any leading dims; float32 products
+    and sums, rounded to bf16 once."""
+    return torch.ops.etr_cpu_linear.linear(x, packed, bias, out_features)
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear`` in plain torch: the linear in float32, rounded to bf16."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)

@@ -1,0 +1,90 @@
+"""The package's bf16 linear op (kernels/cpu_bf16_linear.cpp) against float64 arithmetic on awkward sizes, and
+the prepacked linear that uses it.
+
+Tolerance, per output: |got - exact| <= 2**-8 |exact| + 2e-4 sum_k |w_k x_k|, the exact value computed in float64
+from the same bf16 inputs. The first term is one rounding to bf16 (at most 2**-9 relative, doubled for slack);
+the second bounds float32 accumulation over up to 1,536 terms (k * 2**-24 * sum |w x| <= 9.2e-5 of it)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import require_cpp_op
+
+from etr.kernels import cpu_bf16_linear as L
+from etr.kernels import cpu_gemm
+
+
+@pytest.fixture(scope="module")
+def op():
+    require_cpp_op(L, "CPU bf16 linear op")
+
+
+def within_tolerance(got, x, w, b, want=None, times=1):
+    """``got`` within the module's tolerance of the exact result (or within ``times`` it of ``want``)."""
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    bound = 2**-8 * exact.abs() + 2e-4 * F.linear(x.double().abs(), w.double().abs())
+    return bool(((got.double() - (exact if want is None else want.double())).abs() <= times * bound).all())
+
+
+@pytest.mark.parametrize("out, k", [(1, 1), (7, 31), (33, 34), (64, 576), (100, 1001), (577, 1536), (192, 95)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_exact_arithmetic(op, out, k, bias):
+    g = torch.Generator().manual_seed(out * 7 + k + bias)
+    w = torch.randn(out, k, generator=g).bfloat16()
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    packed = L.pack(w)
+    assert packed.shape == (-(-out // 32), -(-k // 2), 32, 2)
+    for shape in [(k,), (1, k), (3, k), (8, k), (13, k), (2, 25, k), (130, k)]:
+        x = torch.randn(shape, generator=g).bfloat16()
+        got = L.linear(x, packed, b, out)
+        assert got.shape == (*shape[:-1], out) and got.dtype == torch.bfloat16
+        want = L.reference(x, w, b)
+        assert within_tolerance(got, x, w, b), shape
+        assert within_tolerance(want, x, w, b) and within_tolerance(got, x, w, b, want, times=2)
+
+
+def test_linear_reads_a_strided_input(op):
+    w = torch.randn(40, 64).bfloat16()
+    x = torch.randn(64, 6).bfloat16().t()[::2]  # rows of stride 1 inside, 2 rows apart: not contiguous
+    assert within_tolerance(L.linear(x, L.pack(w), None, 40), x, w, None)
+
+
+def test_linear_names_what_it_cannot_take(op):
+    w = torch.randn(8, 16).bfloat16()
+    packed = L.pack(w)
+    with pytest.raises(RuntimeError, match=r"inputs of 15 or 16 features expected, got sizes \[2, 18\]"):
+        L.linear(torch.randn(2, 18).bfloat16(), packed, None, 8)
+    with pytest.raises(RuntimeError, match="bf16 input and packed weight expected"):
+        L.linear(torch.randn(16), packed, None, 8)
+    with pytest.raises(RuntimeError, match="a weight from etr_cpu_linear.pack of 40 outputs expected"):
+        L.linear(torch.randn(16).bfloat16(), packed, None, 40)
+    with pytest.raises(RuntimeError, match="a bf16 bias of 8 expected"):
+        L.linear(torch.randn(16).bfloat16(), packed, torch.randn(7).bfloat16(), 8)
+    with pytest.raises(RuntimeError, match=r"a bf16 \[out, in\] weight expected"):
+        L.pack(torch.randn(8, 16))
+
+
+@pytest.mark.skipif(not cpu_gemm.packed_bf16_available(), reason="torch without oneDNN prepacking")
+def test_packed_linear_runs_the_op_where_available(op):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(97, 40, generator=g).bfloat16(), torch.randn(97, generator=g).bfloat16()
+    lin = cpu_gemm.PackedBf16Linear(w, b)
+    assert lin.kind == "etr"
+    x = torch.randn(5, 40, generator=g).bfloat16()
+    assert torch.equal(lin(x), L.linear(x, L.pack(w), b, 97))
+
+
+def test_off_switch_and_cpus_it_is_not_for(monkeypatch):
+    def fresh():
+        monkeypatch.setattr(L, "OP", L.CppOp("cpu_bf16_linear.cpp", "CPU bf16 linear op", "ETR_CPU_LINEAR"))
+    monkeypatch.setenv("ETR_CPU_LINEAR", "0")
+    fresh()
+    assert not L.available() and L.load_error() == "turned off by ETR_CPU_LINEAR=0"
+    if cpu_gemm.packed_bf16_available():
+        assert cpu_gemm.PackedBf16Linear(torch.randn(8, 16).bfloat16()).kind == "onednn"
+    monkeypatch.delenv("ETR_CPU_LINEAR")
+    for flags, why in [({"avx2"}, "this CPU has no AVX512-BF16"),
+                       ({"avx512_bf16", "amx_bf16"}, "this CPU has AMX: oneDNN's bf16 GEMM is used")]:
+        fresh()
+        monkeypatch.setattr(cpu_gemm, "cpu_flags", lambda: frozenset(flags))
+        assert not L.available() and L.load_error() == why
