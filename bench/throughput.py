@@ -5,7 +5,10 @@ virtualenv of its own, when given), measured in the same run on the same weights
                                [--vllm-python PY] [--llama-python PY [--llama-gguf FILE]]
 
 Default model: the embedded SmolLM2-135M-Instruct. Prompts are random token ids of one length so that no
-peer pays for padding. Prints tok/s per engine and the ratio engine / HF.
+peer pays for padding. Prints tok/s per engine, the ratios of the engine to each peer, and the engine's
+share of its bandwidth floor: the tok/s a decode step would reach if it only read, at the read bandwidth
+measured in the same run (bench/scaling.py's probe), every weight once and the KV of the batch's mean context
+(prompt + half the new tokens).
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ def main(argv=None) -> int:
                     help="python of a virtualenv with llama-cpp-python installed (batch 1 only)")
     ap.add_argument("--llama-gguf", default=None,
                     help="the GGUF llama.cpp runs (default: the shipped SmolLM2 GGUF requantized to BF16)")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe (far above the caches)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -149,18 +153,35 @@ def main(argv=None) -> int:
                          ratio_vs_vllm=None if vllm is None else ours / vllm, llama_tok_s=llama,
                          ratio_vs_llama=None if llama is None else ours / llama))
     tmp.cleanup()
+    bandwidth = add_floors(rows, model_dir, dtype, llm.engine.model_config, args.prompt_len + args.new_tokens // 2,
+                           args.bandwidth_gib)
     print(f"model {Path(model_dir).name}, {args.dtype}, CPU threads {torch.get_num_threads()}, "
-          f"prompt {args.prompt_len}, new tokens {args.new_tokens}")
+          f"prompt {args.prompt_len}, new tokens {args.new_tokens}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'batch':>5} {'etr tok/s':>10} {'HF tok/s':>10} {'etr/HF':>7} {'vLLM tok/s':>11} {'etr/vLLM':>9} "
-          f"{'llama.cpp tok/s':>16} {'etr/llama.cpp':>14}")
+          f"{'llama.cpp tok/s':>16} {'etr/llama.cpp':>14} {'floor tok/s':>12} {'etr/floor':>10}")
     for r in rows:
         v, vr, lc, lr = (_fmt(r["vllm_tok_s"], 1), _fmt(r["ratio_vs_vllm"], 2), _fmt(r["llama_tok_s"], 1),
                          _fmt(r["ratio_vs_llama"], 2))
         print(f"{r['batch']:>5} {r['etr_tok_s']:>10.1f} {r['hf_tok_s']:>10.1f} {r['ratio_vs_hf']:>7.2f} {v:>11} {vr:>9} "
-              f"{lc:>16} {lr:>14}")
+              f"{lc:>16} {lr:>14} {r['floor_tok_s']:>12.1f} {r['ratio_vs_floor']:>10.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def add_floors(rows: list[dict], model_dir: str, dtype: torch.dtype, model_config, context: int,
+               probe_gib: float = 1.0) -> float:
+    """Give each row its bandwidth floor in tok/s (``floor_tok_s``) and the engine's share of it; returns the
+    read bandwidth measured (bytes/s)."""
+    from scaling import read_bandwidth, step_bytes, weight_bytes
+    from etr.models.loader import load_model
+    wbytes = weight_bytes(load_model(model_dir, dtype, "cpu"))  # plain weights: packed ones are no parameters
+    bandwidth = read_bandwidth(probe_gib)
+    for r in rows:
+        seconds = step_bytes(model_config, wbytes, r["batch"], context, torch.finfo(dtype).bits // 8) / bandwidth
+        r["floor_tok_s"] = r["batch"] / seconds
+        r["ratio_vs_floor"] = r["etr_tok_s"] / r["floor_tok_s"]
+    return bandwidth
 
 
 def _fmt(value: float | None, digits: int) -> str:
