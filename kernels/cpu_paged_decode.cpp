@@ -131,7 +131,7 @@ void run_part(const Part& part, const Shape& s, const T* q_all, const T* k_pages
 // is multiplied with the unscaled bf16 query by the bf16 dot instruction (float32 products and sums), 16
 // positions at a time, and the 16 partial sums are reduced together (one transpose-add tree instead of 16
 // horizontal sums); the scale is applied to the sum. Values: each value row is widened to float32 once per
-// head chunk and accumulated into float32 registers for up to kHeadChunk query heads of its KV head.
+// head chunk and accumulated into float32 registers for up to head_chunk() query heads of its KV head.
 constexpr int64_t kPositions = 16;
 
 // r[i] = the sum of the 16 lanes of v[i].
@@ -163,7 +163,7 @@ void scores_bf16(const at::BFloat16* qh, const at::BFloat16* const* rows, int64_
   for (int64_t p0 = 0; p0 < n; p0 += kPositions) {
     const int64_t count = std::min(kPositions, n - p0);
     for (int64_t j = p0 + kPositions; j < std::min(n, p0 + 2 * kPositions); ++j)  // the next block's rows
-      for (int c = 0; c < kC; c += 2) _mm_prefetch(reinterpret_cast<const char*>(rows[j] + 32 * c), _MM_HINT_T0);
+      for (int c = 0; c < kC; ++c) _mm_prefetch(reinterpret_cast<const char*>(rows[j] + 32 * c), _MM_HINT_T0);
     __m512 acc[kPositions];
     for (int j = 0; j < kPositions; ++j) {
       acc[j] = _mm512_setzero_ps();
@@ -175,21 +175,23 @@ void scores_bf16(const at::BFloat16* qh, const at::BFloat16* const* rows, int64_
   }
 }
 
-constexpr int kHeadChunk = 6;
+// Query heads a values pass accumulates at once: kZ registers each, at most 24 accumulators of the 32.
+constexpr int head_chunk(int kZ) { return kZ >= 8 ? 3 : kZ >= 6 ? 4 : 6; }
 
-// acc[h, :] = sum over positions of p[h, pos] * rows[pos] for `heads` (<= kHeadChunk) query heads.
+// acc[h, :] = sum over positions of p[h, pos] * rows[pos] for `heads` (<= head_chunk(kZ)) query heads.
 template <int kZ>
 void values_bf16(const float* p, int64_t n, int64_t heads, const at::BFloat16* const* rows, float* acc,
                  int64_t dim) {
-  __m512 a[kHeadChunk][kZ];
-  for (int h = 0; h < kHeadChunk; ++h)
+  constexpr int kHC = head_chunk(kZ);
+  __m512 a[kHC][kZ];
+  for (int h = 0; h < kHC; ++h)
     for (int z = 0; z < kZ; ++z) a[h][z] = _mm512_setzero_ps();
   for (int64_t pos = 0; pos < n; ++pos) {
     if (pos + kPositions < n)
-      for (int z = 0; z < kZ; z += 4) _mm_prefetch(reinterpret_cast<const char*>(rows[pos + kPositions] + 16 * z), _MM_HINT_T0);
+      for (int z = 0; z < kZ; z += 2) _mm_prefetch(reinterpret_cast<const char*>(rows[pos + kPositions] + 16 * z), _MM_HINT_T0);
     __m512 v[kZ];
     for (int z = 0; z < kZ; ++z) v[z] = widen16(rows[pos] + 16 * z);
-    for (int h = 0; h < kHeadChunk; ++h) {
+    for (int h = 0; h < kHC; ++h) {
       if (h >= heads) break;
       const __m512 w = _mm512_set1_ps(p[h * n + pos]);
       for (int z = 0; z < kZ; ++z) a[h][z] = _mm512_fmadd_ps(w, v[z], a[h][z]);
@@ -199,7 +201,7 @@ void values_bf16(const float* p, int64_t n, int64_t heads, const at::BFloat16* c
     for (int z = 0; z < kZ; ++z) _mm512_storeu_ps(acc + h * dim + 16 * z, a[h][z]);
 }
 
-bool fast_bf16_dim(int64_t dim) { return dim % 32 == 0 && dim <= 128; }
+bool fast_bf16_dim(int64_t dim) { return dim >= 32 && dim % 32 == 0 && dim <= 128; }
 
 void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, const at::BFloat16* k_pages,
                    const at::BFloat16* v_pages, const int32_t* tables, float* m, float* l, float* acc,
@@ -215,7 +217,8 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
     rows[i] = k_pages + off;
     rows[n + i] = v_pages + off;
   }
-  std::vector<const at::BFloat16*> head_rows(2 * n);
+  thread_local std::vector<const at::BFloat16*> head_rows;
+  head_rows.resize(static_cast<size_t>(n));
   const at::BFloat16* q = q_all + part.b * H * D;
   for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
     for (int64_t i = 0; i < n; ++i) head_rows[i] = rows[i] + kh * D;
@@ -231,8 +234,9 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
   softmax_rows(scores, H, n, m, l);
   for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
     for (int64_t i = 0; i < n; ++i) head_rows[i] = rows[n + i] + kh * D;
-    for (int64_t h0 = kh * G; h0 < (kh + 1) * G; h0 += kHeadChunk) {
-      const int64_t heads = std::min<int64_t>(kHeadChunk, (kh + 1) * G - h0);
+    const int64_t chunk = head_chunk(static_cast<int>(D / 16));
+    for (int64_t h0 = kh * G; h0 < (kh + 1) * G; h0 += chunk) {
+      const int64_t heads = std::min<int64_t>(chunk, (kh + 1) * G - h0);
       switch (D / 16) {
         case 2: values_bf16<2>(scores + h0 * n, n, heads, head_rows.data(), acc + h0 * D, D); break;
         case 4: values_bf16<4>(scores + h0 * n, n, heads, head_rows.data(), acc + h0 * D, D); break;
