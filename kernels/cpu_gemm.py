@@ -1,6 +1,8 @@
-"""bf16 linear layers on CPUs without native bf16 instructions (no AVX512-BF16 / AMX).
+"""The choice of bf16 linear layers on the CPU, by instruction set.
 
-With them oneDNN's bf16 GEMM is the fast one, so there nothing is swapped. Without them, oneDNN's bf16 GEMM
+With native bf16 every ``nn.Linear`` becomes a ``PackedBf16Linear``: the package's own GEMM
+(kernels/cpu_bf16_linear.py) on AVX512-BF16 CPUs without AMX, oneDNN's prepacked GEMM on AMX CPUs. Without
+native bf16 (no AVX512-BF16 / AMX), oneDNN's bf16 GEMM
 is fast for one row (a GEMV) but slows down linearly with more rows, while an fp32 GEMM of the same shape
 stays flat (figures: bench/RESULTS.md, "Measurements behind code choices"). For batches of ``MIN_ROWS`` rows
 or more we therefore multiply bf16 activations
