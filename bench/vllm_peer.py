@@ -30,9 +30,11 @@ def scaling_prompt(batch: int, context: int, vocab: int) -> list[list[int]]:
 
 
 def kv_bytes_per_token(model_dir: str, dtype: str) -> int:
-    """K and V of one token over every layer, from the checkpoint's config.json (float32 if not bf16/fp16)."""
+    """K and V of one token over every layer, from the checkpoint's config.json (float32 if not bf16/fp16); a
+    multimodal config's language model is its nested ``text_config``."""
     with open(os.path.join(model_dir, "config.json")) as f:
         c = json.load(f)
+    c = c.get("text_config") or c
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
     elem = 2 if dtype in ("bfloat16", "float16", "half") else 4

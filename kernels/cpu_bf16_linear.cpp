@@ -39,11 +39,6 @@ at::Tensor pack(const at::Tensor& weight) {
   return padded.view({blocks, kBlock, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// Rounds 16 float32 to bf16, nearest even, and stores the first `count`.
-inline void store16(bf16* out, const float* acc, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) out[i] = bf16(acc[i]);
-}
-
 #if defined(__AVX512BF16__)
 constexpr bool kNative = true;
 
@@ -64,18 +59,20 @@ void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, const flo
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
     }
   }
+  // Full and partial blocks round alike (the instruction's nearest even, which flushes denormals to zero): a
+  // partial block is rounded whole and its first `count` values are copied.
   for (int m = 0; m < MT; ++m) {
-    alignas(64) float out[kBlock];
-    _mm512_store_ps(out, bias ? _mm512_add_ps(acc[m][0], _mm512_loadu_ps(bias)) : acc[m][0]);
-    _mm512_store_ps(out + 16, bias ? _mm512_add_ps(acc[m][1], _mm512_loadu_ps(bias + 16)) : acc[m][1]);
+    const __m512 lo = bias ? _mm512_add_ps(acc[m][0], _mm512_loadu_ps(bias)) : acc[m][0];
+    const __m512 hi = bias ? _mm512_add_ps(acc[m][1], _mm512_loadu_ps(bias + 16)) : acc[m][1];
+    bf16* out = y + m * y_stride;
     if (count == kBlock) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * y_stride), (__m256i)_mm512_cvtneps_pbh(
-                                                                            _mm512_load_ps(out)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * y_stride + 16), (__m256i)_mm512_cvtneps_pbh(
-                                                                                 _mm512_load_ps(out + 16)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(lo));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), (__m256i)_mm512_cvtneps_pbh(hi));
     } else {
-      store16(y + m * y_stride, out, std::min<int64_t>(count, 16));
-      if (count > 16) store16(y + m * y_stride + 16, out + 16, count - 16);
+      alignas(64) bf16 rounded[kBlock];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(rounded), (__m256i)_mm512_cvtneps_pbh(lo));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + 16), (__m256i)_mm512_cvtneps_pbh(hi));
+      std::memcpy(out, rounded, count * sizeof(bf16));
     }
   }
 }
@@ -90,6 +87,11 @@ void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf
 }
 #else
 constexpr bool kNative = false;  // correct everywhere, fast only with the instruction (cpu_bf16_linear.py asks)
+
+// Rounds 16 float32 to bf16, nearest even, and stores the first `count`.
+inline void store16(bf16* out, const float* acc, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = bf16(acc[i]);
+}
 
 void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
           bf16* y, int64_t y_stride, int64_t count) {

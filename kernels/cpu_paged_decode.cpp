@@ -282,12 +282,22 @@ std::vector<Part> plan(const int32_t* lens, const int32_t* tables, int64_t batch
   return parts;
 }
 
+// Whether a bf16 query of head size `dim` takes run_part_bf16 (the package's tests ask, so that a build without
+// the instruction, or a head size the dispatch misses, cannot pass as the fast path unnoticed).
+bool bf16_path(int64_t dim) {
+#if defined(__AVX512BF16__)
+  return fast_bf16_dim(dim);
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void run_any(const Part& part, const Shape& s, const T* qp, const T* kp, const T* vp, const int32_t* tp, int64_t i,
              std::vector<float>& m, std::vector<float>& l, std::vector<float>& acc, std::vector<float>& scratch) {
   const int64_t H = s.heads, D = s.dim;
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (fast_bf16_dim(D)) {
+    if (bf16_path(D)) {
 #if defined(__AVX512BF16__)
       thread_local std::vector<const at::BFloat16*> rows;
       run_part_bf16(part, s, qp, kp, vp, tp, &m[i * H], &l[i * H], &acc[i * H * D], scratch, rows);
@@ -372,6 +382,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pages, const at
 TORCH_LIBRARY(etr_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor context_lens, "
         "float scale) -> Tensor");
+  m.def("bf16_path(int head_dim) -> bool", &bf16_path);
 }
 
 TORCH_LIBRARY_IMPL(etr_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -35,6 +35,12 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
     return torch.ops.etr_cpu.paged_decode(q, k_pages, v_pages, block_tables, context_lens, scale)
 
 
+def bf16_path(head_dim: int) -> bool:
+    """Whether a bf16 query of ``head_dim`` takes the op's AVX512-BF16 path (head sizes 32 to 128 in steps of
+    32, in a build for a CPU with the instruction) rather than its generic float32 loop."""
+    return torch.ops.etr_cpu.bf16_path(head_dim)
+
+
 def reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
               context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """``paged_decode`` in plain torch, one sequence at a time, in float32."""

@@ -54,6 +54,23 @@ def test_linear_reads_a_strided_input(op):
     assert within_tolerance(L.linear(x, L.pack(w), None, 40), x, w, None)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_full_and_partial_output_blocks_round_alike(op, rows):
+    """Outputs 32-39 (a partial block) repeat the weights and bias of outputs 0-7 (in a full block of 32): their
+    bits match, NaN rows included (one rounding for both, whichever the CPU's path)."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(32, 16, generator=g).bfloat16()
+    w, b = torch.cat([w, w[:8]]), torch.randn(32, generator=g).bfloat16()
+    b = torch.cat([b, b[:8]])
+    x = torch.randn(rows, 16, generator=g).bfloat16()
+    x.view(torch.int16)[0, 3] = -63  # 0xFFC1: a NaN with its sign bit and a payload, which roundings differ on
+    for bias in (None, b):
+        got = L.linear(x, L.pack(w), bias, 40)
+        assert got[0].isnan().all() and not got[1:].isnan().any()
+        got = got.view(torch.int16)
+        assert torch.equal(got[:, 32:], got[:, :8]), bias is None
+
+
 def test_linear_names_what_it_cannot_take(op):
     w = torch.randn(8, 16).bfloat16()
     packed = L.pack(w)

@@ -51,6 +51,14 @@ def test_op_matches_reference(op, dtype, heads, kv_heads, dim, block_size):
     torch.testing.assert_close(K.paged_decode(wide, k_pages, v_pages, tables, lens, dim ** -0.5), got, atol=0, rtol=0)
 
 
+def test_bf16_head_sizes_take_the_dot_instruction_path_where_the_cpu_has_it(op):
+    """The sizes of test_op_matches_reference that the bf16 path takes (so that test checks that path, not only
+    the generic loop): on a CPU with AVX512-BF16 every multiple of 32 up to 128, else none."""
+    from etr.kernels.cpu_gemm import cpu_flags
+    native = "avx512_bf16" in cpu_flags()
+    assert [d for d in (0, 16, 32, 48, 64, 80, 96, 128, 160) if K.bf16_path(d)] == ([32, 64, 96, 128] if native else [])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_op_splits_long_sequences(op, dtype, threads):

@@ -66,6 +66,9 @@ def test_vllm_peer_sizes_its_kv_space_from_the_config(tmp_path):
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
     assert peer.kv_bytes_per_token(str(path), "bfloat16") == per_token * 2
     assert peer.kv_bytes_per_token(str(path), "float32") == per_token * 4
+    text = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": text}))
+    assert peer.kv_bytes_per_token(str(path), "bfloat16") == per_token * 2  # the nested language model's
 
 
 def test_vllm_points_join_the_table(tmp_path, capsys):
