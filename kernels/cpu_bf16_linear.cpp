@@ -144,15 +144,26 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   const bf16 *xp = x2.data_ptr<bf16>(), *wp = packed.data_ptr<bf16>();
   bf16* yp = y.data_ptr<bf16>();
   const float* bp = bias ? b32.data() : nullptr;
-  // Each thread one contiguous run of output blocks (at::parallel_for splits the range evenly).
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < m_rows; m0 += kRowChunk) {
-      const int64_t chunk = std::min(kRowChunk, m_rows - m0);
-      for (int64_t blk = begin; blk < end; ++blk)
-        rows(xp + m0 * stride, chunk, stride, pairs, wp + blk * pairs * kBlock * 2, bp ? bp + blk * kBlock : nullptr,
-             yp + m0 * out_features + blk * kBlock, out_features, std::min(kBlock, out_features - blk * kBlock));
-    }
-  });
+  const int64_t chunks = (m_rows + kRowChunk - 1) / kRowChunk;
+  auto run = [&](int64_t chunk_i, int64_t blk) {
+    const int64_t m0 = chunk_i * kRowChunk;
+    rows(xp + m0 * stride, std::min(kRowChunk, m_rows - m0), stride, pairs, wp + blk * pairs * kBlock * 2,
+         bp ? bp + blk * kBlock : nullptr, yp + m0 * out_features + blk * kBlock, out_features,
+         std::min(kBlock, out_features - blk * kBlock));
+  };
+  if (blocks >= at::get_num_threads() || chunks == 1) {
+    // Each thread one contiguous run of output blocks (at::parallel_for splits the range evenly), so each
+    // weight block is read by one thread only.
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t blk = begin; blk < end; ++blk) run(c, blk);
+    });
+  } else {
+    // Fewer output blocks than threads: the row chunks are split too, so that no thread idles.
+    at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) run(i / blocks, i % blocks);
+    });
+  }
   return y;
 }
 

@@ -48,6 +48,23 @@ def test_linear_matches_exact_arithmetic(op, out, k, bias):
         assert within_tolerance(want, x, w, b) and within_tolerance(got, x, w, b, want, times=2)
 
 
+@pytest.mark.parametrize("out", [40, 600])
+def test_thread_count_does_not_change_a_bit(op, out):
+    """With fewer output blocks than threads (40 outputs: 2 blocks, 4 threads) the row chunks are split across
+    threads too; every split gives the one-thread result."""
+    g = torch.Generator().manual_seed(out)
+    w, x = torch.randn(out, 70, generator=g).bfloat16(), torch.randn(130, 70, generator=g).bfloat16()
+    packed, before = L.pack(w), torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append(L.linear(x, packed, None, out))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results) and within_tolerance(results[0], x, w, None)
+
+
 def test_linear_reads_a_strided_input(op):
     w = torch.randn(40, 64).bfloat16()
     x = torch.randn(64, 6).bfloat16().t()[::2]  # 3 rows of 64, elements 6 apart: not contiguous
