@@ -3,11 +3,24 @@
 // with the torch backend's in-place attention (so its outputs are the same bits); what it removes is the
 // Python between those ops: the interpreter, the binding's argument parsing and the module calls, about 1,000
 // times a step for a 30-layer model. The plain-torch reference is the model's own forward.
+//
+// bf16 models can take a second glue (``glue`` 1, "raw"): the elementwise work between the linears and the
+// attention (residual adds, RMSNorm, rotary, the KV write, SiLU-mul) as AVX-512 loops over each row, each
+// rounding to bf16 where the ATen op rounds, so a layer is six calls (four linears, the attention, the embedding
+// once) instead of ~35 ATen ops. Its results are not bit for bit the forward's: the norm's sum of squares adds
+// in another order and SiLU's exp is not ATen's (tests/test_cpu_decode_step.py states the tolerance).
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -88,13 +101,195 @@ at::Tensor mlp(const Step& s, const at::Tensor& h, const at::Tensor* w, const st
   return linear(at::silu(gate_up[0]) * gate_up[1], w[5], b[3], s.kind, s.hidden);
 }
 
+// ---- The raw glue (bf16 only; see the top of the file) ----
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr bool kRawGlue = true;
+using bf16 = c10::BFloat16;
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+inline __m512 load(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Rounds to bf16 as c10 does (nearest even; NaN to 0x7FC0) and widens back: what an ATen bf16 op returns.
+inline __m512 bf(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                               _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(r);
+}
+
+inline __m512 neg(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+}
+
+// Stores values already rounded by bf().
+inline void store(bf16* p, __m512 rounded, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+
+// exp in float32 (Cephes' polynomial on [-ln2/2, ln2/2], scaled by 2^n): within ~2 ulp of float, not ATen's.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));  // NaN stays NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Rows [begin, end) of a [rows, width] pass, on several threads only where the pass is large enough to pay.
+template <typename F>
+void each_row(int64_t rows, int64_t width, const F& f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) f(r);
+  });
+}
+
+// residual += x (when given, rounded as ATen's bf16 add), then out = RMSNorm(residual) in transformers' op
+// order: float32 mean of squares, x * rsqrt(mean + eps) rounded to bf16, times the weight rounded to bf16.
+void add_rms_norm(const bf16* x, bf16* residual, const bf16* weight, bf16* out, int64_t rows, int64_t n,
+                  float eps) {
+  each_row(rows, n, [&](int64_t r) {
+    bf16* res = residual + r * n;
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = lanes(n - i);
+      __m512 v = load(res + i, m);
+      if (x) {
+        v = bf(_mm512_add_ps(load(x + r * n + i, m), v));
+        store(res + i, v, m);
+      }
+      sq = _mm512_fmadd_ps(v, v, sq);
+    }
+    const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = lanes(n - i);
+      const __m512 normed = bf(_mm512_mul_ps(load(res + i, m), _mm512_set1_ps(inv)));
+      store(out + r * n + i, bf(_mm512_mul_ps(load(weight + i, m), normed)), m);
+    }
+  });
+}
+
+// ``apply_rotary`` on the first `heads` heads of each row of qkv (row stride `stride`), in place:
+// x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16 as ATen's ops round them.
+void rotary(bf16* qkv, int64_t stride, const bf16* cos, const bf16* sin, int64_t rows, int64_t heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  each_row(rows, heads * dim, [&](int64_t r) {
+    const bf16 *c = cos + r * dim, *s = sin + r * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      bf16* x = qkv + r * stride + h * dim;
+      for (int64_t i = 0; i < half; i += 16) {
+        const __mmask16 m = lanes(half - i);
+        const __m512 lo = load(x + i, m), hi = load(x + half + i, m);
+        const __m512 new_lo = bf(_mm512_add_ps(bf(_mm512_mul_ps(lo, load(c + i, m))),
+                                               bf(_mm512_mul_ps(neg(hi), load(s + i, m)))));
+        const __m512 new_hi = bf(_mm512_add_ps(bf(_mm512_mul_ps(hi, load(c + half + i, m))),
+                                               bf(_mm512_mul_ps(lo, load(s + half + i, m)))));
+        store(x + i, new_lo, m);
+        store(x + half + i, new_hi, m);
+      }
+    }
+  });
+}
+
+// out = silu(gate) * up with gate_up = [gate | up] per row, SiLU as x / (1 + exp(-x)), each op rounded to bf16.
+void silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
+  each_row(rows, n, [&](int64_t r) {
+    const bf16 *g = gate_up + r * 2 * n, *u = g + n;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = lanes(n - i);
+      const __m512 x = load(g + i, m);
+      const __m512 act = bf(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                            exp_ps(neg(x)))));
+      store(out + r * n + i, bf(_mm512_mul_ps(act, load(u + i, m))), m);
+    }
+  });
+}
+#else
+constexpr bool kRawGlue = false;
+#endif
+
+bool raw_glue() { return kRawGlue; }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// One layer with the raw glue: `x` is the last layer's MLP output (null at the first layer), `residual` the
+// residual stream (updated in place), `h` and `act` scratch rows. Returns the MLP output.
+at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, at::Tensor& h, at::Tensor& act,
+                     const at::Tensor* w, const std::optional<at::Tensor>* b, const at::Tensor& k_pages,
+                     const at::Tensor& v_pages) {
+  const int64_t B = residual.size(0), n = s.hidden, D = s.head_dim;
+  const int64_t q_size = s.heads * D, kv_size = s.kv_heads * D, width = q_size + 2 * kv_size;
+  add_rms_norm(x ? x->data_ptr<bf16>() : nullptr, residual.data_ptr<bf16>(), w[0].data_ptr<bf16>(),
+               h.data_ptr<bf16>(), B, n, static_cast<float>(s.eps));
+  at::Tensor qkv = linear(h, w[1], b[0], s.kind, width);
+  bf16* qp = qkv.data_ptr<bf16>();
+  rotary(qp, width, s.cos.data_ptr<bf16>(), s.sin.data_ptr<bf16>(), B, s.heads + s.kv_heads, D);
+  const int64_t* slots = s.slots.data_ptr<int64_t>();
+  const int64_t capacity = k_pages.numel() / kv_size;
+  bf16 *kp = k_pages.data_ptr<bf16>(), *vp = v_pages.data_ptr<bf16>();
+  for (int64_t r = 0; r < B; ++r) {
+    TORCH_CHECK(slots[r] >= 0 && slots[r] < capacity, "decode_layers: slot ", slots[r], " of row ", r,
+                " is outside the KV pool of ", capacity, " slots");
+    std::memcpy(kp + slots[r] * kv_size, qp + r * width + q_size, kv_size * sizeof(bf16));
+    std::memcpy(vp + slots[r] * kv_size, qp + r * width + q_size + kv_size, kv_size * sizeof(bf16));
+  }
+  at::Tensor q = qkv.view({B, s.heads + 2 * s.kv_heads, D}).narrow(1, 0, s.heads);
+  at::Tensor out = paged_decode(q, k_pages, v_pages, s.tables, s.lens, s.scale);
+  at::Tensor o = linear(out.view({B, q_size}), w[2], b[1], s.kind, n);
+  add_rms_norm(o.data_ptr<bf16>(), residual.data_ptr<bf16>(), w[3].data_ptr<bf16>(), h.data_ptr<bf16>(), B, n,
+               static_cast<float>(s.eps));
+  at::Tensor gate_up = linear(h, w[4], b[2], s.kind, 2 * s.intermediate);
+  silu_mul(gate_up.data_ptr<bf16>(), act.data_ptr<bf16>(), B, s.intermediate);
+  return linear(act, w[5], b[3], s.kind, n);
+}
+
+at::Tensor raw_layers(const Step& s, const at::Tensor& input_ids, const at::Tensor& embed, at::TensorList weights,
+                      const std::vector<std::optional<at::Tensor>>& b, at::TensorList k_pages,
+                      at::TensorList v_pages, const at::Tensor& final_norm) {
+  for (const at::Tensor& t : weights)
+    TORCH_CHECK(t.is_mkldnn() || t.is_contiguous(), "decode_layers: contiguous weights expected");
+  TORCH_CHECK(s.slots.scalar_type() == at::kLong && s.slots.is_contiguous(),
+              "decode_layers: int64 slot_mapping expected");
+  at::Tensor residual = at::embedding(embed, input_ids).contiguous(), x;
+  at::Tensor h = at::empty_like(residual), act = at::empty({residual.size(0), s.intermediate}, residual.options());
+  const int64_t layers = static_cast<int64_t>(k_pages.size());
+  for (int64_t i = 0; i < layers; ++i) {
+    TORCH_CHECK(k_pages[i].scalar_type() == at::kBFloat16 && k_pages[i].is_contiguous() &&
+                    v_pages[i].is_contiguous(), "decode_layers: contiguous bf16 KV pages expected");
+    x = raw_layer(s, i ? &x : nullptr, residual, h, act, weights.data() + kWeightsPerLayer * i,
+                  b.data() + kBiasesPerLayer * i, k_pages[i], v_pages[i]);
+  }
+  at::Tensor out = at::empty_like(residual);
+  add_rms_norm(x.data_ptr<bf16>(), residual.data_ptr<bf16>(), final_norm.data_ptr<bf16>(), out.data_ptr<bf16>(),
+               residual.size(0), s.hidden, static_cast<float>(s.eps));
+  return out;
+}
+#else
+at::Tensor raw_layers(const Step&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                      const std::vector<std::optional<at::Tensor>>&, at::TensorList, at::TensorList,
+                      const at::Tensor&) {
+  TORCH_CHECK(false, "decode_layers: the raw glue needs a build with AVX-512 (F, BW, VL)");
+}
+#endif
+
 at::Tensor decode_layers(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
                          const at::Tensor& cos_table, const at::Tensor& sin_table, at::TensorList weights,
                          const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pages,
                          at::TensorList v_pages, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& context_lens, const at::Tensor& final_norm, int64_t heads,
                          int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps, double scale,
-                         int64_t linear_kind) {
+                         int64_t linear_kind, int64_t glue) {
   const int64_t layers = static_cast<int64_t>(k_pages.size());
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_pages.size()) == layers &&
                   static_cast<int64_t>(weights.size()) == kWeightsPerLayer * layers &&
@@ -110,6 +305,14 @@ at::Tensor decode_layers(const at::Tensor& input_ids, const at::Tensor& position
   const Step s{heads, kv_heads, head_dim, intermediate, embed.size(1), eps, scale, linear_kind, cos, sin,
                slot_mapping, block_tables, context_lens};
   std::vector<std::optional<at::Tensor>> b(biases.begin(), biases.end());
+  TORCH_CHECK(glue == 0 || glue == 1, "decode_layers: glue ", glue, " is neither 0 (ATen) nor 1 (raw)");
+  if (glue == 1) {
+    TORCH_CHECK(dtype == at::kBFloat16, "decode_layers: the raw glue is for bf16 models, not ", dtype);
+    const at::Tensor cos2 = cos.squeeze(1).contiguous(), sin2 = sin.squeeze(1).contiguous();
+    const Step raw{heads, kv_heads, head_dim, intermediate, embed.size(1), eps, scale, linear_kind, cos2, sin2,
+                   slot_mapping, block_tables, context_lens};
+    return raw_layers(raw, input_ids, embed, weights, b, k_pages, v_pages, final_norm);
+  }
   at::Tensor x = at::embedding(embed, input_ids), residual;
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = weights.data() + kWeightsPerLayer * i;
@@ -134,7 +337,8 @@ TORCH_LIBRARY(etr_cpu_step, m) {
   m.def("decode_layers(Tensor input_ids, Tensor positions, Tensor embed, Tensor cos_table, Tensor sin_table, "
         "Tensor[] weights, Tensor?[] biases, Tensor(a!)[] k_pages, Tensor(b!)[] v_pages, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, Tensor final_norm, int heads, int kv_heads, int head_dim, "
-        "int intermediate, float eps, float scale, int linear_kind) -> Tensor");
+        "int intermediate, float eps, float scale, int linear_kind, int glue) -> Tensor");
+  m.def("raw_glue() -> bool", &raw_glue);
 }
 
 // Every backend: prepacked oneDNN weights are MkldnnCPU tensors, and the dispatcher keys on them too.

@@ -10,15 +10,21 @@ cannot be built, or ``ETR_CPU_DECODE_STEP=0``, the engine runs the model's forwa
 without the Triton ops, its linears either plain ``nn.Linear`` or oneDNN-prepacked (``PackedBf16Linear``), all
 of one kind: the op runs each linear as the module does (``F.linear``, oneDNN, or the package's own bf16
 GEMM of kernels/cpu_bf16_linear.py).
+
+bf16 models take the op's raw glue where it is built (AVX-512): the elementwise work between the linears as
+loops of its own instead of ATen ops (``glue`` "raw"; close to the forward, not its bits: the tests state the
+tolerance). ``ETR_CPU_STEP_GLUE=aten`` keeps the ATen ops, which are the forward's bits.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from etr.errors import ConfigError
 from etr.kernels import cpu_paged_decode
 from etr.kernels.cpp_op import CppOp
 from etr.kernels.cpu_gemm import PackedBf16Linear
@@ -37,6 +43,17 @@ def load_error() -> str | None:
 
 
 KINDS = {"plain": 0, "onednn": 1, "etr": 2}  # the op's linear_kind
+GLUES = {"aten": 0, "raw": 1}  # the op's glue
+
+
+def glue_for(dtype: torch.dtype) -> str:
+    """The glue a model of ``dtype`` takes: "raw" for bf16 where the op has it, unless ``ETR_CPU_STEP_GLUE``
+    says "aten"; "aten" otherwise."""
+    wanted = os.environ.get("ETR_CPU_STEP_GLUE", "raw")
+    if wanted not in GLUES:
+        raise ConfigError(f"ETR_CPU_STEP_GLUE={wanted!r}: expected one of {sorted(GLUES)}")
+    raw = wanted == "raw" and dtype == torch.bfloat16 and torch.ops.etr_cpu_step.raw_glue()
+    return "raw" if raw else "aten"
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, str] | None:
@@ -55,6 +72,7 @@ class DecodeStep:
     weights: list[torch.Tensor]
     biases: list[torch.Tensor | None]
     kind: str  # of every linear: "plain", "onednn" or "etr"
+    glue: str  # "raw" or "aten" (see the module doc)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> DecodeStep | None:
@@ -73,7 +91,9 @@ class DecodeStep:
                         gate_up[0], down[0]]
             biases += [x[1] for x in linears]
             kinds |= {x[2] for x in linears}
-        return cls(model, weights, biases, kinds.pop()) if len(kinds) == 1 else None
+        if len(kinds) != 1:
+            return None
+        return cls(model, weights, biases, kinds.pop(), glue_for(model.embed_tokens.weight.dtype))
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches) -> torch.Tensor:
@@ -84,4 +104,5 @@ class DecodeStep:
             input_ids, positions, m.embed_tokens.weight, m.rope_cos, m.rope_sin, self.weights, self.biases,
             [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping, meta.block_tables,
             meta.context_lens, m.norm.weight, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            layer.mlp.intermediate, layer.input_layernorm.eps, layer.self_attn.scale, KINDS[self.kind])
+            layer.mlp.intermediate, layer.input_layernorm.eps, layer.self_attn.scale, KINDS[self.kind],
+            GLUES[self.glue])

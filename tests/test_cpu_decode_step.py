@@ -21,10 +21,11 @@ def op():
     require_cpp_op(K, "CPU decode-step op")
 
 
-def runner(path, dtype, linears, monkeypatch):
+def runner(path, dtype, linears, monkeypatch, glue="aten"):
     """A runner whose linears are plain, oneDNN-prepacked or packed for the package's own bf16 GEMM, whatever
-    this CPU would pick."""
+    this CPU would pick, and whose step takes ``glue`` where it can."""
     import etr.engine.model_runner as M
+    monkeypatch.setenv("ETR_CPU_STEP_GLUE", glue)
     from etr.kernels import cpu_bf16_linear
     packed = linears != "plain"
     if packed and not packed_bf16_available():
@@ -83,7 +84,7 @@ def test_step_is_the_forward_bit_for_bit(op, tiny_dir, llama_all_biases, monkeyp
     r = runner(llama_all_biases if name == "llama_all_biases" else tiny_dir(name), dtype, linears, monkeypatch)
     if name == "llama_all_biases":
         assert all(b is not None for b in r.native_step.biases)
-    assert r.native_step is not None and r.native_step.kind == linears
+    assert r.native_step is not None and r.native_step.kind == linears and r.native_step.glue == "aten"
     seqs = prefilled(r, lengths, torch.Generator().manual_seed(len(name)))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
@@ -127,3 +128,60 @@ def test_a_model_it_cannot_run_keeps_the_forward(op, tiny_dir, monkeypatch):
     r = runner(tiny_dir("llama_tied_gqa"), torch.float32, "plain", monkeypatch)
     r.model.use_fused_ops()  # the Triton ops
     assert K.DecodeStep.for_model(r.model) is None
+
+
+needs_raw = pytest.mark.skipif(not K.available() or not torch.ops.etr_cpu_step.raw_glue(),
+                               reason="the step op's raw glue needs AVX-512 (F, BW, VL)")
+
+
+@needs_raw
+@pytest.mark.parametrize("name", ["llama_tied_gqa", "llama_untied_hd48", "llama3_rope", "qwen2_untied",
+                                  "qwen2_tied_hd32", "llama_all_biases"])
+@pytest.mark.parametrize("linears", ["plain", "onednn", "etr"])
+@pytest.mark.parametrize("lengths", [[1, 17, 5, 40, 9, 30, 12, 3, 60, 2, 33, 8, 21, 4, 15, 44], [23]],
+                         ids=["batch16", "batch1"])
+def test_raw_glue_is_the_forward_within_bf16_rounding(op, tiny_dir, llama_all_biases, monkeypatch, name, linears,
+                                                       lengths):
+    """The raw glue rounds to bf16 where ATen does, but its norm adds the squares in its own order and SiLU's
+    exp is its own, so a value may land one bf16 step away and move what follows: hidden states and the KV
+    written within 1e-2 absolute and relative (a bf16 step is 2**-8 relative)."""
+    r = runner(llama_all_biases if name == "llama_all_biases" else tiny_dir(name), torch.bfloat16, linears,
+               monkeypatch, glue="raw")
+    assert r.native_step.glue == "raw"
+    seqs = prefilled(r, lengths, torch.Generator().manual_seed(len(name)))
+    ids, positions, meta = r.prepare_decode(seqs)
+    r.backend.prepare(meta)
+    pools = [(k.clone(), v.clone()) for k, v in r.kv_caches]
+    with torch.inference_mode():
+        want = r.model(ids, positions, meta, pools, r.backend)
+    for pages in (p for kv in r.kv_caches for p in kv):  # the rows this step writes, cleared: the step must
+        pages.flatten(0, 1)[meta.slot_mapping] = float("nan")  # write them (freed memory may hold them already)
+    got = r.native_step(ids, positions, meta, r.kv_caches)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    for (k, v), (k2, v2) in zip(r.kv_caches, pools):
+        torch.testing.assert_close(k, k2, atol=1e-2, rtol=1e-2, equal_nan=True)
+        torch.testing.assert_close(v, v2, atol=1e-2, rtol=1e-2, equal_nan=True)
+
+
+def test_glue_choice(op, tiny_dir, monkeypatch):
+    """bf16 models take the raw glue where the op has it, float32 ones the ATen glue; ETR_CPU_STEP_GLUE=aten
+    keeps the ATen glue and another value is refused by name."""
+    raw = torch.ops.etr_cpu_step.raw_glue()
+    assert K.glue_for(torch.bfloat16) == ("raw" if raw else "aten") and K.glue_for(torch.float32) == "aten"
+    monkeypatch.setenv("ETR_CPU_STEP_GLUE", "aten")
+    assert K.glue_for(torch.bfloat16) == "aten"
+    monkeypatch.setenv("ETR_CPU_STEP_GLUE", "fast")
+    with pytest.raises(ValueError, match="ETR_CPU_STEP_GLUE='fast': expected one of"):
+        K.glue_for(torch.bfloat16)
+
+
+@needs_raw
+def test_raw_glue_refuses_float32_by_name(op, tiny_dir, monkeypatch):
+    r = runner(tiny_dir("llama_tied_gqa"), torch.float32, "plain", monkeypatch)
+    seqs = prefilled(r, [5], torch.Generator().manual_seed(0))
+    ids, positions, meta = r.prepare_decode(seqs)
+    r.backend.prepare(meta)
+    r.native_step.glue = "raw"
+    with pytest.raises(RuntimeError, match="the raw glue is for bf16 models, not Float"):
+        r.native_step(ids, positions, meta, r.kv_caches)
