@@ -9,6 +9,11 @@ peer pays for padding. Prints tok/s per engine, the ratios of the engine to each
 share of its bandwidth floor: the tok/s a decode step would reach if it only read, at the read bandwidth
 measured in the same run (bench/scaling.py's probe), every weight once and the KV of the batch's mean context
 (prompt + half the new tokens).
+
+This machine's speed drifts by tens of percent within minutes, and peers run one after another: with
+``--rounds N`` every batch size is measured N times over (each round runs every peer once, and the order of
+the peers is reversed in every other round), each round's row is printed, and a summary gives each ratio's
+median with its lowest and highest round.
 """
 
 from __future__ import annotations
@@ -124,8 +129,11 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-gguf", default=None,
                     help="the GGUF llama.cpp runs (default: the shipped SmolLM2 GGUF requantized to BF16)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe (far above the caches)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every batch size this many times over")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds} must be >= 1")
 
     from transformers import AutoModelForCausalLM
     from etr import LLM
@@ -143,30 +151,58 @@ def main(argv=None) -> int:
     rows = []
     for batch in args.batch:
         rounds = prompt_rounds(batch, args.prompt_len, vocab, args.repeats)
-        ours = bench_engine(llm, rounds, args.new_tokens)
-        theirs = bench_hf(hf, rounds, args.new_tokens)
-        vllm = bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len, args.new_tokens,
-                          args.repeats, vocab) if args.vllm_python else None
-        llama = bench_llama(args.llama_python, gguf, args.prompt_len, args.new_tokens, args.repeats,
-                            vocab) if gguf and batch == 1 else None
-        rows.append(dict(batch=batch, etr_tok_s=ours, hf_tok_s=theirs, ratio_vs_hf=ours / theirs, vllm_tok_s=vllm,
-                         ratio_vs_vllm=None if vllm is None else ours / vllm, llama_tok_s=llama,
-                         ratio_vs_llama=None if llama is None else ours / llama))
+        peers = {
+            "etr": lambda: bench_engine(llm, rounds, args.new_tokens),
+            "hf": lambda: bench_hf(hf, rounds, args.new_tokens),
+            "vllm": lambda: bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len,
+                                       args.new_tokens, args.repeats, vocab) if args.vllm_python else None,
+            "llama": lambda: bench_llama(args.llama_python, gguf, args.prompt_len, args.new_tokens, args.repeats,
+                                         vocab) if gguf and batch == 1 else None,
+        }
+        for i in range(args.rounds):
+            order = list(peers) if i % 2 == 0 else list(peers)[::-1]
+            got = {name: peers[name]() for name in order}
+            rows.append(row(batch, i, got))
     tmp.cleanup()
     bandwidth = add_floors(rows, model_dir, dtype, llm.engine.model_config, args.prompt_len + args.new_tokens // 2,
                            args.bandwidth_gib)
     print(f"model {Path(model_dir).name}, {args.dtype}, CPU threads {torch.get_num_threads()}, "
           f"prompt {args.prompt_len}, new tokens {args.new_tokens}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"{'batch':>5} {'etr tok/s':>10} {'HF tok/s':>10} {'etr/HF':>7} {'vLLM tok/s':>11} {'etr/vLLM':>9} "
+    print(f"{'batch':>5} {'round':>5} {'etr tok/s':>10} {'HF tok/s':>10} {'etr/HF':>7} {'vLLM tok/s':>11} {'etr/vLLM':>9} "
           f"{'llama.cpp tok/s':>16} {'etr/llama.cpp':>14} {'floor tok/s':>12} {'etr/floor':>10}")
     for r in rows:
         v, vr, lc, lr = (_fmt(r["vllm_tok_s"], 1), _fmt(r["ratio_vs_vllm"], 2), _fmt(r["llama_tok_s"], 1),
                          _fmt(r["ratio_vs_llama"], 2))
-        print(f"{r['batch']:>5} {r['etr_tok_s']:>10.1f} {r['hf_tok_s']:>10.1f} {r['ratio_vs_hf']:>7.2f} {v:>11} {vr:>9} "
+        print(f"{r['batch']:>5} {r['round']:>5} {r['etr_tok_s']:>10.1f} {r['hf_tok_s']:>10.1f} {r['ratio_vs_hf']:>7.2f} {v:>11} {vr:>9} "
               f"{lc:>16} {lr:>14} {r['floor_tok_s']:>12.1f} {r['ratio_vs_floor']:>10.2f}")
+    if args.rounds > 1:
+        print_summary(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def row(batch: int, round_i: int, got: dict) -> dict:
+    """One round's figures of one batch size, with the engine's ratio to each peer (None where it did not run)."""
+    ours = got["etr"]
+    ratio = lambda theirs: None if theirs is None else ours / theirs  # noqa: E731
+    return dict(batch=batch, round=round_i, etr_tok_s=ours, hf_tok_s=got["hf"], ratio_vs_hf=ratio(got["hf"]),
+                vllm_tok_s=got["vllm"], ratio_vs_vllm=ratio(got["vllm"]), llama_tok_s=got["llama"],
+                ratio_vs_llama=ratio(got["llama"]))
+
+
+def print_summary(rows: list[dict]) -> None:
+    """Each ratio's median over the rounds with its lowest and highest round, per batch size."""
+    import statistics
+    print("summary over rounds: median (lowest .. highest)")
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        parts = []
+        for key, name in (("ratio_vs_hf", "etr/HF"), ("ratio_vs_vllm", "etr/vLLM"), ("ratio_vs_llama", "etr/llama.cpp"),
+                          ("ratio_vs_floor", "etr/floor")):
+            vals = [r[key] for r in rows if r["batch"] == batch and r[key] is not None]
+            if vals:
+                parts.append(f"{name} {statistics.median(vals):.2f} ({min(vals):.2f} .. {max(vals):.2f})")
+        print(f"  batch {batch}: " + ", ".join(parts))
 
 
 def add_floors(rows: list[dict], model_dir: str, dtype: torch.dtype, model_config, context: int,
