@@ -104,8 +104,13 @@ def llama_gguf(python: str, given: str | None, tmp: str) -> str | None:
     src, out = smollm2_gguf(), str(Path(tmp) / "smollm2-bf16.gguf")
     if src is None:
         return None
-    done = subprocess.run([python, str(Path(__file__).with_name("llamacpp_peer.py")), "bf16", str(src), out])
-    return out if done.returncode == 0 else None
+    done = subprocess.run([python, str(Path(__file__).with_name("llamacpp_peer.py")), "bf16", str(src), out],
+                          capture_output=True, text=True)
+    if done.returncode != 0:  # llama.cpp's log of every tensor is printed only when the conversion fails
+        print(f"llama.cpp could not write the BF16 GGUF (exit {done.returncode}): {done.stderr[-2000:]}",
+              file=sys.stderr)
+        return None
+    return out
 
 
 def bench_llama(python: str, gguf: str, prompt_len: int, new_tokens: int, repeats: int, vocab: int) -> float | None:
