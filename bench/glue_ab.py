@@ -9,7 +9,7 @@ percent within minutes, so the two are not timed one after the other: for each b
 alternates), and the figure is the median of the pairs' ratios with its quartiles. Whole engine steps are
 timed (scheduling and sampling included). Before timing, the two glues' greedy tokens are compared on the
 batch's prompts (the raw glue rounds to bf16 where ATen rounds; its norm sums in another order and its exp is
-not ATen's, so a token may differ in principle): the count of differing tokens is printed.
+not ATen's, so a token may differ): how many of the batch's generations differ, and from which token.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def same_tokens(llm, batch: int, context: int, new_tokens: int) -> tuple[int, int]:
-    """(tokens that differ between the glues, tokens compared) over ``batch`` random prompts, greedy."""
+def same_tokens(llm, batch: int, context: int, new_tokens: int) -> str:
+    """How many of ``batch`` greedy generations from random prompts differ between the glues, and at which
+    token each first differs (everything after the first difference differs by construction)."""
     import random
     from etr import SamplingParams
     rng = random.Random(1)
@@ -42,8 +43,9 @@ def same_tokens(llm, batch: int, context: int, new_tokens: int) -> tuple[int, in
     for glue in ("aten", "raw"):
         step.glue = glue
         outs[glue] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    differ = sum(a != b for x, y in zip(outs["aten"], outs["raw"]) for a, b in zip(x, y))
-    return differ, batch * new_tokens
+    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(outs["aten"], outs["raw"])]
+    at = sorted(i for i in first if i is not None)
+    return f"{len(at)} of {batch}" + (f" (from token {', '.join(map(str, at))})" if at else "")
 
 
 def interleaved(llm, batch: int, context: int, rounds: int, steps: int) -> dict:
@@ -89,14 +91,14 @@ def main(argv=None) -> int:
     if step is None or step.glue != "raw":
         print(f"the raw glue is not in use here (step: {step and step.glue}); nothing to compare", file=sys.stderr)
         return 1
-    print("| batch | aten ms/step (q1 / median / q3) | raw ms/step | raw / aten (q1 / median / q3) | tokens differing |")
+    print("| batch | aten ms/step (q1 / median / q3) | raw ms/step | raw / aten (q1 / median / q3) | generations differing |")
     print("| ---: | --- | --- | --- | ---: |")
     for batch in args.batch:
-        differ = same_tokens(llm, batch, args.context, args.check_tokens) if args.check_tokens else (0, 0)
+        differ = same_tokens(llm, batch, args.context, args.check_tokens) if args.check_tokens else "-"
         r = interleaved(llm, batch, args.context, args.rounds, args.steps)
         fmt = lambda q, d: " / ".join(f"{v:.{d}f}" for v in q)  # noqa: E731
         print(f"| {batch} | {fmt(r['aten_ms'], 2)} | {fmt(r['raw_ms'], 2)} | {fmt(r['ratio'], 3)} | "
-              f"{differ[0]} of {differ[1]} |", flush=True)
+              f"{differ} |", flush=True)
     step.glue = "raw"
     return 0
 

@@ -30,15 +30,14 @@ def scaling_prompt(batch: int, context: int, vocab: int) -> list[list[int]]:
 
 
 def kv_bytes_per_token(model_dir: str, dtype: str) -> int:
-    """K and V of one token over every layer, from the checkpoint's config.json (float32 if not bf16/fp16); a
-    multimodal config's language model is its nested ``text_config``."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        c = json.load(f)
-    c = c.get("text_config") or c
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    """K and V of one token over every layer, from the checkpoint's config (float32 if not bf16/fp16); a
+    multimodal config's language model is its text config, with transformers' defaults where it omits a size."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir).get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     elem = 2 if dtype in ("bfloat16", "float16", "half") else 4
-    return 2 * c["num_hidden_layers"] * kv_heads * head_dim * elem
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * elem
 
 
 def scaling(model_dir: str, dtype: str, steps: int, vocab: int, points: list[tuple[int, int]]) -> None:

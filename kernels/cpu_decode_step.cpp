@@ -6,8 +6,8 @@
 //
 // bf16 models can take a second glue (``glue`` 1, "raw"): the elementwise work between the linears and the
 // attention (residual adds, RMSNorm, rotary, the KV write, SiLU-mul) as AVX-512 loops over each row, each
-// rounding to bf16 where the ATen op rounds, so a layer is six calls (four linears, the attention, the embedding
-// once) instead of ~35 ATen ops. Its results are not bit for bit the forward's: the norm's sum of squares adds
+// rounding to bf16 where the ATen op rounds, so a layer is its four linears, the attention and four loops
+// instead of ~35 ATen ops. Its results are not bit for bit the forward's: the norm's sum of squares adds
 // in another order and SiLU's exp is not ATen's (tests/test_cpu_decode_step.py states the tolerance).
 
 #include <ATen/ATen.h>
@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -235,12 +236,9 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
   at::Tensor qkv = linear(h, w[1], b[0], s.kind, width);
   bf16* qp = qkv.data_ptr<bf16>();
   rotary(qp, width, s.cos.data_ptr<bf16>(), s.sin.data_ptr<bf16>(), B, s.heads + s.kv_heads, D);
-  const int64_t* slots = s.slots.data_ptr<int64_t>();
-  const int64_t capacity = k_pages.numel() / kv_size;
+  const int64_t* slots = s.slots.data_ptr<int64_t>();  // every one inside the pool (raw_layers checked)
   bf16 *kp = k_pages.data_ptr<bf16>(), *vp = v_pages.data_ptr<bf16>();
   for (int64_t r = 0; r < B; ++r) {
-    TORCH_CHECK(slots[r] >= 0 && slots[r] < capacity, "decode_layers: slot ", slots[r], " of row ", r,
-                " is outside the KV pool of ", capacity, " slots");
     std::memcpy(kp + slots[r] * kv_size, qp + r * width + q_size, kv_size * sizeof(bf16));
     std::memcpy(vp + slots[r] * kv_size, qp + r * width + q_size + kv_size, kv_size * sizeof(bf16));
   }
@@ -254,19 +252,49 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
   return linear(act, w[5], b[3], s.kind, n);
 }
 
+// Everything the raw loops index, checked before anything is written (the ATen path gets these checks from its
+// ops; the loops would read or write out of bounds instead).
+void check_raw(const Step& s, const at::Tensor& input_ids, at::TensorList weights, at::TensorList k_pages,
+               at::TensorList v_pages, const at::Tensor& final_norm) {
+  const int64_t B = input_ids.numel(), kv_size = s.kv_heads * s.head_dim;
+  TORCH_CHECK(input_ids.dim() == 1 && s.cos.size(0) == B && s.sin.size(0) == B && s.cos.size(1) == s.head_dim &&
+                  s.sin.size(1) == s.head_dim,
+              "decode_layers: one position per input id and rotary tables of head size ", s.head_dim, " expected");
+  TORCH_CHECK(s.slots.scalar_type() == at::kLong && s.slots.is_contiguous() && s.slots.numel() == B,
+              "decode_layers: one int64 slot per input id expected, got ", s.slots.numel(), " for ", B);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& t = weights[i];
+    TORCH_CHECK(t.is_mkldnn() || t.is_contiguous(), "decode_layers: weight ", i, " is not contiguous");
+    const int64_t j = static_cast<int64_t>(i) % kWeightsPerLayer;
+    if (j == 0 || j == 3)
+      TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.numel() == s.hidden, "decode_layers: norm weight ", i,
+                  " of ", s.hidden, " bf16 values expected, got ", t.numel(), " ", t.scalar_type());
+  }
+  TORCH_CHECK(final_norm.scalar_type() == at::kBFloat16 && final_norm.is_contiguous() &&
+                  final_norm.numel() == s.hidden,
+              "decode_layers: a contiguous final norm of ", s.hidden, " bf16 values expected");
+  const int64_t capacity = k_pages[0].numel() / kv_size;
+  for (size_t i = 0; i < k_pages.size(); ++i)
+    TORCH_CHECK(k_pages[i].scalar_type() == at::kBFloat16 && k_pages[i].is_contiguous() &&
+                    v_pages[i].is_contiguous() && v_pages[i].sizes() == k_pages[i].sizes() &&
+                    v_pages[i].scalar_type() == at::kBFloat16 && k_pages[i].numel() == capacity * kv_size &&
+                    k_pages[i].size(-1) == s.head_dim,
+                "decode_layers: layer ", i, "'s K and V pages must be contiguous bf16 pools of one shape, ",
+                "head size ", s.head_dim);
+  const int64_t* slots = s.slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < B; ++r)
+    TORCH_CHECK(slots[r] >= 0 && slots[r] < capacity, "decode_layers: slot ", slots[r], " of row ", r,
+                " is outside the KV pool of ", capacity, " slots");
+}
+
 at::Tensor raw_layers(const Step& s, const at::Tensor& input_ids, const at::Tensor& embed, at::TensorList weights,
                       const std::vector<std::optional<at::Tensor>>& b, at::TensorList k_pages,
                       at::TensorList v_pages, const at::Tensor& final_norm) {
-  for (const at::Tensor& t : weights)
-    TORCH_CHECK(t.is_mkldnn() || t.is_contiguous(), "decode_layers: contiguous weights expected");
-  TORCH_CHECK(s.slots.scalar_type() == at::kLong && s.slots.is_contiguous(),
-              "decode_layers: int64 slot_mapping expected");
+  check_raw(s, input_ids, weights, k_pages, v_pages, final_norm);
   at::Tensor residual = at::embedding(embed, input_ids).contiguous(), x;
   at::Tensor h = at::empty_like(residual), act = at::empty({residual.size(0), s.intermediate}, residual.options());
   const int64_t layers = static_cast<int64_t>(k_pages.size());
   for (int64_t i = 0; i < layers; ++i) {
-    TORCH_CHECK(k_pages[i].scalar_type() == at::kBFloat16 && k_pages[i].is_contiguous() &&
-                    v_pages[i].is_contiguous(), "decode_layers: contiguous bf16 KV pages expected");
     x = raw_layer(s, i ? &x : nullptr, residual, h, act, weights.data() + kWeightsPerLayer * i,
                   b.data() + kBiasesPerLayer * i, k_pages[i], v_pages[i]);
   }
