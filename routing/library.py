@@ -37,10 +37,12 @@ def finish(final: Path, partial: Path) -> None:
     partial.rename(final)
 
 
-def write_heads(out: Path, meta_dir: str | Path, experts: list[str], base: list[str], cfg, seed: int) -> None:
+def write_heads(out: Path, meta_dir: str | Path, experts: list[str], base: list[str], cfg, seed: int,
+                extension_cfg=None) -> None:
     """From ``out/sets.jsonl``: ``head.safetensors`` (every expert), ``head_base.safetensors`` (``base``),
     ``head_extended.safetensors`` (the other experts added to the base head with their rows only) and the
-    router baseline ``router.safetensors``; ``cfg()`` gives each training run its ``TrainConfig``."""
+    router baseline ``router.safetensors``; ``cfg()`` gives each training run its ``TrainConfig``, except the
+    added rows', which ``extension_cfg()`` gives when given."""
     from etr.models import load_model
     from etr.models.expert_head import save_expert_head
     from etr.routing.classifier import save_classifier, train_router
@@ -54,7 +56,7 @@ def write_heads(out: Path, meta_dir: str | Path, experts: list[str], base: list[
     head_base, _ = train_head(meta, [r for r in rows if r["expert"] in base or r["expert"] is None], base, cfg=cfg())
     save_expert_head(out / "head_base.safetensors", head_base)
     extended, _ = train_head(meta, [r for r in rows if r["expert"] in added or r["expert"] is None], added,
-                             old=head_base, cfg=cfg())
+                             old=head_base, cfg=(extension_cfg or cfg)())
     save_expert_head(out / "head_extended.safetensors", extended)
     save_classifier(out / "router.safetensors", train_router(meta, rows, seed))
 

@@ -3,14 +3,17 @@
 Each candidate ``TrainConfig`` trains the rows of every expert on the same cached features of the query sets;
 the validation questions (their own entities and phrasing) are scored by the decision greedy decoding makes at
 the first generated position: a domain's question should pick its expert's row, a general request no expert
-row. The score is routing accuracy minus false routing; ties go to the earlier candidate. The settings are
-validated on a head trained with every expert at once; a library build uses them for its extended head too
-(the last expert's row trained against frozen older rows), which this does not score separately.
+row. The score is routing accuracy minus false routing; ties go to the earlier candidate. A head trained with
+every expert at once is scored by ``choose_head_config``; an extended head (new rows trained against the frozen
+rows of an older head) by ``choose_extension_config``, since the new rows alone decide whether general requests
+now go to the new expert.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+
+import torch
 
 from etr.models.decoder import DecoderLM
 from etr.routing.train import TrainConfig, head_features, initial_rows, query_features, routing_stats, train_rows
@@ -27,14 +30,38 @@ def choose_head_config(model: DecoderLM, rows: list[dict], experts: list[str], v
                        val_experts: list[str | None], grid: list[TrainConfig]) -> tuple[TrainConfig, list[dict]]:
     """The candidate of ``grid`` whose head scores best on the validation questions ``val_ids`` (the expert
     each should route to, None for the meta), and one row per candidate: its settings and validation figures."""
-    if not grid:
-        raise ValueError("no candidate settings to choose from")
     order = sorted(experts)
     features, _ = head_features(model, rows, order, order)
-    val = query_features(model, val_ids, [order.index(e) if e else ("token", None) for e in val_experts])
+    return _choose(grid, _val_features(model, order, val_ids, val_experts),
+                   lambda cfg: train_rows(features, initial_rows(model, len(order)), None, cfg))
+
+
+def choose_extension_config(model: DecoderLM, rows: list[dict], base: list[str], added: list[str],
+                            base_cfg: TrainConfig, val_ids: list[list[int]], val_experts: list[str | None],
+                            grid: list[TrainConfig]) -> tuple[TrainConfig, list[dict]]:
+    """The candidate of ``grid`` for the rows of ``added`` trained against the frozen rows of ``base`` (trained
+    with ``base_cfg``), as ``library.write_heads`` builds an extended head, scored by that extended head on the
+    validation questions of every expert and the general requests; and one row per candidate."""
+    base_order, new_order = sorted(base), sorted(added)
+    order = base_order + new_order
+    base_features, _ = head_features(model, rows, base_order, base_order)
+    frozen = train_rows(base_features, initial_rows(model, len(base_order)), None, replace(base_cfg, log=[]))
+    features, _ = head_features(model, rows, order, new_order)
+    return _choose(grid, _val_features(model, order, val_ids, val_experts),
+                   lambda cfg: torch.cat([frozen, train_rows(features, initial_rows(model, len(new_order)), frozen, cfg)]))
+
+
+def _val_features(model: DecoderLM, order: list[str], val_ids: list[list[int]], val_experts: list[str | None]):
+    return query_features(model, val_ids, [order.index(e) if e else ("token", None) for e in val_experts])
+
+
+def _choose(grid: list[TrainConfig], val, head_rows) -> tuple[TrainConfig, list[dict]]:
+    """Score ``head_rows(cfg)`` on ``val`` for every candidate; the best (the earlier on a tie) is chosen."""
+    if not grid:
+        raise ValueError("no candidate settings to choose from")
     table = []
     for cfg in grid:
-        stats = routing_stats(val, train_rows(features, initial_rows(model, len(order)), None, cfg))
+        stats = routing_stats(val, head_rows(cfg))
         score = (stats["routing_accuracy"] or 0.0) - (stats["false_routing"] or 0.0)
         table.append({"lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, **stats, "score": score})
     best = max(range(len(grid)), key=lambda i: (table[i]["score"], -i))

@@ -1,5 +1,7 @@
 """Eq. 4 on cached features equals the full forward through the extended head (loss and gradients)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -109,3 +111,27 @@ def test_settings_chosen_on_validation_questions(tiny_dir):
     tie = config_grid(TrainConfig(), (0.0,), (0.1, 1.0), (1,))
     chosen, table = choose_head_config(model, rows, ["a", "b"], val, val_experts, tie)
     assert chosen.weight_decay == 0.1 and table[0].get("chosen") and not table[1].get("chosen")
+
+
+def test_extension_settings_chosen_on_validation_questions(tiny_dir):
+    """The added row's settings are scored by the extended head (the base rows trained with the base settings,
+    frozen): a candidate that leaves the new row untrained routes only the base expert's questions; base rows
+    that were never trained route none of them whatever the new row's settings."""
+    from etr.routing.validation import choose_extension_config, config_grid
+    model = load_model(tiny_dir("qwen2_untied"), torch.float32, "cpu", 64)
+    g = torch.Generator().manual_seed(1)
+
+    def queries(low: int) -> list[list[int]]:
+        return [torch.randint(low, low + 40, (5,), generator=g).tolist() for _ in range(12)]
+    rows = ([{"expert": "a", "query_ids": q} for q in queries(40)] +
+            [{"expert": "b", "query_ids": q} for q in queries(100)] +
+            [{"expert": None, "query_ids": q} for q in queries(160)])
+    val, val_experts = [r["query_ids"] for r in rows], [r["expert"] for r in rows]
+    grid = config_grid(TrainConfig(weight_decay=0.0), (0.0, 0.2), (0.0,), (60,))
+    trained = replace(grid[1], log=[])
+    chosen, table = choose_extension_config(model, rows, ["a"], ["b"], trained, val, val_experts, grid)
+    assert chosen.lr == 0.2 and table[1].get("chosen") and not table[0].get("chosen")
+    assert table[0]["routing_accuracy"] == pytest.approx(0.5, abs=0.05)  # a's 12 of 24, by the frozen row
+    assert table[1]["routing_accuracy"] >= 0.75 and table[1]["false_routing"] <= 0.1  # 0.83 with this seed
+    _, untrained_base = choose_extension_config(model, rows, ["a"], ["b"], grid[0], val, val_experts, grid)
+    assert max(r["routing_accuracy"] for r in untrained_base) <= 0.55

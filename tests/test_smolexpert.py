@@ -95,8 +95,31 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
     val = {json.loads(line)["query"] for line in (out / "data" / "val.jsonl").read_text().splitlines()}
     collected = {json.loads(line)["query"] for line in (out / "data" / "collect.jsonl").read_text().splitlines()}
     assert val and not val & collected and not val & {q["query"] for q in test}
-    assert results["validation"] and sum(bool(r.get("chosen")) for r in results["validation"]) == 1
+    for table in (results["validation"], results["extension_validation"]):
+        assert len(table) == 2 and sum(bool(r.get("chosen")) for r in table) == 1  # quick grid: 1 lr x 2 wd x 1
+    assert "countries's row added later" in (out / "results.md").read_text()
     assert not (tmp_path / "lib.partial").exists()
+    _redo_heads(out, tmp_path / "again", results)
+
+
+def _redo_heads(lib, again, results):
+    """bench/smolexpert_heads.py on that build: the last two stages redone on the same experts and query sets
+    give the same choices and routing (the stages are deterministic), the earlier stages' times are kept, the
+    experts are the build's own files, and a non-empty OUT is refused before anything is written."""
+    from conftest import load_bench
+    bench = load_bench("smolexpert_heads")
+    with pytest.raises(ConfigError, match="not empty"):
+        bench.main([str(lib), str(lib), "--no-progress"])
+    assert bench.main([str(lib), str(again), "--no-progress"]) == 0
+    redone = json.loads((again / "results.json").read_text())
+    assert redone["timings_s"]["experts"] == results["timings_s"]["experts"]
+    assert redone["timings_s"]["total"] == pytest.approx(sum(v for k, v in redone["timings_s"].items() if k != "total"))
+    for key in ("validation", "extension_validation", "bars"):
+        assert redone[key] == results[key], key
+    assert redone["summary"]["etr"]["confusion"] == results["summary"]["etr"]["confusion"]
+    weights = "experts/chemistry/model.safetensors"
+    assert (again / weights).stat().st_ino == (lib / weights).stat().st_ino
+    assert not again.with_name("again.partial").exists()
 
 
 def test_top_layers_train_on_cached_inputs(tmp_path):

@@ -84,6 +84,7 @@ class Build:
         self.set_sizes: dict[str, int] = {}              # query sets: pairs per expert, and negatives
         self.set_purity: dict[str, float | None] = {}    # query sets: share from the expert's own domain
         self.validation: list[dict] = []                 # expert tokens: every candidate setting, validated
+        self.extension_validation: list[dict] = []       # expert tokens: the same for the extended head's new row
         self.summary: dict = {}                          # evaluation: per-method figures on the test questions
         self.seen: dict = {}                             # evaluation: meta and oracle on trained questions
         self.records: list = []
@@ -172,17 +173,22 @@ class Build:
         from etr.models.tokenizer import load_tokenizer
         from etr.routing import collect
         from etr.routing.train import TrainConfig
-        from etr.routing.validation import choose_head_config, config_grid
+        from etr.routing.validation import choose_extension_config, choose_head_config, config_grid
         tok = load_tokenizer(self.meta)
         val = [json.loads(line) for line in (self.out / "data" / "val.jsonl").read_text().splitlines()]
         val_ids = [collect.prompt_ids(tok, r["query"], chat_template=True) for r in val]
         grid = config_grid(TrainConfig(seed=self.seed), self.p.head_lrs, self.p.head_weight_decays, self.p.head_epochs)
-        chosen, self.validation = choose_head_config(
-            load_model(self.meta, torch.float32, "cpu"), collect.read_sets(self.out / "sets.jsonl"), self.experts,
-            val_ids, [None if r["domain"] == "general" else r["domain"] for r in val], grid)
-        self.log(f"[smolexpert] expert tokens: lr {chosen.lr}, weight decay {chosen.weight_decay}, "
-                 f"{chosen.epochs} epochs (best of {len(grid)} on the validation split)")
-        write_heads(self.out, self.meta, self.experts, self.experts[:-1], lambda: replace(chosen, log=[]), self.seed)
+        model, sets = load_model(self.meta, torch.float32, "cpu"), collect.read_sets(self.out / "sets.jsonl")
+        val_experts = [None if r["domain"] == "general" else r["domain"] for r in val]
+        chosen, self.validation = choose_head_config(model, sets, self.experts, val_ids, val_experts, grid)
+        base, added = self.experts[:-1], self.experts[-1:]
+        extension, self.extension_validation = choose_extension_config(model, sets, base, added, chosen, val_ids,
+                                                                       val_experts, grid)
+        for what, c in (("expert tokens", chosen), (f"{added[0]}'s row added later", extension)):
+            self.log(f"[smolexpert] {what}: lr {c.lr}, weight decay {c.weight_decay}, {c.epochs} epochs "
+                     f"(best of {len(grid)} on the validation split)")
+        write_heads(self.out, self.meta, self.experts, base, lambda: replace(chosen, log=[]), self.seed,
+                    lambda: replace(extension, log=[]))
 
     def evaluate(self) -> None:
         from etr.routing.eval_data import load_exact_jsonl
@@ -211,7 +217,8 @@ class Build:
         from etr.routing.smolexpert.results import bars, markdown
         results = {"profile": self.name, "seed": self.seed, "meta": self.meta, "settings": asdict(self.p),
                    "timings_s": self.timings, "expert_loss": self.expert_loss, "expert_steps": self.expert_steps,
-                   "validation": self.validation, "set_sizes": self.set_sizes,
+                   "validation": self.validation, "extension_validation": self.extension_validation,
+                   "set_sizes": self.set_sizes,
                    "set_purity": self.set_purity, "seen": self.seen, "summary": self.summary,
                    "bars": bars(self.summary, self.seen, self.experts, self.name)}
         return write_report(self.out, results, markdown(results, self.experts), self.records, self.log)

@@ -58,7 +58,9 @@ def markdown(results: dict, experts: list[str]) -> str:
                      f"{report.pct(_routing(row, experts)) if routed else '-'} | {report.pct(row['false_routing'])} |")
     lines += ["", "Seen questions (trained facts and phrasings): meta " + report.pct(_mean(seen[META], experts)) +
               ", experts " + report.pct(_mean(seen["oracle"], experts)) + ".", "",
-              *query_set_lines(results), *validation_lines(results["validation"])]
+              *query_set_lines(results), *validation_lines(results["validation"]),
+              *validation_lines(results.get("extension_validation") or [],
+                                f"{experts[-1]}'s row added later to the other experts' frozen rows")]
     lines += ["", "## Bars", "", "| bar | value | holds |", "|---|---|---|"]
     lines += [f"| {b['bar']} | {b['value']:.3f} | {'yes' if b['holds'] else 'NO'} |" for b in results["bars"]]
     lines += ["", "## Routing of ETR (rows: domain, columns: model that answered)", ""]
@@ -66,10 +68,12 @@ def markdown(results: dict, experts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def validation_lines(table: list[dict]) -> list[str]:
-    """The candidate settings of the expert tokens, each scored on the validation split (the first generated
-    position's routing: its accuracy on domain questions, false routing on general requests)."""
-    lines = ["", "## Expert tokens' settings, chosen on the validation split (score: routing - false routing)", "",
+def validation_lines(table: list[dict], what: str = "Expert tokens") -> list[str]:
+    """The candidate settings of the expert tokens (or of ``what``), each scored on the validation split (the
+    first generated position's routing: its accuracy on domain questions, false routing on general requests)."""
+    if not table:
+        return []
+    lines = ["", f"## {what}: settings chosen on the validation split (score: routing - false routing)", "",
              "| lr | weight decay | epochs | routing | false routing | score | chosen |", "|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['lr']:g} | {r['weight_decay']:g} | {r['epochs']} | {report.pct(r['routing_accuracy'])} | "
