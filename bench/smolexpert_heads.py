@@ -5,9 +5,11 @@ builds already made, without fine-tuning the experts again (~40 minutes a build 
     python bench/smolexpert_heads.py LIB OUT [--no-progress]
 
 OUT gets LIB's data/ and experts/ (hard links where the filesystem allows, else copies) and sets.jsonl, then
-new heads, router and results, written to OUT.partial and renamed when complete, as a build does. OUT's
-results.json keeps LIB's times of the stages it did not redo, so its total is what the build would have
-taken with this code. Prints the bars; exits 1 when one fails, as the build does.
+new heads, router and results, written to OUT.partial and renamed when complete, as a build does (a failed run
+leaves OUT.partial, which the next run clears). LIB must come from the same meta and profile settings as this
+code's (the expert tokens' grid aside). OUT's results.json keeps LIB's times of the stages it did not redo, so
+its total is what the build would have taken with this code. Prints the bars; exits 1 when one fails, as the
+build does, and 2 on a refused LIB or OUT.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+from etr.errors import ConfigError, ETRError
 
 REDONE = ("expert tokens", "evaluation")
 
@@ -32,11 +37,13 @@ def link_or_copy(src: str, dst: str) -> None:
 
 def restore(b, lib: Path, old: dict) -> None:
     """Give the build ``b`` LIB's files and the state its earlier stages handed on."""
-    if b.final.exists() and any(b.final.iterdir()):
-        from etr.errors import ConfigError
-        raise ConfigError(f"{b.final} exists and is not empty; choose another directory or remove it")
-    shutil.rmtree(b.out, ignore_errors=True)
-    b.out.mkdir(parents=True)
+    from etr.routing.library import start_partial
+    kept = {k: v for k, v in asdict(b.p).items() if not k.startswith("head_")}
+    differ = sorted(k for k, v in kept.items() if json.loads(json.dumps(v)) != old["settings"].get(k))
+    if old["meta"] != b.meta or differ:
+        raise ConfigError(f"{lib} was built from another meta or profile settings ({differ or old['meta']}); "
+                          "its experts would be reported under this code's")
+    start_partial(b.final, b.out)
     for name in ("data", "experts"):
         shutil.copytree(lib / name, b.out / name, copy_function=link_or_copy)
     shutil.copy2(lib / "sets.jsonl", b.out / "sets.jsonl")
@@ -69,7 +76,11 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path, help="where the redone library goes (absent or empty)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    results = redo(args.lib, args.out, not args.no_progress)
+    try:
+        results = redo(args.lib, args.out, not args.no_progress)
+    except ETRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for bar in results["bars"]:
         print(f"{'holds' if bar['holds'] else 'FAILS'}  {bar['bar']}: {bar['value']:.3f}")
     return 0 if all(bar["holds"] for bar in results["bars"]) else 1

@@ -16,10 +16,7 @@ from etr.errors import ConfigError
 def run_stages(final: Path, partial: Path, stages: list[tuple[str, object]], timings: dict, log, tag: str) -> None:
     """Run ``stages`` (name, function) in order, each writing into ``partial`` (created empty; ``final`` must be
     absent or empty), timing each into ``timings`` and the total; ``finish`` publishes the build afterwards."""
-    if final.exists() and any(final.iterdir()):
-        raise ConfigError(f"{final} exists and is not empty; choose another directory or remove it")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    start_partial(final, partial)
     start = time.perf_counter()
     for name, fn in stages:
         log(f"[{tag}] {name} ...")
@@ -28,6 +25,15 @@ def run_stages(final: Path, partial: Path, stages: list[tuple[str, object]], tim
         timings[name] = time.perf_counter() - begun
         log(f"[{tag}] {name}: {timings[name]:.1f} s")
     timings["total"] = time.perf_counter() - start
+
+
+def start_partial(final: Path, partial: Path) -> None:
+    """Refuse a non-empty ``final`` before writing anything; give the build an empty ``partial`` (one left by a
+    failed build is cleared)."""
+    if final.exists() and any(final.iterdir()):
+        raise ConfigError(f"{final} exists and is not empty; choose another directory or remove it")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
 
 
 def finish(final: Path, partial: Path) -> None:

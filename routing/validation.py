@@ -44,11 +44,15 @@ def choose_extension_config(model: DecoderLM, rows: list[dict], base: list[str],
     validation questions of every expert and the general requests; and one row per candidate."""
     base_order, new_order = sorted(base), sorted(added)
     order = base_order + new_order
+    # The base rows are trained here as write_heads trains them (same rows, settings and seed): cheap next to the
+    # features, and it keeps the choice independent of the files a build writes.
     base_features, _ = head_features(model, rows, base_order, base_order)
     frozen = train_rows(base_features, initial_rows(model, len(base_order)), None, replace(base_cfg, log=[]))
     features, _ = head_features(model, rows, order, new_order)
-    return _choose(grid, _val_features(model, order, val_ids, val_experts),
-                   lambda cfg: torch.cat([frozen, train_rows(features, initial_rows(model, len(new_order)), frozen, cfg)]))
+
+    def extended(cfg: TrainConfig) -> torch.Tensor:
+        return torch.cat([frozen, train_rows(features, initial_rows(model, len(new_order)), frozen, cfg)])
+    return _choose(grid, _val_features(model, order, val_ids, val_experts), extended)
 
 
 def _val_features(model: DecoderLM, order: list[str], val_ids: list[list[int]], val_experts: list[str | None]):

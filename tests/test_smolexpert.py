@@ -105,21 +105,29 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
 def _redo_heads(lib, again, results):
     """bench/smolexpert_heads.py on that build: the last two stages redone on the same experts and query sets
     give the same choices and routing (the stages are deterministic), the earlier stages' times are kept, the
-    experts are the build's own files, and a non-empty OUT is refused before anything is written."""
+    experts are the build's own files; a non-empty OUT, or a library of other profile settings, is refused
+    before anything is written."""
     from conftest import load_bench
     bench = load_bench("smolexpert_heads")
-    with pytest.raises(ConfigError, match="not empty"):
-        bench.main([str(lib), str(lib), "--no-progress"])
+    assert bench.main([str(lib), str(lib), "--no-progress"]) == 2
+    assert not lib.with_name(lib.name + ".partial").exists()
     assert bench.main([str(lib), str(again), "--no-progress"]) == 0
     redone = json.loads((again / "results.json").read_text())
-    assert redone["timings_s"]["experts"] == results["timings_s"]["experts"]
-    assert redone["timings_s"]["total"] == pytest.approx(sum(v for k, v in redone["timings_s"].items() if k != "total"))
+    old, new = results["timings_s"], redone["timings_s"]
+    assert new["experts"] == old["experts"] and new["evaluation"] != old["evaluation"]
+    redo = ("expert tokens", "evaluation")
+    kept = old["total"] - sum(old[k] for k in redo)
+    assert new["total"] == pytest.approx(kept + sum(new[k] for k in redo), abs=0.5)
     for key in ("validation", "extension_validation", "bars"):
         assert redone[key] == results[key], key
     assert redone["summary"]["etr"]["confusion"] == results["summary"]["etr"]["confusion"]
     weights = "experts/chemistry/model.safetensors"
     assert (again / weights).stat().st_ino == (lib / weights).stat().st_ino
     assert not again.with_name("again.partial").exists()
+    redone["settings"]["expert_epochs"] += 1  # a library whose experts this profile would not train
+    (again / "results.json").write_text(json.dumps(redone))
+    assert bench.main([str(again), str(again.with_name("third")), "--no-progress"]) == 2
+    assert not again.with_name("third.partial").exists()
 
 
 def test_top_layers_train_on_cached_inputs(tmp_path):

@@ -167,7 +167,8 @@ class Build:
         self.set_sizes = {e: len(idx) for e, idx in sets.items()} | {"(negatives)": len(negative)}
 
     def heads(self) -> None:
-        """Choose the expert tokens' settings on the validation split, then train every head with them."""
+        """Choose the expert tokens' settings on the validation split (those of the row added later by its extended
+        head), then train every head with them."""
         from dataclasses import replace
         from etr.models import load_model
         from etr.models.tokenizer import load_tokenizer
