@@ -1,6 +1,7 @@
 """Redo a finished SmolExpert build's last two stages (expert tokens, evaluation) with the current code, on the
 same data, experts and query sets: how a change to the training or choice of the expert tokens scores on
-builds already made, without fine-tuning the experts again (~40 minutes a build on a 2-core CPU).
+builds already made, without fine-tuning the experts again (~40 minutes a build on a 2-core CPU). The data
+stage runs again: its validation split may differ from LIB's, every other file must be LIB's byte for byte.
 
     python bench/smolexpert_heads.py LIB OUT [--no-progress]
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from etr.errors import ConfigError, ETRError
 
 REDONE = ("expert tokens", "evaluation")
+REGENERATED = ("val.jsonl",)  # the validation split may change; what the experts and query sets saw may not
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -44,8 +46,15 @@ def restore(b, lib: Path, old: dict) -> None:
         raise ConfigError(f"{lib} was built from another meta or profile settings ({differ or old['meta']}); "
                           "its experts would be reported under this code's")
     start_partial(b.final, b.out)
-    for name in ("data", "experts"):
-        shutil.copytree(lib / name, b.out / name, copy_function=link_or_copy)
+    b.data()
+    differ = [f.name for f in sorted((b.out / "data").iterdir())
+              if f.name not in REGENERATED and f.read_bytes() != (lib / "data" / f.name).read_bytes()]
+    if differ:
+        shutil.rmtree(b.out)
+        raise ConfigError(f"this code's data stage does not give {lib}'s {', '.join(differ)}; the experts and "
+                          "query sets were made from other data")
+    shutil.copy2(lib / "data" / "collect.jsonl", b.out / "data" / "collect.jsonl")
+    shutil.copytree(lib / "experts", b.out / "experts", copy_function=link_or_copy)
     shutil.copy2(lib / "sets.jsonl", b.out / "sets.jsonl")
     b.timings = {k: v for k, v in old["timings_s"].items() if k not in (*REDONE, "total")}
     b.expert_loss, b.expert_steps = old["expert_loss"], old["expert_steps"]

@@ -80,6 +80,16 @@ def routing_stats(f: Features, w_expert: torch.Tensor) -> dict:
             "false_routing": (chosen[neg] >= 0).float().mean().item() if neg.any() else None}
 
 
+def decision_margins(f: Features, w_expert: torch.Tensor) -> torch.Tensor:
+    """Per query, how far greedy decoding's right decision leads the best wrong one (in logits): the target
+    row over every other row and the largest vocabulary logit, or for a vocabulary target the largest vocabulary
+    logit over every row. Positive exactly where ``routed_rows`` decides right."""
+    scores = torch.cat([f.hidden @ w_expert.float().T, f.max_vocab[:, None]], dim=1)
+    right = torch.where(f.target_expert >= 0, f.target_expert, torch.full_like(f.target_expert, scores.shape[1] - 1))
+    right_score = scores.gather(1, right[:, None]).squeeze(1)
+    return right_score - scores.scatter(1, right[:, None], float("-inf")).max(-1).values
+
+
 def holdout_split(labels: list, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Indices to train on and to hold out: ``fraction`` of each label's items (at least one item stays in
     training per label; none is held out when ``fraction`` is 0)."""

@@ -3,7 +3,11 @@
 Each candidate ``TrainConfig`` trains the rows of every expert on the same cached features of the query sets;
 the validation questions (their own entities and phrasing) are scored by the decision greedy decoding makes at
 the first generated position: a domain's question should pick its expert's row, a general request no expert
-row. The score is routing accuracy minus false routing; ties go to the earlier candidate. A head trained with
+row. The score is by margin, not by count: per question, ``log sigmoid(m)`` of the margin ``m`` by which the
+right decision's logit leads the best wrong one, averaged over the domain questions and over the general
+requests, the two averages summed (0 is the best score). Counts tie on a split of this size, where several
+candidates route every validation question right and still differ on an unseen phrasing; a margin also says how
+near a candidate comes to routing wrong. Ties go to the earlier candidate. A head trained with
 every expert at once is scored by ``choose_head_config``; an extended head (new rows trained against the frozen
 rows of an older head) by ``choose_extension_config``, since the new rows alone decide whether general requests
 now go to the new expert.
@@ -16,7 +20,8 @@ from dataclasses import replace
 import torch
 
 from etr.models.decoder import DecoderLM
-from etr.routing.train import TrainConfig, head_features, initial_rows, query_features, routing_stats, train_rows
+from etr.routing.train import (TrainConfig, decision_margins, head_features, initial_rows, query_features,
+                               routing_stats, train_rows)
 
 
 def config_grid(base: TrainConfig, lrs: tuple[float, ...], weight_decays: tuple[float, ...],
@@ -65,9 +70,17 @@ def _choose(grid: list[TrainConfig], val, head_rows) -> tuple[TrainConfig, list[
         raise ValueError("no candidate settings to choose from")
     table = []
     for cfg in grid:
-        stats = routing_stats(val, head_rows(cfg))
-        score = (stats["routing_accuracy"] or 0.0) - (stats["false_routing"] or 0.0)
-        table.append({"lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, **stats, "score": score})
+        rows = head_rows(cfg)
+        table.append({"lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
+                      **routing_stats(val, rows), "score": margin_score(val, rows)})
     best = max(range(len(grid)), key=lambda i: (table[i]["score"], -i))
     table[best]["chosen"] = True
     return replace(grid[best], log=[]), table
+
+
+def margin_score(val, rows: torch.Tensor) -> float:
+    """Mean ``log sigmoid(margin)`` over the domain questions plus the same over the general requests (either
+    left out when the split has none): at most 0, near 0 when every decision is right by a wide margin."""
+    fit = torch.nn.functional.logsigmoid(decision_margins(val, rows))
+    pos = val.target_expert >= 0
+    return sum(fit[part].mean().item() for part in (pos, ~pos) if part.any())

@@ -37,7 +37,10 @@ def test_domains_hold_out_entities_and_phrasings():
     general = F.general_split(rng)
     parts = [{t for q in qs for t in F.GENERAL_TOPICS if f" {t}" in q} for qs in (general.collect, general.val,
                                                                             general.test)]
-    assert len(general.test) >= 40 and len(general.val) >= 20 and len(general.collect) >= 80
+    assert len(general.test) >= 40 and len(general.val) == 5 * len(parts[1]) >= 100 and len(general.collect) >= 80
+    test_phrasing = F.GENERAL[-1].split("{x}")[0]
+    assert all(q.startswith(test_phrasing) for q in general.test)
+    assert not any(q.startswith(test_phrasing) for q in general.val + general.collect)
     assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
     assert len(set(F.GENERAL_TOPICS)) == len(F.GENERAL_TOPICS)
     with pytest.raises(ConfigError, match="has 2 templates; a validation and a test phrasing"):
@@ -105,13 +108,16 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
 def _redo_heads(lib, again, results):
     """bench/smolexpert_heads.py on that build: the last two stages redone on the same experts and query sets
     give the same choices and routing (the stages are deterministic), the earlier stages' times are kept, the
-    experts are the build's own files; a non-empty OUT, or a library of other profile settings, is refused
-    before anything is written."""
+    experts are the build's own files, the validation split is this code's; a non-empty OUT, a library of other
+    profile settings or of other test data is refused before anything is written."""
     from conftest import load_bench
     bench = load_bench("smolexpert_heads")
     assert bench.main([str(lib), str(lib), "--no-progress"]) == 2
     assert not lib.with_name(lib.name + ".partial").exists()
+    val = (lib / "data" / "val.jsonl").read_text()
+    (lib / "data" / "val.jsonl").write_text(val.split("\n", 1)[1])  # an older validation split
     assert bench.main([str(lib), str(again), "--no-progress"]) == 0
+    assert (again / "data" / "val.jsonl").read_text() == val
     redone = json.loads((again / "results.json").read_text())
     old, new = results["timings_s"], redone["timings_s"]
     assert new["experts"] == old["experts"] and new["evaluation"] != old["evaluation"]
@@ -128,6 +134,10 @@ def _redo_heads(lib, again, results):
     (again / "results.json").write_text(json.dumps(redone))
     assert bench.main([str(again), str(again.with_name("third")), "--no-progress"]) == 2
     assert not again.with_name("third.partial").exists()
+    test = (lib / "data" / "test.jsonl").read_text()
+    (lib / "data" / "test.jsonl").write_text(test.split("\n", 1)[1])  # a test split this code would not draw
+    assert bench.main([str(lib), str(again.with_name("fourth")), "--no-progress"]) == 2
+    assert not again.with_name("fourth.partial").exists()
 
 
 def test_top_layers_train_on_cached_inputs(tmp_path):

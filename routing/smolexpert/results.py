@@ -73,7 +73,7 @@ def validation_lines(table: list[dict], what: str = "Expert tokens") -> list[str
     first generated position's routing: its accuracy on domain questions, false routing on general requests)."""
     if not table:
         return []
-    lines = ["", f"## {what}: settings chosen on the validation split (score: routing - false routing)", "",
+    lines = ["", f"## {what}: settings chosen on the validation split (score: mean log sigmoid of the right decision's margin, domain questions plus general requests)", "",
              "| lr | weight decay | epochs | routing | false routing | score | chosen |", "|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['lr']:g} | {r['weight_decay']:g} | {r['epochs']} | {report.pct(r['routing_accuracy'])} | "
