@@ -1,11 +1,12 @@
 """Redo a finished SmolExpert build's last two stages (expert tokens, evaluation) with the current code, on the
-same data, experts and query sets: how a change to the training or choice of the expert tokens scores on
+same experts, query sets and test data: how a change to the training or choice of the expert tokens scores on
 builds already made, without fine-tuning the experts again (~40 minutes a build on a 2-core CPU). The data
 stage runs again: its validation split may differ from LIB's, every other file must be LIB's byte for byte.
 
     python bench/smolexpert_heads.py LIB OUT [--no-progress]
 
-OUT gets LIB's data/ and experts/ (hard links where the filesystem allows, else copies) and sets.jsonl, then
+OUT gets this code's data/ (LIB's collect.jsonl, which holds the meta's answers, copied), LIB's experts/ (hard
+links where the filesystem allows, else copies) and sets.jsonl, then
 new heads, router and results, written to OUT.partial and renamed when complete, as a build does (a failed run
 leaves OUT.partial, which the next run clears). LIB must come from the same meta and profile settings as this
 code's (the expert tokens' grid aside). OUT's results.json keeps LIB's times of the stages it did not redo, so
@@ -47,12 +48,12 @@ def restore(b, lib: Path, old: dict) -> None:
                           "its experts would be reported under this code's")
     start_partial(b.final, b.out)
     b.data()
-    differ = [f.name for f in sorted((b.out / "data").iterdir())
-              if f.name not in REGENERATED and f.read_bytes() != (lib / "data" / f.name).read_bytes()]
+    differ = [f.name for f in sorted((b.out / "data").iterdir()) if f.name not in REGENERATED and
+              (not (lib / "data" / f.name).is_file() or f.read_bytes() != (lib / "data" / f.name).read_bytes())]
     if differ:
         shutil.rmtree(b.out)
-        raise ConfigError(f"this code's data stage does not give {lib}'s {', '.join(differ)}; the experts and "
-                          "query sets were made from other data")
+        raise ConfigError(f"this code's data stage does not give {lib}'s data/{', data/'.join(differ)}; {lib}'s "
+                          "experts, query sets or test questions came from other data")
     shutil.copy2(lib / "data" / "collect.jsonl", b.out / "data" / "collect.jsonl")
     shutil.copytree(lib / "experts", b.out / "experts", copy_function=link_or_copy)
     shutil.copy2(lib / "sets.jsonl", b.out / "sets.jsonl")

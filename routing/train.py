@@ -83,9 +83,10 @@ def routing_stats(f: Features, w_expert: torch.Tensor) -> dict:
 def decision_margins(f: Features, w_expert: torch.Tensor) -> torch.Tensor:
     """Per query, how far greedy decoding's right decision leads the best wrong one (in logits): the target
     row over every other row and the largest vocabulary logit, or for a vocabulary target the largest vocabulary
-    logit over every row. Positive exactly where ``routed_rows`` decides right."""
+    logit over every row. Positive: greedy decoding decides right (``routed_rows``); negative: wrong; 0: a tie."""
     scores = torch.cat([f.hidden @ w_expert.float().T, f.max_vocab[:, None]], dim=1)
-    right = torch.where(f.target_expert >= 0, f.target_expert, torch.full_like(f.target_expert, scores.shape[1] - 1))
+    target = f.target_expert.to(scores.device)
+    right = torch.where(target >= 0, target, torch.full_like(target, scores.shape[1] - 1))
     right_score = scores.gather(1, right[:, None]).squeeze(1)
     return right_score - scores.scatter(1, right[:, None], float("-inf")).max(-1).values
 

@@ -1,7 +1,8 @@
 """Choosing the expert tokens' training settings on a validation split, never on the test set.
 
 Each candidate ``TrainConfig`` trains the rows of every expert on the same cached features of the query sets;
-the validation questions (their own entities and phrasing) are scored by the decision greedy decoding makes at
+the validation questions (entities of their own; the domain questions in a phrasing of their own, the general
+requests in every phrasing but the test one) are scored by the decision greedy decoding makes at
 the first generated position: a domain's question should pick its expert's row, a general request no expert
 row. The score is by margin, not by count: per question, ``log sigmoid(m)`` of the margin ``m`` by which the
 right decision's logit leads the best wrong one, averaged over the domain questions and over the general
@@ -81,6 +82,8 @@ def _choose(grid: list[TrainConfig], val, head_rows) -> tuple[TrainConfig, list[
 def margin_score(val, rows: torch.Tensor) -> float:
     """Mean ``log sigmoid(margin)`` over the domain questions plus the same over the general requests (either
     left out when the split has none): at most 0, near 0 when every decision is right by a wide margin."""
+    if not len(val.target_expert):
+        raise ValueError("no validation questions to score the candidates on")
     fit = torch.nn.functional.logsigmoid(decision_margins(val, rows))
     pos = val.target_expert >= 0
     return sum(fit[part].mean().item() for part in (pos, ~pos) if part.any())

@@ -133,6 +133,11 @@ def test_margin_score_counts_how_far_each_decision_is_from_wrong():
     assert margin_score(val, wider) > margin_score(val, rows)
     domain_only = val.subset(torch.tensor([0, 1]))
     assert margin_score(domain_only, rows) == pytest.approx(((ls(torch.tensor(0.5)) + ls(torch.tensor(-0.5))) / 2).item())
+    assert margin_score(val.subset(torch.tensor([2])), rows) == pytest.approx(ls(torch.tensor(0.5)).item())
+    tied = torch.tensor([[3.0, 0.0, 1.0], [3.0, 0.5, 0.0]])  # q0: its row level with row 1; q2: row 0 with the meta
+    assert decision_margins(val, tied)[[0, 2]].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="no validation questions"):
+        margin_score(val.subset(torch.tensor([], dtype=torch.long)), rows)
 
 
 def test_extension_settings_chosen_on_validation_questions(tiny_dir):

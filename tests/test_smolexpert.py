@@ -102,14 +102,41 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
         assert len(table) == 2 and sum(bool(r.get("chosen")) for r in table) == 1  # quick grid: 1 lr x 2 wd x 1
     assert "countries's row added later" in (out / "results.md").read_text()
     assert not (tmp_path / "lib.partial").exists()
+    _saved_heads_are_the_scored_ones(out, results)
     _redo_heads(out, tmp_path / "again", results)
+
+
+def _saved_heads_are_the_scored_ones(lib, results):
+    """head.safetensors and head_extended.safetensors, scored on the validation split as the choice scored its
+    candidates, give the chosen candidate's figures: the files are the heads that were chosen."""
+    import torch
+    from etr.models import load_model
+    from etr.models.expert_head import load_expert_head
+    from etr.models.tokenizer import load_tokenizer
+    from etr.routing.collect import prompt_ids
+    from etr.routing.train import query_features, routing_stats
+    from etr.routing.validation import margin_score
+    meta = results["meta"]
+    model, tok = load_model(meta, torch.float32, "cpu"), load_tokenizer(meta)
+    val = [json.loads(line) for line in (lib / "data" / "val.jsonl").read_text().splitlines()]
+    ids = [prompt_ids(tok, r["query"], chat_template=True) for r in val]
+    for name, table in (("head", results["validation"]), ("head_extended", results["extension_validation"])):
+        head = load_expert_head(lib / f"{name}.safetensors")
+        f = query_features(model, ids, [("token", None) if r["domain"] == "general" else head.names.index(r["domain"])
+                                        for r in val])
+        chosen = next(r for r in table if r.get("chosen"))
+        rows = head.embeddings.float()
+        assert margin_score(f, rows) == pytest.approx(chosen["score"], abs=1e-4), name
+        stats = routing_stats(f, rows)
+        assert (stats["routing_accuracy"], stats["false_routing"]) == (chosen["routing_accuracy"],
+                                                                        chosen["false_routing"]), name
 
 
 def _redo_heads(lib, again, results):
     """bench/smolexpert_heads.py on that build: the last two stages redone on the same experts and query sets
     give the same choices and routing (the stages are deterministic), the earlier stages' times are kept, the
     experts are the build's own files, the validation split is this code's; a non-empty OUT, a library of other
-    profile settings or of other test data is refused before anything is written."""
+    profile settings or of other test data is refused, and no OUT.partial is left behind."""
     from conftest import load_bench
     bench = load_bench("smolexpert_heads")
     assert bench.main([str(lib), str(lib), "--no-progress"]) == 2
@@ -136,7 +163,8 @@ def _redo_heads(lib, again, results):
     assert not again.with_name("third.partial").exists()
     test = (lib / "data" / "test.jsonl").read_text()
     (lib / "data" / "test.jsonl").write_text(test.split("\n", 1)[1])  # a test split this code would not draw
-    assert bench.main([str(lib), str(again.with_name("fourth")), "--no-progress"]) == 2
+    with pytest.raises(ConfigError, match=r"does not give .*'s data/test.jsonl; "):
+        bench.redo(lib, again.with_name("fourth"), progress=False)
     assert not again.with_name("fourth.partial").exists()
 
 

@@ -69,11 +69,14 @@ def markdown(results: dict, experts: list[str]) -> str:
 
 
 def validation_lines(table: list[dict], what: str = "Expert tokens") -> list[str]:
-    """The candidate settings of the expert tokens (or of ``what``), each scored on the validation split (the
-    first generated position's routing: its accuracy on domain questions, false routing on general requests)."""
+    """The candidate settings of the expert tokens (or of ``what``), each scored on the validation split by
+    the first generated position's decision: routing accuracy on domain questions, false routing on general
+    requests, and the score that chooses (``validation.margin_score``)."""
     if not table:
         return []
-    lines = ["", f"## {what}: settings chosen on the validation split (score: mean log sigmoid of the right decision's margin, domain questions plus general requests)", "",
+    lines = ["", f"## {what}: settings chosen on the validation split", "",
+             "Score: mean log sigmoid of the right decision's margin over the best wrong one, domain questions "
+             "plus general requests (0 is best).", "",
              "| lr | weight decay | epochs | routing | false routing | score | chosen |", "|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['lr']:g} | {r['weight_decay']:g} | {r['epochs']} | {report.pct(r['routing_accuracy'])} | "
