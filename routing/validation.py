@@ -8,7 +8,11 @@ row. The score is by margin, not by count: per question, ``log sigmoid(m)`` of t
 right decision's logit leads the best wrong one, averaged over the domain questions and over the general
 requests, the two averages summed (0 is the best score). Counts tie on a split of this size, where several
 candidates route every validation question right and still differ on an unseen phrasing; a margin also says how
-near a candidate comes to routing wrong. Ties go to the earlier candidate. A head trained with
+near a candidate comes to routing wrong. Margins grow with the rows' norm, so the scores of well-fitted
+candidates crowd against 0 and their order there is noise; hence the one-standard-error rule (as in choosing a
+model by cross-validation): of the candidates whose score is within one standard error of the best candidate's
+score, the one whose rows moved least from where training started (Frobenius norm) is chosen, the most
+regularized head the split cannot tell from the best. Ties go to the earlier candidate. A head trained with
 every expert at once is scored by ``choose_head_config``; an extended head (new rows trained against the frozen
 rows of an older head) by ``choose_extension_config``, since the new rows alone decide whether general requests
 now go to the new expert.
@@ -38,8 +42,9 @@ def choose_head_config(model: DecoderLM, rows: list[dict], experts: list[str], v
     each should route to, None for the meta), and one row per candidate: its settings and validation figures."""
     order = sorted(experts)
     features, _ = head_features(model, rows, order, order)
-    return _choose(grid, _val_features(model, order, val_ids, val_experts),
-                   lambda cfg: train_rows(features, initial_rows(model, len(order)), None, cfg))
+    start = initial_rows(model, len(order))
+    return _choose(grid, _val_features(model, order, val_ids, val_experts), start,
+                   lambda cfg: train_rows(features, start.clone(), None, cfg))
 
 
 def choose_extension_config(model: DecoderLM, rows: list[dict], base: list[str], added: list[str],
@@ -56,34 +61,51 @@ def choose_extension_config(model: DecoderLM, rows: list[dict], base: list[str],
     frozen = train_rows(base_features, initial_rows(model, len(base_order)), None, replace(base_cfg, log=[]))
     features, _ = head_features(model, rows, order, new_order)
 
+    start = initial_rows(model, len(new_order))
+
     def extended(cfg: TrainConfig) -> torch.Tensor:
-        return torch.cat([frozen, train_rows(features, initial_rows(model, len(new_order)), frozen, cfg)])
-    return _choose(grid, _val_features(model, order, val_ids, val_experts), extended)
+        return torch.cat([frozen, train_rows(features, start.clone(), frozen, cfg)])
+    return _choose(grid, _val_features(model, order, val_ids, val_experts), torch.cat([frozen, start]), extended)
 
 
 def _val_features(model: DecoderLM, order: list[str], val_ids: list[list[int]], val_experts: list[str | None]):
     return query_features(model, val_ids, [order.index(e) if e else ("token", None) for e in val_experts])
 
 
-def _choose(grid: list[TrainConfig], val, head_rows) -> tuple[TrainConfig, list[dict]]:
-    """Score ``head_rows(cfg)`` on ``val`` for every candidate; the best (the earlier on a tie) is chosen."""
+def _choose(grid: list[TrainConfig], val, start: torch.Tensor, head_rows) -> tuple[TrainConfig, list[dict]]:
+    """Score ``head_rows(cfg)`` (rows that training moved from ``start``) on ``val`` for every candidate and
+    choose by the one-standard-error rule (module docstring)."""
     if not grid:
         raise ValueError("no candidate settings to choose from")
     table = []
     for cfg in grid:
         rows = head_rows(cfg)
+        score, error = margin_score(val, rows)
         table.append({"lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
-                      **routing_stats(val, rows), "score": margin_score(val, rows)})
-    best = max(range(len(grid)), key=lambda i: (table[i]["score"], -i))
-    table[best]["chosen"] = True
-    return replace(grid[best], log=[]), table
+                      **routing_stats(val, rows), "score": score, "score_se": error,
+                      "moved": (rows.float() - start.float()).norm().item()})
+    chosen = one_se_choice(table)
+    table[chosen]["chosen"] = True
+    return replace(grid[chosen], log=[]), table
 
 
-def margin_score(val, rows: torch.Tensor) -> float:
+def one_se_choice(table: list[dict]) -> int:
+    """Index of the entry with the least ``moved`` among those whose ``score`` is within one ``score_se`` of the
+    best entry's (the earlier on a tie)."""
+    best = max(range(len(table)), key=lambda i: (table[i]["score"], -i))
+    floor = table[best]["score"] - table[best]["score_se"]
+    near = [i for i, r in enumerate(table) if r["score"] >= floor]
+    return min(near, key=lambda i: (table[i]["moved"], i))
+
+
+def margin_score(val, rows: torch.Tensor) -> tuple[float, float]:
     """Mean ``log sigmoid(margin)`` over the domain questions plus the same over the general requests (either
-    left out when the split has none): at most 0, near 0 when every decision is right by a wide margin."""
+    left out when the split has none), at most 0 and near 0 when every decision is right by a wide margin; and
+    its standard error (the two means' errors combined)."""
     if not len(val.target_expert):
         raise ValueError("no validation questions to score the candidates on")
-    fit = torch.nn.functional.logsigmoid(decision_margins(val, rows))
+    fit = torch.nn.functional.logsigmoid(decision_margins(val, rows)).double()
     pos = val.target_expert >= 0
-    return sum(fit[part].mean().item() for part in (pos, ~pos) if part.any())
+    parts = [fit[part] for part in (pos, ~pos) if part.any()]
+    variance = sum(p.var().item() / len(p) if len(p) > 1 else 0.0 for p in parts)
+    return sum(p.mean().item() for p in parts), variance ** 0.5

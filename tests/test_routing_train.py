@@ -126,18 +126,34 @@ def test_margin_score_counts_how_far_each_decision_is_from_wrong():
     assert margins.tolist() == pytest.approx([0.5, -0.5, 0.5])
     assert ((margins > 0) == (routed_rows(val, rows) == val.target_expert)).all()
     ls = torch.nn.functional.logsigmoid
-    assert margin_score(val, rows) == pytest.approx(((ls(torch.tensor(0.5)) + ls(torch.tensor(-0.5))) / 2
+    assert margin_score(val, rows)[0] == pytest.approx(((ls(torch.tensor(0.5)) + ls(torch.tensor(-0.5))) / 2
                                                      + ls(torch.tensor(0.5))).item())
     wider = torch.tensor([[5.0, 0.0, -2.0], [2.5, 0.5, 0.0]])
     assert routed_rows(val, wider).tolist() == routed_rows(val, rows).tolist()
-    assert margin_score(val, wider) > margin_score(val, rows)
+    assert margin_score(val, wider)[0] > margin_score(val, rows)[0]
     domain_only = val.subset(torch.tensor([0, 1]))
-    assert margin_score(domain_only, rows) == pytest.approx(((ls(torch.tensor(0.5)) + ls(torch.tensor(-0.5))) / 2).item())
-    assert margin_score(val.subset(torch.tensor([2])), rows) == pytest.approx(ls(torch.tensor(0.5)).item())
+    assert margin_score(domain_only, rows)[0] == pytest.approx(((ls(torch.tensor(0.5)) + ls(torch.tensor(-0.5))) / 2).item())
+    assert margin_score(val.subset(torch.tensor([2])), rows) == ( pytest.approx(ls(torch.tensor(0.5)).item()), 0.0)
+    fits = ls(torch.tensor([0.5, -0.5])).double()
+    assert margin_score(val, rows)[1] == pytest.approx((fits.var() / 2).sqrt().item())  # one general request: no spread
     tied = torch.tensor([[3.0, 0.0, 1.0], [3.0, 0.5, 0.0]])  # q0: its row level with row 1; q2: row 0 with the meta
     assert decision_margins(val, tied)[[0, 2]].tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="no validation questions"):
         margin_score(val.subset(torch.tensor([], dtype=torch.long)), rows)
+
+
+def test_one_standard_error_rule():
+    """Of the candidates within one standard error of the best score, the one whose rows moved least wins; one
+    outside that band loses however little it moved; equal candidates go to the earlier."""
+    from etr.routing.validation import one_se_choice
+    table = [{"score": -0.010, "score_se": 0.020, "moved": 9.0}, {"score": -0.025, "score_se": 0.001, "moved": 4.0},
+             {"score": -0.050, "score_se": 0.001, "moved": 1.0}, {"score": -0.030, "score_se": 0.0, "moved": 3.0}]
+    assert one_se_choice(table) == 3
+    table[0]["score_se"] = 0.016  # -0.026: only the best and the second stay in the band
+    assert one_se_choice(table) == 1
+    table[0]["score_se"] = 0.0
+    assert one_se_choice(table) == 0
+    assert one_se_choice([{"score": 0.0, "score_se": 0.0, "moved": 1.0}] * 2) == 0
 
 
 def test_extension_settings_chosen_on_validation_questions(tiny_dir):

@@ -71,14 +71,18 @@ def markdown(results: dict, experts: list[str]) -> str:
 def validation_lines(table: list[dict], what: str = "Expert tokens") -> list[str]:
     """The candidate settings of the expert tokens (or of ``what``), each scored on the validation split by
     the first generated position's decision: routing accuracy on domain questions, false routing on general
-    requests, and the score that chooses (``validation.margin_score``)."""
+    requests, and what chooses: the score (``validation.margin_score``), its standard error and how far the
+    rows moved (``validation.one_se_choice``)."""
     if not table:
         return []
     lines = ["", f"## {what}: settings chosen on the validation split", "",
              "Score: mean log sigmoid of the right decision's margin over the best wrong one, domain questions "
-             "plus general requests (0 is best).", "",
-             "| lr | weight decay | epochs | routing | false routing | score | chosen |", "|---|---|---|---|---|---|---|"]
+             "plus general requests (0 is best). Chosen: of the scores within one standard error of the best, the "
+             "rows that moved least.", "",
+             "| lr | weight decay | epochs | routing | false routing | score | s.e. | moved | chosen |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['lr']:g} | {r['weight_decay']:g} | {r['epochs']} | {report.pct(r['routing_accuracy'])} | "
-                     f"{report.pct(r['false_routing'])} | {r['score']:.3f} | {'yes' if r.get('chosen') else ''} |")
+                     f"{report.pct(r['false_routing'])} | {r['score']:.4f} | {r.get('score_se', 0):.4f} | "
+                     f"{r.get('moved', float('nan')):.2f} | {'yes' if r.get('chosen') else ''} |")
     return lines
