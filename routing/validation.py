@@ -9,17 +9,22 @@ right decision's logit leads the best wrong one, averaged over the domain questi
 requests, the two averages summed (0 is the best score). Counts tie on a split of this size, where several
 candidates route every validation question right and still differ on an unseen phrasing; a margin also says how
 near a candidate comes to routing wrong. Margins grow with the rows' norm, so the scores of well-fitted
-candidates crowd against 0 and their order there is noise; hence the one-standard-error rule (as in choosing a
-model by cross-validation): of the candidates whose score is within one standard error of the best candidate's
-score, the one whose rows moved least from where training started (Frobenius norm) is chosen, the most
-regularized head the split cannot tell from the best. Ties go to the earlier candidate. A head trained with
-every expert at once is scored by ``choose_head_config``; an extended head (new rows trained against the frozen
-rows of an older head) by ``choose_extension_config``, since the new rows alone decide whether general requests
-now go to the new expert.
+candidates crowd against 0 and their order there is noise; hence a rule in the manner of the one-standard-error
+rule of choosing a model by cross-validation: of the candidates whose score is within a band below the best
+candidate's score, the one whose rows moved least from where training started (Frobenius norm) is chosen, the
+most regularized head the split cannot tell from the best. The band is the best score's standard error, but never
+narrower than ``log 2 / n`` with ``n`` the larger part's size: the least one decision at an even margin (one
+question the split cannot settle) costs the score. Without that floor a candidate whose every margin is wide
+enough to round ``log sigmoid`` to 0 has a standard error of 0 and no band at all, and the rows that moved most
+win exactly where the split can tell nothing (SmolExpert seed 2, bench/RESULTS.md). Ties go to the earlier
+candidate. A head trained with every expert at once is scored by ``choose_head_config``; an extended head (new
+rows trained against the frozen rows of an older head) by ``choose_extension_config``, since the new rows alone
+decide whether general requests now go to the new expert.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -84,18 +89,32 @@ def _choose(grid: list[TrainConfig], val, start: torch.Tensor, head_rows) -> tup
         table.append({"lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
                       **routing_stats(val, rows), "score": score, "score_se": error,
                       "moved": (rows.float() - start.float()).norm().item()})
-    chosen = one_se_choice(table)
-    table[chosen]["chosen"] = True
+    floor = decision_floor(val)
+    chosen = one_se_choice(table, floor)
+    table[chosen] |= {"chosen": True, "band": band(table, floor)[1]}
     return replace(grid[chosen], log=[]), table
 
 
-def one_se_choice(table: list[dict]) -> int:
-    """Index of the entry with the least ``moved`` among those whose ``score`` is within one ``score_se`` of the
-    best entry's (the earlier on a tie)."""
-    best = max(range(len(table)), key=lambda i: (table[i]["score"], -i))
-    floor = table[best]["score"] - table[best]["score_se"]
-    near = [i for i, r in enumerate(table) if r["score"] >= floor]
+def decision_floor(val) -> float:
+    """``log 2 / n``, ``n`` the larger of the split's two parts (domain questions, general requests): what one
+    decision at a margin of 0 costs ``margin_score``."""
+    pos = int((val.target_expert >= 0).sum())
+    return math.log(2) / max(pos, len(val.target_expert) - pos, 1)
+
+
+def one_se_choice(table: list[dict], floor: float = 0.0) -> int:
+    """Index of the entry with the least ``moved`` among those whose ``score`` is within the band below the best
+    entry's: its ``score_se``, or ``floor`` where that is wider (the earlier entry on a tie)."""
+    best, width = band(table, floor)
+    near = [i for i, r in enumerate(table) if r["score"] >= table[best]["score"] - width]
     return min(near, key=lambda i: (table[i]["moved"], i))
+
+
+def band(table: list[dict], floor: float = 0.0) -> tuple[int, float]:
+    """The best entry (the earlier on a tie) and the band's width below its score: its ``score_se`` or ``floor``,
+    whichever is wider."""
+    best = max(range(len(table)), key=lambda i: (table[i]["score"], -i))
+    return best, max(table[best]["score_se"], floor)
 
 
 def margin_score(val, rows: torch.Tensor) -> tuple[float, float]:
@@ -104,7 +123,7 @@ def margin_score(val, rows: torch.Tensor) -> tuple[float, float]:
     its standard error (the two means' errors combined)."""
     if not len(val.target_expert):
         raise ValueError("no validation questions to score the candidates on")
-    fit = torch.nn.functional.logsigmoid(decision_margins(val, rows)).double()
+    fit = torch.nn.functional.logsigmoid(decision_margins(val, rows).double())
     pos = val.target_expert >= 0
     parts = [fit[part] for part in (pos, ~pos) if part.any()]
     variance = sum(p.var().item() / len(p) if len(p) > 1 else 0.0 for p in parts)

@@ -1,5 +1,7 @@
 """Eq. 4 on cached features equals the full forward through the extended head (loss and gradients)."""
 
+import math
+import types
 from dataclasses import replace
 
 import pytest
@@ -154,6 +156,22 @@ def test_one_standard_error_rule():
     table[0]["score_se"] = 0.0
     assert one_se_choice(table) == 0
     assert one_se_choice([{"score": 0.0, "score_se": 0.0, "moved": 1.0}] * 2) == 0
+
+
+def test_band_has_a_floor_where_the_best_score_saturates():
+    """A best score of exactly 0 with a standard error of 0 (every margin wide enough to round log sigmoid to
+    0) still leaves a band of ``log 2 / n``: the least-moved candidate within it wins, one outside it loses."""
+    from etr.routing.validation import band, decision_floor, one_se_choice
+    table = [{"score": 0.0, "score_se": 0.0, "moved": 11.4}, {"score": -7e-6, "score_se": 1e-6, "moved": 6.8},
+             {"score": -0.02, "score_se": 0.01, "moved": 1.0}]
+    assert one_se_choice(table) == 0
+    assert one_se_choice(table, 0.004) == 1
+    assert band(table, 0.004) == (0, 0.004)
+    table[0]["score_se"] = 0.03  # a measured spread wider than the floor counts
+    assert one_se_choice(table, 0.004) == 2 and band(table, 0.004) == (0, 0.03)
+    val = types.SimpleNamespace(target_expert=torch.tensor([0, 1, 1, -1, -1, -1, -1, 0]))
+    assert decision_floor(val) == pytest.approx(math.log(2) / 4)
+    assert decision_floor(types.SimpleNamespace(target_expert=torch.tensor([2] * 5))) == pytest.approx(math.log(2) / 5)
 
 
 def test_extension_settings_chosen_on_validation_questions(tiny_dir):

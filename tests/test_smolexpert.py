@@ -2,6 +2,7 @@
 word-match scoring, and the quick profile end to end on the embedded SmolLM2-135M-Instruct."""
 
 import json
+import math
 import random
 
 import pytest
@@ -100,7 +101,13 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
     assert val and not val & collected and not val & {q["query"] for q in test}
     for table in (results["validation"], results["extension_validation"]):
         assert len(table) == 2 and sum(bool(r.get("chosen")) for r in table) == 1  # quick grid: 1 lr x 2 wd x 1
+        # the band is never narrower than one decision at an even margin in the larger part of the split
+        domains = [json.loads(line)["domain"] for line in (out / "data" / "val.jsonl").read_text().splitlines()]
+        asked = sum(d != "general" for d in domains)
+        floor = math.log(2) / max(asked, len(domains) - asked)
+        assert next(r for r in table if r.get("chosen"))["band"] >= floor
     assert "countries's row added later" in (out / "results.md").read_text()
+    assert "Band: " in (out / "results.md").read_text()
     assert not (tmp_path / "lib.partial").exists()
     _saved_heads_are_the_scored_ones(out, results)
     _redo_heads(out, tmp_path / "again", results)

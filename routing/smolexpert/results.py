@@ -72,13 +72,14 @@ def validation_lines(table: list[dict], what: str = "Expert tokens") -> list[str
     """The candidate settings of the expert tokens (or of ``what``), each scored on the validation split by
     the first generated position's decision: routing accuracy on domain questions, false routing on general
     requests, and what chooses: the score (``validation.margin_score``), its standard error and how far the
-    rows moved (``validation.one_se_choice``)."""
+    rows moved, and the band (``validation.one_se_choice``)."""
     if not table:
         return []
     lines = ["", f"## {what}: settings chosen on the validation split", "",
              "Score: mean log sigmoid of the right decision's margin over the best wrong one, domain questions "
-             "plus general requests (0 is best). Chosen: of the scores within one standard error of the best, the "
-             "rows that moved least.", "",
+             "plus general requests (0 is best). Chosen: of the scores within a band below the best (its standard "
+             "error, never less than log 2 / n, n the larger part of the split), the rows that moved least."
+             + (f" Band: {chosen[0]['band']:.4f}." if (chosen := [r for r in table if 'band' in r]) else ""), "",
              "| lr | weight decay | epochs | routing | false routing | score | s.e. | moved | chosen |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
