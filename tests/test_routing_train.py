@@ -169,8 +169,8 @@ def test_band_has_a_floor_where_the_best_score_saturates():
     assert band(table, 0.004) == (0, 0.004)
     table[0]["score_se"] = 0.03  # a measured spread wider than the floor counts
     assert one_se_choice(table, 0.004) == 2 and band(table, 0.004) == (0, 0.03)
-    val = types.SimpleNamespace(target_expert=torch.tensor([0, 1, 1, -1, -1, -1, -1, 0]))
-    assert decision_floor(val) == pytest.approx(math.log(2) / 4)
+    val = types.SimpleNamespace(target_expert=torch.tensor([0, 1, -1, -1, -1, -1, -1, 0]))  # the larger part counts
+    assert decision_floor(val) == pytest.approx(math.log(2) / 5)
     assert decision_floor(types.SimpleNamespace(target_expert=torch.tensor([2] * 5))) == pytest.approx(math.log(2) / 5)
 
 
@@ -196,3 +196,17 @@ def test_extension_settings_chosen_on_validation_questions(tiny_dir):
     assert table[1]["routing_accuracy"] >= 0.75 and table[1]["false_routing"] <= 0.1  # 0.83 with this seed
     _, untrained_base = choose_extension_config(model, rows, ["a"], ["b"], grid[0], val, val_experts, grid)
     assert max(r["routing_accuracy"] for r in untrained_base) <= 0.55
+
+
+def test_margin_score_does_not_round_wide_margins_to_zero(monkeypatch):
+    """A margin of 120 logits makes float32 ``log sigmoid`` exactly 0; the score is taken in float64, so wider
+    margins still score higher and a standard error stays measurable."""
+    from etr.routing import validation
+    assert torch.nn.functional.logsigmoid(torch.tensor(120.0)).item() == 0.0
+    val = types.SimpleNamespace(target_expert=torch.tensor([0, 1, -1, -1]))
+    margins = {"narrow": torch.tensor([120.0, 120.0, 120.0, 121.0]), "wide": torch.tensor([125.0, 125.0, 125.0, 130.0])}
+    scores = {}
+    for name, m in margins.items():
+        monkeypatch.setattr(validation, "decision_margins", lambda f, rows, m=m: m)
+        scores[name] = validation.margin_score(val, None)
+    assert scores["narrow"][0] < scores["wide"][0] < 0 and scores["narrow"][1] > 0

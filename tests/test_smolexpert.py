@@ -99,12 +99,12 @@ def test_quick_build_end_to_end(smollm2_dir, tmp_path):
     val = {json.loads(line)["query"] for line in (out / "data" / "val.jsonl").read_text().splitlines()}
     collected = {json.loads(line)["query"] for line in (out / "data" / "collect.jsonl").read_text().splitlines()}
     assert val and not val & collected and not val & {q["query"] for q in test}
+    # the band is never narrower than one decision at an even margin in the larger part of the split
+    domains = [json.loads(line)["domain"] for line in (out / "data" / "val.jsonl").read_text().splitlines()]
+    asked = sum(d != "general" for d in domains)
+    floor = math.log(2) / max(asked, len(domains) - asked)
     for table in (results["validation"], results["extension_validation"]):
         assert len(table) == 2 and sum(bool(r.get("chosen")) for r in table) == 1  # quick grid: 1 lr x 2 wd x 1
-        # the band is never narrower than one decision at an even margin in the larger part of the split
-        domains = [json.loads(line)["domain"] for line in (out / "data" / "val.jsonl").read_text().splitlines()]
-        asked = sum(d != "general" for d in domains)
-        floor = math.log(2) / max(asked, len(domains) - asked)
         assert next(r for r in table if r.get("chosen"))["band"] >= floor
     assert "countries's row added later" in (out / "results.md").read_text()
     assert "Band: " in (out / "results.md").read_text()
