@@ -79,13 +79,16 @@ def _val_features(model: DecoderLM, order: list[str], val_ids: list[list[int]], 
 
 def _choose(grid: list[TrainConfig], val, start: torch.Tensor, head_rows) -> tuple[TrainConfig, list[dict]]:
     """Score ``head_rows(cfg)`` (rows that training moved from ``start``) on ``val`` for every candidate and
-    choose by the one-standard-error rule (module docstring)."""
+    choose the least-moved candidate within the band below the best score (module docstring)."""
     if not grid:
         raise ValueError("no candidate settings to choose from")
     table = []
     for cfg in grid:
         rows = head_rows(cfg)
         score, error = margin_score(val, rows)
+        if not math.isfinite(score):
+            raise ValueError(f"candidate lr {cfg.lr}, weight decay {cfg.weight_decay}, {cfg.epochs} epochs scored "
+                             f"{score} on the validation split (its rows diverged?)")
         table.append({"lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
                       **routing_stats(val, rows), "score": score, "score_se": error,
                       "moved": (rows.float() - start.float()).norm().item()})

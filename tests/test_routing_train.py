@@ -210,3 +210,14 @@ def test_margin_score_does_not_round_wide_margins_to_zero(monkeypatch):
         monkeypatch.setattr(validation, "decision_margins", lambda f, rows, m=m: m)
         scores[name] = validation.margin_score(val, None)
     assert scores["narrow"][0] < scores["wide"][0] < 0 and scores["narrow"][1] > 0
+
+
+def test_a_candidate_that_scores_nan_is_named(monkeypatch):
+    """A candidate whose score is not finite (rows that diverged) stops the choice with its settings named,
+    rather than being kept as the best or leaving no candidate in the band."""
+    from etr.routing import validation
+    monkeypatch.setattr(validation, "margin_score", lambda val, rows: (float("nan"), 0.0))
+    monkeypatch.setattr(validation, "routing_stats", lambda val, rows: {})
+    grid = validation.config_grid(TrainConfig(), (0.5,), (0.1,), (3,))
+    with pytest.raises(ValueError, match="lr 0.5, weight decay 0.1, 3 epochs scored nan"):
+        validation._choose(grid, None, torch.zeros(1, 2), lambda cfg: torch.ones(1, 2))
