@@ -4,8 +4,9 @@
 // page. For every query head it keeps a float32 running maximum, sum and weighted value sum (split-K, as in
 // flash decoding); a second pass combines a sequence's parts. bf16 rows are widened to float32 one row at a
 // time, so nothing of the context is gathered or converted as a whole. bf16 caches with head sizes of 32 to
-// 128 take a path built on the AVX512-BF16 dot instruction where the CPU has it (run_part_bf16). The
-// plain-torch reference is kernels/cpu_paged_decode.py's ``reference``.
+// 128 take a path built on the AVX512-BF16 dot instruction where the CPU has it (run_part_bf16); it rounds the
+// softmax weights to bf16 before the values pass, as torch's CPU flash attention and HF's eager attention do.
+// The plain-torch reference is kernels/cpu_paged_decode.py's ``reference``.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -130,8 +131,9 @@ void run_part(const Part& part, const Shape& s, const T* q_all, const T* k_pages
 // The bf16 path of run_part for head sizes of 32, 64, 96 or 128 on CPUs with AVX512-BF16. Scores: each key row
 // is multiplied with the unscaled bf16 query by the bf16 dot instruction (float32 products and sums), 16
 // positions at a time, and the 16 partial sums are reduced together (one transpose-add tree instead of 16
-// horizontal sums); the scale is applied to the sum. Values: each value row is widened to float32 once per
-// head chunk and accumulated into float32 registers for up to head_chunk() query heads of its KV head.
+// horizontal sums); the scale is applied to the sum. Values: two positions at a time by the same instruction,
+// with their softmax weights rounded to bf16, into float32 registers for up to head_chunk() query heads of a
+// KV head.
 constexpr int64_t kPositions = 16;
 
 // r[i] = the sum of the 16 lanes of v[i].
@@ -178,27 +180,66 @@ void scores_bf16(const at::BFloat16* qh, const at::BFloat16* const* rows, int64_
 // Query heads a values pass accumulates at once: kZ registers each, at most 24 accumulators of the 32.
 constexpr int head_chunk(int kZ) { return kZ >= 8 ? 3 : kZ >= 6 ? 4 : 6; }
 
-// acc[h, :] = sum over positions of p[h, pos] * rows[pos] for `heads` (<= head_chunk(kZ)) query heads.
-template <int kZ>
-void values_bf16(const float* p, int64_t n, int64_t heads, const at::BFloat16* const* rows, float* acc,
-                 int64_t dim) {
-  constexpr int kHC = head_chunk(kZ);
-  __m512 a[kHC][kZ];
+// acc[h, :] = sum over positions of p[h, pos] * rows[pos] for `heads` (<= head_chunk(2 * kC)) query heads, kC
+// chunks of 32 values a row. p is bf16, [heads, n2] (n2 = n rounded up to even, 0 past n), read as pairs: the
+// dot instruction multiplies two positions' values by their two weights at once. Two value rows are
+// interleaved a 16-bit element at a time (unpack lo/hi within each 128-bit lane), so each 32-bit lane of an
+// accumulator holds one dimension, in the order unpack leaves them; the store puts them back in order.
+template <int kC>
+void values_bf16(const uint32_t* p, int64_t n2, int64_t n, int64_t heads, const at::BFloat16* const* rows,
+                 float* acc, int64_t dim) {
+  constexpr int kHC = head_chunk(2 * kC);
+  __m512 a[kHC][2 * kC];
   for (int h = 0; h < kHC; ++h)
-    for (int z = 0; z < kZ; ++z) a[h][z] = _mm512_setzero_ps();
-  for (int64_t pos = 0; pos < n; ++pos) {
-    if (pos + kPositions < n)
-      for (int z = 0; z < kZ; z += 2) _mm_prefetch(reinterpret_cast<const char*>(rows[pos + kPositions] + 16 * z), _MM_HINT_T0);
-    __m512 v[kZ];
-    for (int z = 0; z < kZ; ++z) v[z] = widen16(rows[pos] + 16 * z);
+    for (int z = 0; z < 2 * kC; ++z) a[h][z] = _mm512_setzero_ps();
+  for (int64_t pos = 0; pos < n; pos += 2) {
+    const at::BFloat16* r0 = rows[pos];
+    const at::BFloat16* r1 = pos + 1 < n ? rows[pos + 1] : r0;  // weight 0 there; r0 is a real row, not garbage
+    if (pos + kPositions + 1 < n)
+      for (int c = 0; c < kC; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[pos + kPositions] + 32 * c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[pos + kPositions + 1] + 32 * c), _MM_HINT_T0);
+      }
+    __m512i lo[kC], hi[kC];
+    for (int c = 0; c < kC; ++c) {
+      const __m512i x = _mm512_loadu_si512(r0 + 32 * c), y = _mm512_loadu_si512(r1 + 32 * c);
+      lo[c] = _mm512_unpacklo_epi16(x, y);
+      hi[c] = _mm512_unpackhi_epi16(x, y);
+    }
     for (int h = 0; h < kHC; ++h) {
       if (h >= heads) break;
-      const __m512 w = _mm512_set1_ps(p[h * n + pos]);
-      for (int z = 0; z < kZ; ++z) a[h][z] = _mm512_fmadd_ps(w, v[z], a[h][z]);
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(p[(h * n2 + pos) / 2]));
+      for (int c = 0; c < kC; ++c) {
+        a[h][2 * c] = _mm512_dpbf16_ps(a[h][2 * c], (__m512bh)lo[c], w);
+        a[h][2 * c + 1] = _mm512_dpbf16_ps(a[h][2 * c + 1], (__m512bh)hi[c], w);
+      }
     }
   }
+  // Lane 4L + j of lo[c] is dimension 32c + 8L + j, of hi[c] dimension 32c + 8L + 4 + j (L, j < 4).
+  alignas(64) float lo[16], hi[16];
   for (int h = 0; h < heads; ++h)
-    for (int z = 0; z < kZ; ++z) _mm512_storeu_ps(acc + h * dim + 16 * z, a[h][z]);
+    for (int c = 0; c < kC; ++c) {
+      _mm512_store_ps(lo, a[h][2 * c]);
+      _mm512_store_ps(hi, a[h][2 * c + 1]);
+      float* out = acc + h * dim + 32 * c;
+      for (int L = 0; L < 4; ++L)
+        for (int j = 0; j < 4; ++j) {
+          out[8 * L + j] = lo[4 * L + j];
+          out[8 * L + 4 + j] = hi[4 * L + j];
+        }
+    }
+}
+
+// p [H, n] float32 -> bf16 [H, n2] (round to nearest even), zero in the odd tail of each row.
+inline void to_bf16_pairs(const float* p, int64_t H, int64_t n, int64_t n2, uint16_t* out) {
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+      const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, p + h * n + i));
+      _mm256_mask_storeu_epi16(out + h * n2 + i, mk, (__m256i)b);
+    }
+    if (n2 > n) out[h * n2 + n] = 0;
+  }
 }
 
 bool fast_bf16_dim(int64_t dim) { return dim >= 32 && dim % 32 == 0 && dim <= 128; }
@@ -208,8 +249,10 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
                    std::vector<float>& scratch, std::vector<const at::BFloat16*>& rows) {
   const int64_t H = s.heads, D = s.dim, G = s.group, row = s.kv_heads * D, bs = s.block_size;
   const int64_t begin = part.first * bs, n = part.end - begin;
-  scratch.resize(static_cast<size_t>(H * n));
+  const int64_t n2 = n + (n & 1);
+  scratch.resize(static_cast<size_t>(H * n + (H * n2 + 1) / 2));
   float* scores = scratch.data();  // [H, n]
+  uint16_t* weights = reinterpret_cast<uint16_t*>(scores + H * n);  // [H, n2] bf16
   rows.resize(static_cast<size_t>(2 * n));
   const int32_t* blocks = tables + part.b * s.max_blocks;
   for (int64_t i = 0; i < n; ++i) {
@@ -232,16 +275,19 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
     }
   }
   softmax_rows(scores, H, n, m, l);
+  to_bf16_pairs(scores, H, n, n2, weights);
+  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(weights);
   for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
     for (int64_t i = 0; i < n; ++i) head_rows[i] = rows[n + i] + kh * D;
     const int64_t chunk = head_chunk(static_cast<int>(D / 16));
     for (int64_t h0 = kh * G; h0 < (kh + 1) * G; h0 += chunk) {
       const int64_t heads = std::min<int64_t>(chunk, (kh + 1) * G - h0);
-      switch (D / 16) {
-        case 2: values_bf16<2>(scores + h0 * n, n, heads, head_rows.data(), acc + h0 * D, D); break;
-        case 4: values_bf16<4>(scores + h0 * n, n, heads, head_rows.data(), acc + h0 * D, D); break;
-        case 6: values_bf16<6>(scores + h0 * n, n, heads, head_rows.data(), acc + h0 * D, D); break;
-        default: values_bf16<8>(scores + h0 * n, n, heads, head_rows.data(), acc + h0 * D, D); break;
+      const uint32_t* ph = pairs + h0 * n2 / 2;
+      switch (D / 32) {
+        case 1: values_bf16<1>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
+        case 2: values_bf16<2>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
+        case 3: values_bf16<3>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
+        default: values_bf16<4>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
       }
     }
   }
