@@ -57,9 +57,10 @@ def size_kv_pools(engines: list) -> None:
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                      device: torch.device, packed_k: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``(k_pages, v_pages)``, each ``[num_blocks, block_size, kv_heads, head_dim]`` (the layout
-    flash-attn's paged decode and the Triton kernels share)."""
+    flash-attn's paged decode and the Triton kernels share); with ``packed_k`` the K pages are
+    ``[num_blocks, kv_heads, head_dim/2, block_size, 2]`` (the CPU decode op's packed layout, same bytes)."""
     if num_blocks < 1:
         raise KVCacheError(f"num_kv_blocks={num_blocks} must be >= 1")
     shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -67,4 +68,7 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
         pool = torch.empty(shape, dtype=dtype, device=device)
     except (RuntimeError, torch.OutOfMemoryError) as e:
         raise KVCacheError(f"cannot allocate {num_blocks} KV blocks on {device}: {e}") from None
-    return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_hidden_layers)]
+    if not packed_k:
+        return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_hidden_layers)]
+    k_shape = (num_blocks, cfg.num_key_value_heads, cfg.head_dim // 2, block_size, 2)
+    return [(pool[i, 0].view(k_shape), pool[i, 1]) for i in range(cfg.num_hidden_layers)]

@@ -73,7 +73,9 @@ class ModelRunner:
         """Create the KV pool, then capture the decode graphs over it; done after every model sharing the
         device has loaded its weights."""
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype, self.device)
+        packs = getattr(self.backend, "packs_k", None)
+        packed = packs is not None and packs(self.dtype, self.config.head_dim, self.block_size)
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype, self.device, packed)
         if self.cuda_graphs:  # on the CPU: the same padded static-buffer path, run eagerly (tests)
             # Capture on the model's own device: torch.cuda.graph's capture stream is the current device's.
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():

@@ -84,6 +84,24 @@ struct Step {
   const at::Tensor &cos, &sin, &slots, &tables, &lens;
 };
 
+// Row r of `k` (kv_heads x head_dim bf16 values, rows `stride` apart) into slot slots[r] of packed K pages
+// [blocks, kv_heads, D/2, block_size, 2] (cpu_paged_decode.cpp): each dimension pair to its place in the page.
+void write_packed_k(const at::Tensor& k_pages, const at::BFloat16* k, int64_t stride, const int64_t* slots,
+                    int64_t rows) {
+  const int64_t kv = k_pages.size(1), half = k_pages.size(2), bs = k_pages.size(3);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(k_pages.data_ptr<at::BFloat16>());
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(slots[r] >= 0 && slots[r] < k_pages.size(0) * bs, "decode_layers: slot ", slots[r], " of row ", r,
+                " is outside the KV pool of ", k_pages.size(0) * bs, " slots");
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t block = slots[r] / bs, t = slots[r] % bs;
+    const at::BFloat16* src = k + r * stride;
+    for (int64_t h = 0; h < kv; ++h)
+      for (int64_t i = 0; i < half; ++i)
+        std::memcpy(dst + ((block * kv + h) * half + i) * bs + t, src + 2 * (h * half + i), sizeof(uint32_t));
+  }
+}
+
 at::Tensor attention(const Step& s, const at::Tensor& h, const at::Tensor* w,
                      const std::optional<at::Tensor>* b, const at::Tensor& k_pages, const at::Tensor& v_pages) {
   const int64_t q_size = s.heads * s.head_dim, kv_size = s.kv_heads * s.head_dim;
@@ -91,7 +109,12 @@ at::Tensor attention(const Step& s, const at::Tensor& h, const at::Tensor* w,
   at::Tensor qk = rotary(qk_v[0].view({-1, s.heads + s.kv_heads, s.head_dim}), s.cos, s.sin);
   std::vector<at::Tensor> q_k = qk.split_with_sizes({s.heads, s.kv_heads}, 1);
   at::Tensor v = qk_v[1].view({-1, s.kv_heads, s.head_dim});
-  k_pages.view({-1, s.kv_heads, s.head_dim}).index_copy_(0, s.slots, q_k[1]);
+  if (k_pages.dim() == 5) {
+    const at::Tensor k = q_k[1].contiguous();
+    write_packed_k(k_pages, k.data_ptr<at::BFloat16>(), kv_size, s.slots.data_ptr<int64_t>(), k.size(0));
+  } else {
+    k_pages.view({-1, s.kv_heads, s.head_dim}).index_copy_(0, s.slots, q_k[1]);
+  }
   v_pages.view({-1, s.kv_heads, s.head_dim}).index_copy_(0, s.slots, v);
   at::Tensor out = paged_decode(q_k[0], k_pages, v_pages, s.tables, s.lens, s.scale);
   return linear(out.reshape({-1, q_size}), w[2], b[1], s.kind, s.hidden);
@@ -239,9 +262,10 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
   const int64_t* slots = s.slots.data_ptr<int64_t>();  // every one inside the pool (raw_layers checked)
   bf16 *kp = k_pages.data_ptr<bf16>(), *vp = v_pages.data_ptr<bf16>();
   for (int64_t r = 0; r < B; ++r) {
-    std::memcpy(kp + slots[r] * kv_size, qp + r * width + q_size, kv_size * sizeof(bf16));
+    if (k_pages.dim() == 4) std::memcpy(kp + slots[r] * kv_size, qp + r * width + q_size, kv_size * sizeof(bf16));
     std::memcpy(vp + slots[r] * kv_size, qp + r * width + q_size + kv_size, kv_size * sizeof(bf16));
   }
+  if (k_pages.dim() == 5) write_packed_k(k_pages, qp + q_size, width, slots, B);
   at::Tensor q = qkv.view({B, s.heads + 2 * s.kv_heads, D}).narrow(1, 0, s.heads);
   at::Tensor out = paged_decode(q, k_pages, v_pages, s.tables, s.lens, s.scale);
   at::Tensor o = linear(out.view({B, q_size}), w[2], b[1], s.kind, n);
@@ -273,12 +297,12 @@ void check_raw(const Step& s, const at::Tensor& input_ids, at::TensorList weight
   TORCH_CHECK(final_norm.scalar_type() == at::kBFloat16 && final_norm.is_contiguous() &&
                   final_norm.numel() == s.hidden,
               "decode_layers: a contiguous final norm of ", s.hidden, " bf16 values expected");
-  const int64_t capacity = k_pages[0].numel() / kv_size;
+  const int64_t capacity = v_pages[0].numel() / kv_size;
   for (size_t i = 0; i < k_pages.size(); ++i)
     TORCH_CHECK(k_pages[i].scalar_type() == at::kBFloat16 && k_pages[i].is_contiguous() &&
-                    v_pages[i].is_contiguous() && v_pages[i].sizes() == k_pages[i].sizes() &&
-                    v_pages[i].scalar_type() == at::kBFloat16 && k_pages[i].numel() == capacity * kv_size &&
-                    k_pages[i].size(-1) == s.head_dim,
+                    v_pages[i].is_contiguous() && v_pages[i].numel() == k_pages[i].numel() &&
+                    v_pages[i].scalar_type() == at::kBFloat16 && v_pages[i].numel() == capacity * kv_size &&
+                    v_pages[i].size(-1) == s.head_dim && (k_pages[i].dim() == 4 || k_pages[i].dim() == 5),
                 "decode_layers: layer ", i, "'s K and V pages must be contiguous bf16 pools of one shape, ",
                 "head size ", s.head_dim);
   const int64_t* slots = s.slots.data_ptr<int64_t>();

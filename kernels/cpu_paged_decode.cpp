@@ -6,7 +6,11 @@
 // time, so nothing of the context is gathered or converted as a whole. bf16 caches with head sizes of 32 to
 // 128 take a path built on the AVX512-BF16 dot instruction where the CPU has it (run_part_bf16); it rounds the
 // softmax weights to bf16 before the values pass, as torch's CPU flash attention and HF's eager attention do.
-// The plain-torch reference is kernels/cpu_paged_decode.py's ``reference``.
+// On that path the K pages may be packed (a 5-d K pool, [blocks, kv_heads, D/2, block_size, 2]: each page's
+// keys of one KV head stored as pairs of dimensions, position after position), so that one 64-byte load holds one
+// dimension pair of 16 positions and the dot instruction gives 16 scores at once, with no sums across lanes; the
+// engine allocates its CPU pools so (kernels/cpu_paged_decode.py, ``pack_k``). The plain-torch reference is
+// kernels/cpu_paged_decode.py's ``reference``.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -72,6 +76,7 @@ inline void softmax_rows(float* scores, int64_t H, int64_t n, float* m, float* l
 struct Shape {
   int64_t heads, kv_heads, dim, group, block_size, max_blocks;
   float scale;
+  bool packed_k;  // K pages [blocks, kv_heads, D/2, block_size, 2] (bf16 path only), else like V's
 };
 
 struct Part {  // one task: sequence b, pages [first, last) of its block table, positions [first * bs, end)
@@ -177,6 +182,48 @@ void scores_bf16(const at::BFloat16* qh, const at::BFloat16* const* rows, int64_
   }
 }
 
+// Scores of every query head against the positions [first * bs, end) of packed K pages (see the top of the
+// file): per page and KV head, 16 positions at a time, one load per dimension pair shared by up to 4 query heads,
+// two accumulator chains each; the query's pair is broadcast. Garbage past `end` stays out of the stored lanes.
+void scores_packed(const Part& part, const Shape& s, const at::BFloat16* q, const at::BFloat16* k_pages,
+                   const int32_t* blocks, float* scores, int64_t n) {
+  const int64_t D = s.dim, G = s.group, bs = s.block_size, page = bs * s.kv_heads * D, begin = part.first * bs;
+  const int32_t* qw = reinterpret_cast<const int32_t*>(q);  // pairs of dimensions
+  const __m512 sc = _mm512_set1_ps(s.scale);
+  for (int64_t j = part.first; j < part.last; ++j) {
+    const int32_t* kb = reinterpret_cast<const int32_t*>(k_pages + static_cast<int64_t>(blocks[j]) * page);
+    if (j + 2 < part.last) {  // two pages ahead: the stream crosses a 4 KB page of memory every page or so
+      const char* next = reinterpret_cast<const char*>(k_pages + static_cast<int64_t>(blocks[j + 2]) * page);
+      for (int64_t b = 0; b < page * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+    for (int64_t t0 = 0; t0 < bs && j * bs + t0 < part.end; t0 += kPositions) {
+      const int64_t count = std::min(kPositions, part.end - j * bs - t0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+      for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
+        const int32_t* kz = kb + kh * (D / 2) * bs + t0;
+        for (int64_t h0 = kh * G; h0 < (kh + 1) * G; h0 += 4) {
+          const int64_t heads = std::min<int64_t>(4, (kh + 1) * G - h0);
+          __m512 a[4][2];
+          for (int h = 0; h < 4; ++h) a[h][0] = a[h][1] = _mm512_setzero_ps();
+          for (int64_t i = 0; i < D / 2; i += 2) {
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kz + i * bs);
+            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kz + (i + 1) * bs);
+            for (int h = 0; h < 4; ++h) {
+              if (h >= heads) break;
+              const int32_t* qh = qw + (h0 + h) * (D / 2);
+              a[h][0] = _mm512_dpbf16_ps(a[h][0], k0, (__m512bh)_mm512_set1_epi32(qh[i]));
+              a[h][1] = _mm512_dpbf16_ps(a[h][1], k1, (__m512bh)_mm512_set1_epi32(qh[i + 1]));
+            }
+          }
+          for (int h = 0; h < heads; ++h)
+            _mm512_mask_storeu_ps(scores + (h0 + h) * n + j * bs + t0 - begin, mask,
+                                  _mm512_mul_ps(_mm512_add_ps(a[h][0], a[h][1]), sc));
+        }
+      }
+    }
+  }
+}
+
 // Query heads a values pass accumulates at once: kZ registers each, at most 24 accumulators of the 32.
 constexpr int head_chunk(int kZ) { return kZ >= 8 ? 3 : kZ >= 6 ? 4 : 6; }
 
@@ -257,13 +304,14 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
   const int32_t* blocks = tables + part.b * s.max_blocks;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = begin + i, off = (static_cast<int64_t>(blocks[pos / bs]) * bs + pos % bs) * row;
-    rows[i] = k_pages + off;
+    rows[i] = k_pages + off;  // unused when K is packed
     rows[n + i] = v_pages + off;
   }
   thread_local std::vector<const at::BFloat16*> head_rows;
   head_rows.resize(static_cast<size_t>(n));
   const at::BFloat16* q = q_all + part.b * H * D;
-  for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
+  if (s.packed_k) scores_packed(part, s, q, k_pages, blocks, scores, n);
+  for (int64_t kh = 0; kh < (s.packed_k ? 0 : s.kv_heads); ++kh) {
     for (int64_t i = 0; i < n; ++i) head_rows[i] = rows[i] + kh * D;
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
       switch (D / 32) {
@@ -328,6 +376,11 @@ std::vector<Part> plan(const int32_t* lens, const int32_t* tables, int64_t batch
   return parts;
 }
 
+// Positions a packed K page's size must be a multiple of (one 64-byte load: 16 positions x a dimension pair).
+constexpr int64_t kPackedPositions = 16;
+
+int64_t packed_positions() { return kPackedPositions; }
+
 // Whether a bf16 query of head size `dim` takes run_part_bf16 (the package's tests ask, so that a build without
 // the instruction, or a head size the dispatch misses, cannot pass as the fast path unnoticed).
 bool bf16_path(int64_t dim) {
@@ -358,11 +411,11 @@ template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& tables,
             const at::Tensor& lens, double scale, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  const Shape s{heads, k_pages.size(2), dim, heads / k_pages.size(2), k_pages.size(1), tables.size(1),
-                static_cast<float>(scale)};
+  const Shape s{heads, v_pages.size(2), dim, heads / v_pages.size(2), v_pages.size(1), tables.size(1),
+                static_cast<float>(scale), k_pages.dim() == 5};
   const int32_t* lp = lens.data_ptr<int32_t>();
   const int32_t* tp = tables.data_ptr<int32_t>();
-  const std::vector<Part> parts = plan(lp, tp, batch, s.block_size, s.max_blocks, k_pages.size(0));
+  const std::vector<Part> parts = plan(lp, tp, batch, s.block_size, s.max_blocks, v_pages.size(0));
   const int64_t P = static_cast<int64_t>(parts.size());
   std::vector<float> m(P * heads), l(P * heads), acc(P * heads * dim);
   const T* qp = q.data_ptr<T>();
@@ -400,10 +453,23 @@ void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_pages.dim() == 4 && v_pages.sizes() == k_pages.sizes(),
+  TORCH_CHECK(q.dim() == 3 && v_pages.dim() == 4 && (k_pages.dim() == 4 || k_pages.dim() == 5),
               "paged_decode: q [B, H, D] and pages [blocks, block_size, kv_heads, D] expected");
-  TORCH_CHECK(k_pages.size(2) > 0 && q.size(2) == k_pages.size(3) && q.size(1) % k_pages.size(2) == 0,
+  TORCH_CHECK(v_pages.size(2) > 0 && q.size(2) == v_pages.size(3) && q.size(1) % v_pages.size(2) == 0,
               "paged_decode: head_dim or head grouping mismatch");
+  if (k_pages.dim() == 4) {
+    TORCH_CHECK(k_pages.sizes() == v_pages.sizes(), "paged_decode: K pages ", k_pages.sizes(), " and V pages ",
+                v_pages.sizes(), " differ");
+  } else {
+    const int64_t blocks = v_pages.size(0), bs = v_pages.size(1), kv = v_pages.size(2), D = v_pages.size(3);
+    TORCH_CHECK(k_pages.sizes() == at::IntArrayRef({blocks, kv, D / 2, bs, 2}) && D % 2 == 0,
+                "paged_decode: packed K pages [", blocks, ", ", kv, ", ", D / 2, ", ", bs, ", 2] expected beside V ",
+                "pages ", v_pages.sizes(), ", got ", k_pages.sizes());
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && bf16_path(D) && bs % kPackedPositions == 0,
+                "paged_decode: packed K pages need bf16, a head size the bf16 path takes (32 to 128 in steps of 32, ",
+                "on a CPU with AVX512-BF16) and pages of a multiple of ", kPackedPositions, " positions; got ",
+                q.scalar_type(), ", head size ", D, ", pages of ", bs);
+  }
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.dim() == 1 &&
                   context_lens.size(0) == q.size(0),
               "paged_decode: block_tables [B, pages] and context_lens [B] must have one row per query");
@@ -429,6 +495,7 @@ TORCH_LIBRARY(etr_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor context_lens, "
         "float scale) -> Tensor");
   m.def("bf16_path(int head_dim) -> bool", &bf16_path);
+  m.def("packed_positions() -> int", &packed_positions);
 }
 
 TORCH_LIBRARY_IMPL(etr_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }

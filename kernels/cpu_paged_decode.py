@@ -9,6 +9,8 @@ path (``available()`` says which, ``load_error()`` why).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from etr.kernels.cpp_op import CppOp
@@ -31,7 +33,8 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence: ``q`` ``[B, H, D]`` against the first ``context_lens[b]`` positions of
     sequence b's pages (``[num_blocks, block_size, kv_heads, D]``, named by its row of ``block_tables``, int32);
-    query head h reads KV head ``h // (H // kv_heads)``. Returns ``[B, H, D]`` in ``q``'s dtype."""
+    query head h reads KV head ``h // (H // kv_heads)``. ``k_pages`` may be packed (``pack_k``; bf16 only, see
+    ``packs_k``). Returns ``[B, H, D]`` in ``q``'s dtype."""
     return torch.ops.etr_cpu.paged_decode(q, k_pages, v_pages, block_tables, context_lens, scale)
 
 
@@ -44,6 +47,7 @@ def bf16_path(head_dim: int) -> bool:
 def reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
               context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """``paged_decode`` in plain torch, one sequence at a time, in float32."""
+    k_pages = unpack_k(k_pages)
     block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
     out = torch.empty_like(q)
     for b, n in enumerate(context_lens.tolist()):
@@ -55,3 +59,34 @@ def reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, blo
         probs = (qb @ k.transpose(1, 2) * scale).softmax(-1)
         out[b] = (probs @ v).reshape(q.shape[1], q.shape[2]).to(q.dtype)
     return out
+
+
+def packed_positions() -> int:
+    """What a packed K pool's page size must be a multiple of (16: one 64-byte load holds one dimension pair of
+    16 positions)."""
+    return torch.ops.etr_cpu.packed_positions()
+
+
+def packs_k(dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
+    """Whether a CPU pool of ``dtype``, ``head_dim`` and pages of ``block_size`` gets packed K pages: the op's
+    bf16 path reads them (scores of 16 positions per dot instruction, no sums across lanes).
+    ``ETR_CPU_PACK_K=0`` keeps the row layout."""
+    return (os.environ.get("ETR_CPU_PACK_K", "1") != "0" and available() and dtype == torch.bfloat16
+            and bf16_path(head_dim) and block_size % packed_positions() == 0)
+
+
+def pack_k(pages: torch.Tensor) -> torch.Tensor:
+    """``[num_blocks, block_size, kv_heads, D]`` K pages in the packed layout the op reads fastest,
+    ``[num_blocks, kv_heads, D/2, block_size, 2]``: a page's keys of one KV head as pairs of dimensions, position
+    after position (a copy)."""
+    n, bs, kv, d = pages.shape
+    return pages.view(n, bs, kv, d // 2, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def unpack_k(pages: torch.Tensor) -> torch.Tensor:
+    """``pack_k`` undone: ``[num_blocks, block_size, kv_heads, D]`` (a copy); 4-d pages are returned as they
+    are."""
+    if pages.dim() == 4:
+        return pages
+    n, kv, half, bs, _ = pages.shape
+    return pages.permute(0, 3, 1, 2, 4).reshape(n, bs, kv, 2 * half)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import require_cpp_op
 
+from etr.engine.attention.torch_backend import write_slots
 from etr.engine.config import EngineConfig
 from etr.engine.model_runner import ModelRunner
 from etr.engine.sampling_params import SamplingParams
@@ -167,8 +168,10 @@ def test_raw_glue_is_the_forward_within_bf16_rounding(raw, tiny_dir, llama_all_b
     pools = [(k.clone(), v.clone()) for k, v in r.kv_caches]
     with torch.inference_mode():
         want = r.model(ids, positions, meta, pools, r.backend)
+    nan = torch.full((len(meta.slot_mapping), r.config.num_key_value_heads, r.config.head_dim), float("nan"),
+                     dtype=torch.bfloat16)
     for pages in (p for kv in r.kv_caches for p in kv):  # the rows this step writes, cleared: the step must
-        pages.flatten(0, 1)[meta.slot_mapping] = float("nan")  # write them (freed memory may hold them already)
+        write_slots(pages, meta.slot_mapping, nan)  # write them (freed memory may hold them already)
     got = r.native_step(ids, positions, meta, r.kv_caches)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
@@ -207,7 +210,7 @@ def test_raw_glue_checks_every_slot_before_it_writes(raw, tiny_dir, monkeypatch)
     seqs = prefilled(r, [5, 9], torch.Generator().manual_seed(0))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
-    capacity = r.kv_caches[0][0].numel() // r.kv_caches[0][0][0, 0].numel()
+    capacity = r.kv_caches[0][1].numel() // r.kv_caches[0][1][0, 0].numel()
     meta.slot_mapping = torch.tensor([int(meta.slot_mapping[0]), capacity])
     pools = [(k.clone(), v.clone()) for k, v in r.kv_caches]
     with pytest.raises(RuntimeError, match=f"slot {capacity} of row 1 is outside the KV pool of {capacity} slots"):

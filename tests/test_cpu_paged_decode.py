@@ -160,3 +160,103 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(op, tmp_path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["True", "None"], out.stderr[-2000:]
     assert not (build / "lock").exists()
+
+
+@pytest.fixture(scope="module")
+def packing(op):
+    if not K.bf16_path(64):
+        pytest.skip("packed K pages are read by the bf16 path, which needs a build for a CPU with AVX512-BF16")
+
+
+def test_pack_k_round_trip_and_layout():
+    """A packed page holds one dimension pair of 16 consecutive positions in 64 bytes."""
+    k = torch.randn(3, 32, 2, 64).to(torch.bfloat16)
+    packed = K.pack_k(k)
+    assert packed.shape == (3, 2, 32, 32, 2) and packed.is_contiguous()
+    assert torch.equal(K.unpack_k(packed), k) and K.unpack_k(k) is k
+    assert torch.equal(packed[1, 0, 5, :16], k[1, :16, 0, 10:12])
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (8, 1, 128, 32), (14, 2, 96, 16),
+                                                           (2, 2, 32, 48), (15, 3, 64, 16)])
+def test_packed_k_matches_the_reference(packing, heads, kv_heads, dim, block_size):
+    """Shuffled pages, NaN past every sequence's end, lengths off the 16 positions of a load, groups of 5 heads
+    (more than one accumulator chunk), and sequences long enough to be cut into parts."""
+    g = torch.Generator().manual_seed(heads + dim)
+    lens = torch.tensor([1, 17, 33, 100, 5, 2 * block_size, 700], dtype=torch.int32)
+    per_seq = -(-int(lens.max()) // block_size) + 1
+    num_blocks = len(lens) * per_seq + 3
+    k_pages, v_pages = pages(num_blocks, block_size, kv_heads, dim, torch.bfloat16, g)
+    tables = torch.randperm(num_blocks, generator=g)[:len(lens) * per_seq].view(len(lens), -1).to(torch.int32)
+    for b, n in enumerate(lens.tolist()):
+        for pos in range(n, per_seq * block_size):
+            k_pages[tables[b, pos // block_size], pos % block_size] = float("nan")
+            v_pages[tables[b, pos // block_size], pos % block_size] = float("nan")
+    q = torch.randn(len(lens), heads, dim, generator=g).to(torch.bfloat16) * 2
+    packed = K.pack_k(k_pages)
+    got = K.paged_decode(q, packed, v_pages, tables, lens, dim ** -0.5)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, K.reference(q, packed, v_pages, tables, lens, dim ** -0.5), **TOL[torch.bfloat16])
+    torch.testing.assert_close(got, K.paged_decode(q, k_pages, v_pages, tables, lens, dim ** -0.5),
+                               **TOL[torch.bfloat16])
+
+
+def test_packed_k_is_refused_where_the_bf16_path_does_not_read_it(packing):
+    g = torch.Generator().manual_seed(0)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    k, v = pages(2, 16, 3, 64, torch.float32, g)
+    with pytest.raises(RuntimeError, match="packed K pages need bf16.*got Float, head size 64, pages of 16"):
+        K.paged_decode(torch.randn(1, 9, 64), K.pack_k(k), v, tables, lens, 1.0)
+    k, v = pages(2, 8, 3, 64, torch.bfloat16, g)
+    with pytest.raises(RuntimeError, match="pages of a multiple of 16 positions; got BFloat16, head size 64, pages of 8"):
+        K.paged_decode(torch.randn(1, 9, 64).bfloat16(), K.pack_k(k), v, tables, lens, 1.0)
+    k, v = pages(2, 16, 3, 64, torch.bfloat16, g)
+    with pytest.raises(RuntimeError, match=r"packed K pages \[2, 3, 32, 16, 2\] expected"):
+        K.paged_decode(torch.randn(1, 9, 64).bfloat16(), K.pack_k(k)[:, :2], v, tables, lens, 1.0)
+
+
+def test_slots_are_written_and_read_through_either_layout():
+    """The torch backend's writes and gathers on packed K pages are the row layout's, through pack_k."""
+    from etr.engine.attention.torch_backend import gather_slots, write_slots
+    g = torch.Generator().manual_seed(1)
+    rows_layout = torch.zeros(6, 16, 3, 64, dtype=torch.bfloat16)
+    packed = K.pack_k(rows_layout)
+    slots = torch.tensor([0, 17, 95, 40, 41])
+    rows = torch.randn(5, 3, 64, generator=g).to(torch.bfloat16)
+    write_slots(rows_layout, slots, rows)
+    write_slots(packed, slots, rows)
+    assert torch.equal(K.unpack_k(packed), rows_layout)
+    some = torch.tensor([[95, 0], [41, 17]])
+    assert torch.equal(gather_slots(packed, some), gather_slots(rows_layout, some))
+    assert torch.equal(gather_slots(packed, some)[0, 0], rows[2])
+
+
+def test_engine_pools_pack_k_where_the_op_reads_it(packing, tiny_dir):
+    """A bf16 model on the CPU gets packed K pages (head size 32, pages of 16); float32 keeps the row layout;
+    the packed engine's greedy tokens are the row layout's."""
+    from etr import LLM
+    from etr.engine.sampling_params import SamplingParams
+    path = str(tiny_dir("qwen2_tied_hd32"))
+    prompts = [[5, 6, 7], list(range(10, 50)), [9] * 20]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    tokens = {}
+    for packs in (True, False):
+        llm = LLM(path, dtype="bfloat16")
+        runner = llm.engine.runner
+        if not packs:
+            runner.backend.packs_k = lambda *a: False
+            runner.allocate_kv(runner.num_blocks)
+        k_pages, v_pages = runner.kv_caches[0]
+        assert k_pages.dim() == (5 if packs else 4) and v_pages.dim() == 4
+        tokens[packs] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens[True] == tokens[False]
+    fp32 = LLM(path, dtype="float32").engine.runner
+    assert fp32.kv_caches[0][0].dim() == 4
+
+
+def test_packing_is_switched_off_by_its_variable(packing, monkeypatch):
+    assert K.packs_k(torch.bfloat16, 64, 16) and K.packs_k(torch.bfloat16, 128, 32)
+    assert not K.packs_k(torch.float32, 64, 16) and not K.packs_k(torch.bfloat16, 48, 16)
+    assert not K.packs_k(torch.bfloat16, 64, 8)
+    monkeypatch.setenv("ETR_CPU_PACK_K", "0")
+    assert not K.packs_k(torch.bfloat16, 64, 16)

@@ -31,9 +31,23 @@ def page_slots(block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int, 
 def gather_slots(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The K or V rows at ``slots`` (any shape) of ``[num_blocks, block_size, kv_heads, head_dim]`` pages, as
     ``[*slots.shape, kv_heads, head_dim]``. index_select on a 2-D view: several times faster on the CPU than
-    indexing the pages with the slot tensor (bench/RESULTS.md)."""
+    indexing the pages with the slot tensor (bench/RESULTS.md). Packed K pages (5-d, ``cpu_paged_decode.pack_k``)
+    are read through their layout."""
+    if pages.dim() == 5:
+        block_size = pages.shape[3]
+        rows = pages[slots.reshape(-1) // block_size, :, :, slots.reshape(-1) % block_size]
+        return rows.reshape(*slots.shape, pages.shape[1], 2 * pages.shape[2])
     rows = pages.view(-1, pages.shape[2] * pages.shape[3]).index_select(0, slots.reshape(-1))
     return rows.view(*slots.shape, pages.shape[2], pages.shape[3])
+
+
+def write_slots(pages: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """``rows`` ``[N, kv_heads, head_dim]`` into ``slots`` ``[N]`` of K or V pages, packed K pages included."""
+    if pages.dim() == 5:
+        block_size = pages.shape[3]
+        pages[slots // block_size, :, :, slots % block_size] = rows.reshape(len(slots), pages.shape[1], -1, 2)
+    else:
+        pages.view(-1, *pages.shape[2:]).index_copy_(0, slots, rows)
 
 
 def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
@@ -42,8 +56,8 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
     k_pages, v_pages = kv_cache
     if keep is not None:
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
-    k_pages.view(-1, *k_pages.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v)
+    write_slots(k_pages, slot_mapping, k)
+    write_slots(v_pages, slot_mapping, v)
 
 
 class TorchAttentionBackend:
@@ -53,6 +67,11 @@ class TorchAttentionBackend:
     def __init__(self, device: torch.device | str | None = None):
         # Asked here, so that a first build of the op happens while the engine starts, not in a request.
         self.in_place = device is not None and torch.device(device).type == "cpu" and cpu_paged_decode.available()
+
+    def packs_k(self, dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
+        """Whether this backend's KV pools store K packed (``cpu_paged_decode.packs_k``): on the CPU with the op,
+        for the sizes its bf16 path reads. Every read and write of this backend handles both layouts."""
+        return self.in_place and cpu_paged_decode.packs_k(dtype, head_dim, block_size)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.block_tables is None:
