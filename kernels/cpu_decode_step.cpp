@@ -303,8 +303,8 @@ void check_raw(const Step& s, const at::Tensor& input_ids, at::TensorList weight
                     v_pages[i].is_contiguous() && v_pages[i].numel() == k_pages[i].numel() &&
                     v_pages[i].scalar_type() == at::kBFloat16 && v_pages[i].numel() == capacity * kv_size &&
                     v_pages[i].size(-1) == s.head_dim && (k_pages[i].dim() == 4 || k_pages[i].dim() == 5),
-                "decode_layers: layer ", i, "'s K and V pages must be contiguous bf16 pools of one shape, ",
-                "head size ", s.head_dim);
+                "decode_layers: layer ", i, "'s K and V pages must be contiguous bf16 pools of one size (K may be ",
+                "packed), head size ", s.head_dim);
   const int64_t* slots = s.slots.data_ptr<int64_t>();
   for (int64_t r = 0; r < B; ++r)
     TORCH_CHECK(slots[r] >= 0 && slots[r] < capacity, "decode_layers: slot ", slots[r], " of row ", r,
@@ -335,6 +335,21 @@ at::Tensor raw_layers(const Step&, const at::Tensor&, const at::Tensor&, at::Ten
 }
 #endif
 
+// Packed K pools (5-d) must be [blocks, kv_heads, head_dim/2, block_size, 2] beside their V pools, contiguous
+// bf16, every layer checked before anything is written: write_packed_k takes the layout from the pool.
+void check_packed_pools(at::TensorList k_pages, at::TensorList v_pages, int64_t kv_heads, int64_t head_dim) {
+  for (size_t i = 0; i < k_pages.size(); ++i) {
+    const at::Tensor &k = k_pages[i], &v = v_pages[i];
+    if (k.dim() != 5) continue;
+    TORCH_CHECK(v.dim() == 4 && v.size(2) == kv_heads && v.size(3) == head_dim && head_dim % 2 == 0 &&
+                    k.sizes() == at::IntArrayRef({v.size(0), kv_heads, head_dim / 2, v.size(1), 2}) &&
+                    k.is_contiguous() && k.scalar_type() == at::kBFloat16,
+                "decode_layers: layer ", i, "'s packed K pages [", v.size(0), ", ", kv_heads, ", ", head_dim / 2,
+                ", ", v.size(1), ", 2] expected beside V pages ", v.sizes(), " (contiguous bf16); got ", k.sizes(),
+                " ", k.scalar_type());
+  }
+}
+
 at::Tensor decode_layers(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
                          const at::Tensor& cos_table, const at::Tensor& sin_table, at::TensorList weights,
                          const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_pages,
@@ -351,6 +366,7 @@ at::Tensor decode_layers(const at::Tensor& input_ids, const at::Tensor& position
               biases.size(), " biases, ", k_pages.size(), " K and ", v_pages.size(), " V pools");
   TORCH_CHECK(linear_kind >= kPlain && linear_kind <= kEtr, "decode_layers: linear_kind ", linear_kind,
               " is none of 0 (plain), 1 (oneDNN), 2 (etr)");
+  check_packed_pools(k_pages, v_pages, kv_heads, head_dim);
   const at::ScalarType dtype = embed.scalar_type();
   const at::Tensor cos = cos_table.index({positions}).to(dtype).unsqueeze(1);
   const at::Tensor sin = sin_table.index({positions}).to(dtype).unsqueeze(1);

@@ -304,7 +304,7 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
   const int32_t* blocks = tables + part.b * s.max_blocks;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = begin + i, off = (static_cast<int64_t>(blocks[pos / bs]) * bs + pos % bs) * row;
-    rows[i] = k_pages + off;  // unused when K is packed
+    if (!s.packed_k) rows[i] = k_pages + off;
     rows[n + i] = v_pages + off;
   }
   thread_local std::vector<const at::BFloat16*> head_rows;
@@ -454,7 +454,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && v_pages.dim() == 4 && (k_pages.dim() == 4 || k_pages.dim() == 5),
-              "paged_decode: q [B, H, D] and pages [blocks, block_size, kv_heads, D] expected");
+              "paged_decode: q [B, H, D], V pages [blocks, block_size, kv_heads, D] and K pages of that shape or "
+              "packed [blocks, kv_heads, D/2, block_size, 2] expected");
   TORCH_CHECK(v_pages.size(2) > 0 && q.size(2) == v_pages.size(3) && q.size(1) % v_pages.size(2) == 0,
               "paged_decode: head_dim or head grouping mismatch");
   if (k_pages.dim() == 4) {

@@ -23,6 +23,13 @@ def op():
     require_cpp_op(K, "CPU decode-step op")
 
 
+def packed_k(r, dtype) -> bool:
+    """Whether the runner's pools should hold packed K: bf16, a head size of the op's bf16 path (here 32: the
+    head-size-32 models), on a CPU with AVX512-BF16."""
+    from etr.kernels import cpu_paged_decode
+    return dtype == torch.bfloat16 and r.config.head_dim % 32 == 0 and cpu_paged_decode.bf16_path(r.config.head_dim)
+
+
 def runner(path, dtype, linears, monkeypatch, glue="aten"):
     """A runner whose linears are plain, oneDNN-prepacked or packed for the package's own bf16 GEMM, whatever
     this CPU would pick, and whose step takes ``glue`` where it can."""
@@ -87,6 +94,7 @@ def test_step_is_the_forward_bit_for_bit(op, tiny_dir, llama_all_biases, monkeyp
     if name == "llama_all_biases":
         assert all(b is not None for b in r.native_step.biases)
     assert r.native_step is not None and r.native_step.kind == linears and r.native_step.glue == "aten"
+    assert r.kv_caches[0][0].dim() == (5 if packed_k(r, dtype) else 4)  # head size 32 in bf16: K packed
     seqs = prefilled(r, lengths, torch.Generator().manual_seed(len(name)))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
@@ -162,6 +170,7 @@ def test_raw_glue_is_the_forward_within_bf16_rounding(raw, tiny_dir, llama_all_b
     path = {"llama_all_biases": llama_all_biases, "llama_awkward": llama_awkward}.get(name) or tiny_dir(name)
     r = runner(path, torch.bfloat16, linears, monkeypatch, glue="raw")
     assert r.native_step.glue == "raw"
+    assert r.kv_caches[0][0].dim() == (5 if packed_k(r, torch.bfloat16) else 4)
     seqs = prefilled(r, lengths, torch.Generator().manual_seed(len(name)))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
@@ -216,4 +225,26 @@ def test_raw_glue_checks_every_slot_before_it_writes(raw, tiny_dir, monkeypatch)
     with pytest.raises(RuntimeError, match=f"slot {capacity} of row 1 is outside the KV pool of {capacity} slots"):
         r.native_step(ids, positions, meta, r.kv_caches)
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # row 0's valid slot was not written either
+               for (k, v), (k2, v2) in zip(r.kv_caches, pools) for a, b in ((k, k2), (v, v2)))
+
+
+@pytest.mark.parametrize("glue", ["aten", "raw"])
+def test_a_packed_k_pool_of_another_shape_is_refused_before_anything_is_written(op, tiny_dir, monkeypatch, glue):
+    """Packed K pages whose heads or head size are not the model's (same bytes, another shape) are named, and no
+    pool is written: the step would otherwise scatter one layer's keys in the wrong layout."""
+    if glue == "raw" and not torch.ops.etr_cpu_step.raw_glue():
+        pytest.skip("the step op's raw glue needs a build with AVX-512 (F, BW, VL)")
+    r = runner(tiny_dir("qwen2_tied_hd32"), torch.bfloat16, "plain", monkeypatch, glue=glue)
+    if not packed_k(r, torch.bfloat16):
+        pytest.skip("packed K pages need the op's bf16 path (a CPU with AVX512-BF16)")
+    seqs = prefilled(r, [5, 9], torch.Generator().manual_seed(0))
+    ids, positions, meta = r.prepare_decode(seqs)
+    r.backend.prepare(meta)
+    k, v = r.kv_caches[1]
+    n, kv, half, bs, _ = k.shape
+    wrong = [kvs if i != 1 else (k.view(n, kv * 2, half // 2, bs, 2), v) for i, kvs in enumerate(r.kv_caches)]
+    pools = [(a.clone(), b.clone()) for a, b in r.kv_caches]
+    with pytest.raises(RuntimeError, match=r"layer 1's packed K pages \[.*\] expected beside V pages"):
+        r.native_step(ids, positions, meta, wrong)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                for (k, v), (k2, v2) in zip(r.kv_caches, pools) for a, b in ((k, k2), (v, v2)))

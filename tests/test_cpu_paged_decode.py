@@ -181,7 +181,9 @@ def test_pack_k_round_trip_and_layout():
                                                            (2, 2, 32, 48), (15, 3, 64, 16)])
 def test_packed_k_matches_the_reference(packing, heads, kv_heads, dim, block_size):
     """Shuffled pages, NaN past every sequence's end, lengths off the 16 positions of a load, groups of 5 heads
-    (more than one accumulator chunk), and sequences long enough to be cut into parts."""
+    (two chunks of the scores pass, which takes 4 heads at once), and sequences long enough to be cut into parts.
+    Against the row layout the only difference is the order of each score's float32 sums: at least 99 % of the
+    outputs are the same bf16 values."""
     g = torch.Generator().manual_seed(heads + dim)
     lens = torch.tensor([1, 17, 33, 100, 5, 2 * block_size, 700], dtype=torch.int32)
     per_seq = -(-int(lens.max()) // block_size) + 1
@@ -197,8 +199,9 @@ def test_packed_k_matches_the_reference(packing, heads, kv_heads, dim, block_siz
     got = K.paged_decode(q, packed, v_pages, tables, lens, dim ** -0.5)
     assert not got.isnan().any()
     torch.testing.assert_close(got, K.reference(q, packed, v_pages, tables, lens, dim ** -0.5), **TOL[torch.bfloat16])
-    torch.testing.assert_close(got, K.paged_decode(q, k_pages, v_pages, tables, lens, dim ** -0.5),
-                               **TOL[torch.bfloat16])
+    rows = K.paged_decode(q, k_pages, v_pages, tables, lens, dim ** -0.5)
+    torch.testing.assert_close(got, rows, **TOL[torch.bfloat16])
+    assert (got == rows).float().mean() >= 0.99
 
 
 def test_packed_k_is_refused_where_the_bf16_path_does_not_read_it(packing):
@@ -229,6 +232,8 @@ def test_slots_are_written_and_read_through_either_layout():
     some = torch.tensor([[95, 0], [41, 17]])
     assert torch.equal(gather_slots(packed, some), gather_slots(rows_layout, some))
     assert torch.equal(gather_slots(packed, some)[0, 0], rows[2])
+    write_slots(packed, slots[:0], rows[:0])  # a step whose rows are all padding writes nothing
+    assert torch.equal(K.unpack_k(packed), rows_layout)
 
 
 def test_engine_pools_pack_k_where_the_op_reads_it(packing, tiny_dir):

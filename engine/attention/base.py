@@ -8,7 +8,9 @@ import torch
 
 from etr.engine.attention.metadata import AttentionMetadata
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_pages, v_pages), each [num_blocks, block_size, kv_heads, head_dim]
+# (k_pages, v_pages), each [num_blocks, block_size, kv_heads, head_dim]; on the CPU a bf16 pool's K may be packed,
+# [num_blocks, kv_heads, head_dim/2, block_size, 2] (kernels/cpu_paged_decode.py, pack_k).
+KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class AttentionBackend(Protocol):

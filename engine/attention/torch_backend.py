@@ -29,8 +29,8 @@ def page_slots(block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int, 
 
 
 def gather_slots(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The K or V rows at ``slots`` (any shape) of ``[num_blocks, block_size, kv_heads, head_dim]`` pages, as
-    ``[*slots.shape, kv_heads, head_dim]``. index_select on a 2-D view: several times faster on the CPU than
+    """The K or V rows at ``slots`` (any shape) of ``[num_blocks, block_size, kv_heads, head_dim]`` pages (or
+    packed K pages), as ``[*slots.shape, kv_heads, head_dim]``. index_select on a 2-D view: several times faster on the CPU than
     indexing the pages with the slot tensor (bench/RESULTS.md). Packed K pages (5-d, ``cpu_paged_decode.pack_k``)
     are read through their layout."""
     if pages.dim() == 5:
@@ -45,7 +45,7 @@ def write_slots(pages: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) ->
     """``rows`` ``[N, kv_heads, head_dim]`` into ``slots`` ``[N]`` of K or V pages, packed K pages included."""
     if pages.dim() == 5:
         block_size = pages.shape[3]
-        pages[slots // block_size, :, :, slots % block_size] = rows.reshape(len(slots), pages.shape[1], -1, 2)
+        pages[slots // block_size, :, :, slots % block_size] = rows.reshape(len(slots), *pages.shape[1:3], 2)
     else:
         pages.view(-1, *pages.shape[2:]).index_copy_(0, slots, rows)
 
