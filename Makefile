@@ -3,6 +3,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.etr-installed
+# Python must not put the checkout's root on sys.path (as `python -m` and `python -c` do with the current
+# directory): its kernels/ folder (installed as etr.kernels) would shadow the `kernels` package, which
+# transformers >= 5.25 requires and imports. Exported, so that every Python the tests start inherits it.
+export PYTHONSAFEPATH := 1
 
 .PHONY: demo test bench gpu-mirror clean
 
