@@ -2,7 +2,6 @@
 end to end prints its table."""
 
 import pytest
-import torch
 
 from conftest import load_bench
 from etr.kernels import cpu_paged_decode as K
