@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from decode import decode_steps
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, under PYTHONSAFEPATH too
+from decode import decode_steps  # noqa: E402
 
 
 @dataclass(slots=True)

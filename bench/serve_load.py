@@ -28,8 +28,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from soak import free_port, healthy, stop, wait_until
-from throughput import make_prompts
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, under PYTHONSAFEPATH too
+from soak import free_port, healthy, stop, wait_until  # noqa: E402
+from throughput import make_prompts  # noqa: E402
 
 
 @dataclass(slots=True)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, under PYTHONSAFEPATH too
+
 
 def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
