@@ -18,8 +18,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -39,18 +42,35 @@ at::Tensor pack(const at::Tensor& weight) {
   return padded.view({blocks, kBlock, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
+// Whether row tiles prefetch the next block (rows()): on unless ETR_CPU_GEMM_PREFETCH=0; set_prefetch switches it
+// at run time, so that bench/knob_ab.py can time both in one process. It changes no result, only the timing.
+std::atomic<bool> g_prefetch{[] {
+  const char* v = std::getenv("ETR_CPU_GEMM_PREFETCH");
+  return !(v && std::strcmp(v, "0") == 0);
+}()};
+
+bool set_prefetch(bool on) { return g_prefetch.exchange(on); }
+
 #if defined(__AVX512BF16__)
 constexpr bool kNative = true;
+
+// The 64-byte lines of memory one tile fetches into L2 while it runs, spread evenly over its pairs.
+struct Ahead {
+  const char* first;
+  int64_t lines;
+};
 
 // Rows [0, MT) of x (row stride `stride`, `pairs` pairs of inputs each) times one packed block `w`: out[m, :32].
 template <int MT>
 void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, const float* bias, bf16* y,
-          int64_t y_stride, int64_t count) {
+          int64_t y_stride, int64_t count, Ahead ahead) {
   __m512 acc[MT][2];
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  int64_t fetched = 0, due = 0;  // due / pairs lines are owed by now (no division in the loop)
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 64);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
+    for (due += ahead.lines; due >= pairs; due -= pairs) _mm_prefetch(ahead.first + 64 * fetched++, _MM_HINT_T1);
     for (int m = 0; m < MT; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * stride + 2 * p, sizeof(pair));
@@ -77,13 +97,29 @@ void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, const flo
   }
 }
 
+// Rows [0, rows_n) times one packed block, as tiles of 8 rows (the rest as 4, 2, 1; 5 to 8 rows as 4 and the
+// rest). Where there are more than 4 rows the block is walked by two tiles or more: the first reads it from
+// memory, the others from L2, and with nothing else to fetch the memory would idle during those. So the tiles
+// prefetch the next block (the next in memory: the one this thread runs next, as a rule), each a share in
+// proportion to its rows, and the stream runs through the whole block's time. With 4 rows or fewer the block is
+// read at about the stream's rate in one walk, and prefetching more did not pay (bench/RESULTS.md).
 void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
           bf16* y, int64_t y_stride, int64_t count) {
+  const bool fetch = rows_n > 4 && g_prefetch.load(std::memory_order_relaxed);
+  const int64_t lines = fetch ? pairs * 2 * kBlock * static_cast<int64_t>(sizeof(bf16)) / 64 : 0;
+  const char* next = reinterpret_cast<const char*>(w + pairs * 2 * kBlock);
   int64_t m = 0;
-  for (; m + 8 <= rows_n; m += 8) tile<8>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count);
-  for (; m + 4 <= rows_n; m += 4) tile<4>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count);
-  for (; m + 2 <= rows_n; m += 2) tile<2>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count);
-  for (; m < rows_n; ++m) tile<1>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count);
+  auto run = [&](auto size) {
+    constexpr int MT = decltype(size)::value;
+    const Ahead ahead{next + 64 * (lines * m / rows_n), lines * (m + MT) / rows_n - lines * m / rows_n};
+    tile<MT>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
+    m += MT;
+  };
+  if (rows_n > 4 && rows_n <= 8) run(std::integral_constant<int, 4>());
+  while (rows_n - m >= 8) run(std::integral_constant<int, 8>());
+  if (rows_n - m >= 4) run(std::integral_constant<int, 4>());
+  if (rows_n - m >= 2) run(std::integral_constant<int, 2>());
+  if (rows_n - m >= 1) run(std::integral_constant<int, 1>());
 }
 #else
 constexpr bool kNative = false;  // correct everywhere, fast only with the instruction (cpu_bf16_linear.py asks)
@@ -173,6 +209,7 @@ TORCH_LIBRARY(etr_cpu_linear, m) {
   m.def("pack(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("native() -> bool", &native);
+  m.def("set_prefetch(bool on) -> bool", &set_prefetch);
 }
 
 TORCH_LIBRARY_IMPL(etr_cpu_linear, CPU, m) {

@@ -5,7 +5,8 @@ Measured against oneDNN's prepacked bf16 GEMM on a Zen 4 CPU it is faster at eve
 decode step at batch 1, where it streams the weights at close to the read bandwidth) to 1,024 (a prefill)
 (bench/RESULTS.md). ``PackedBf16Linear`` (kernels/cpu_gemm.py) uses it where ``available()``; on CPUs with AMX
 oneDNN's AMX GEMM stays (not measured against this one). Built on first use (kernels/cpp_op.py);
-``ETR_CPU_LINEAR=0`` turns it off. ``reference`` is the plain-torch computation it is tested against.
+``ETR_CPU_LINEAR=0`` turns it off, ``ETR_CPU_GEMM_PREFETCH=0`` only its prefetch (``set_prefetch``).
+``reference`` is the plain-torch computation it is tested against.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     """``F.linear(x, weight, bias)`` on ``packed = pack(weight)``, all bf16, any leading dims; float32 products
     and sums, rounded to bf16 once."""
     return torch.ops.etr_cpu_linear.linear(x, packed, bias, out_features)
+
+
+def set_prefetch(on: bool) -> bool:
+    """Turn the GEMM's prefetch of the next weight block on or off (process-wide; on unless
+    ``ETR_CPU_GEMM_PREFETCH=0``) and return the previous setting. It changes timings only, never a result: with
+    more than 4 rows a weight block is walked by two row tiles or more, and the tiles fetch the next block into
+    L2 meanwhile, so that the weight stream does not idle while the later tiles run (bench/RESULTS.md)."""
+    return bool(torch.ops.etr_cpu_linear.set_prefetch(bool(on)))
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -39,13 +39,25 @@ def test_linear_matches_exact_arithmetic(op, out, k, bias):
     b = torch.randn(out, generator=g).bfloat16() if bias else None
     packed = L.pack(w)
     assert packed.shape == (-(-out // 32), -(-k // 2), 32, 2)
-    for shape in [(k,), (1, k), (3, k), (8, k), (13, k), (2, 25, k), (130, k)]:
+    for shape in [(k,), (1, k), (3, k), (5, k), (6, k), (7, k), (8, k), (13, k), (2, 25, k), (130, k)]:
         x = torch.randn(shape, generator=g).bfloat16()
         got = L.linear(x, packed, b, out)
         assert got.shape == (*shape[:-1], out) and got.dtype == torch.bfloat16
         want = L.reference(x, w, b)
         assert within_tolerance(got, x, w, b), shape
         assert within_tolerance(want, x, w, b) and within_tolerance(got, x, w, b, want, times=2)
+
+
+def test_a_row_does_not_depend_on_how_many_rows_run_with_it(op):
+    """Every row count runs as its own mix of row tiles (8, 4, 2, 1; 5 to 8 rows as 4 and the rest), and each
+    tile sums in the same order, so every row's bits equal those of the row run alone."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(70, 123, generator=g).bfloat16()
+    packed = L.pack(w)
+    x = torch.randn(50, 123, generator=g).bfloat16()
+    alone = torch.cat([L.linear(x[i:i + 1], packed, None, 70) for i in range(50)])
+    for rows in list(range(1, 18)) + [24, 47, 48, 49, 50]:
+        assert torch.equal(L.linear(x[:rows], packed, None, 70), alone[:rows]), rows
 
 
 @pytest.mark.parametrize("out", [40, 600])

@@ -1,0 +1,137 @@
+"""One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
+
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch} [--model DIR] [--points 16x128 16x2048 1x4096]
+                            [--rounds 8] [--steps 4]
+
+Knobs (each changes timings only; the tests check the tokens):
+- ``pack_k``: the K pool packed for the decode attention's bf16 path (``cpu_paged_decode.pack_k``; off: the row
+  layout V has, as with ``ETR_CPU_PACK_K=0``). Every layer's K pool is converted between rounds.
+- ``gemm_prefetch``: the package's bf16 GEMM prefetching the next weight block while its later row tiles run
+  (``cpu_bf16_linear.set_prefetch``; off: as with ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
+
+This machine's speed drifts by tens of percent within minutes, so the two sides are not timed one after the
+other: for each point (batch x context) the engine prefills, then decodes ``rounds`` pairs of rounds of
+``steps`` steps, the knob switched between the rounds of a pair (outside the timing; which side goes first
+alternates). The figure is the median of the pairs' on/off ratios with its quartiles, beside each side's ms
+per step and the step's bandwidth floor (weights + the KV of the context, at the read bandwidth measured at
+the start). Whole engine steps are timed (scheduling and sampling included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import decode_steps  # noqa: E402
+from glue_ab import quartiles  # noqa: E402
+from scaling import read_bandwidth, step_bytes, weight_bytes  # noqa: E402
+
+
+def set_layout(runner, packed: bool) -> None:
+    """Every layer's K pool in the packed or the row layout (a copy where it changes)."""
+    from etr.kernels import cpu_paged_decode as K
+    runner.kv_caches = [(K.pack_k(k) if packed and k.dim() == 4 else k if packed else K.unpack_k(k), v)
+                        for k, v in runner.kv_caches]
+
+
+def set_gemm_prefetch(runner, on: bool) -> None:
+    from etr.kernels import cpu_bf16_linear
+    cpu_bf16_linear.set_prefetch(on)
+
+
+def pack_k_missing(runner) -> str | None:
+    if runner.kv_caches[0][0].dim() != 5:
+        return ("this engine's K pool is not packed here (cpu_paged_decode.packs_k: the op's bf16 path, pages of a "
+                "multiple of 16, ETR_CPU_PACK_K)")
+    return None
+
+
+def gemm_prefetch_missing(runner) -> str | None:
+    from etr.kernels import cpu_bf16_linear
+    if not cpu_bf16_linear.available():
+        return f"the package's bf16 GEMM is not in use here ({cpu_bf16_linear.load_error()})"
+    return None
+
+
+# name: (switch(runner, on), why the knob cannot be compared here or None, the on side's name, the off side's)
+KNOBS = {
+    "pack_k": (set_layout, pack_k_missing, "packed", "rows"),
+    "gemm_prefetch": (set_gemm_prefetch, gemm_prefetch_missing, "prefetch", "no prefetch"),
+}
+
+
+def interleaved(llm, knob: str, batch: int, context: int, rounds: int, steps: int) -> dict:
+    """ms per step of each side and the pairs' on/off ratios (see the module doc); leaves the knob on."""
+    runner, switch = llm.engine.runner, KNOBS[knob][0]
+    run, seqs = decode_steps(llm, batch, context, rounds * steps)
+    ms = {True: [], False: []}
+    ratios = []
+    for i in range(rounds):
+        pair = {}
+        for on in (True, False) if i % 2 == 0 else (False, True):
+            switch(runner, on)
+            start = time.perf_counter()
+            for _ in range(steps):
+                llm.engine.step()
+            pair[on] = (time.perf_counter() - start) / steps * 1e3
+            ms[on].append(pair[on])
+        ratios.append(pair[True] / pair[False])
+    switch(runner, True)
+    llm.engine.abort(seqs)
+    return {"on_ms": quartiles(ms[True]), "off_ms": quartiles(ms[False]), "ratio": quartiles(ratios)}
+
+
+def parse_point(text: str) -> tuple[int, int]:
+    try:
+        batch, context = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"point {text!r}: expected BATCHxCONTEXT, e.g. 16x2048") from None
+    if batch < 1 or context < 1:
+        raise argparse.ArgumentTypeError(f"point {text!r}: batch and context must be >= 1")
+    return batch, context
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--knob", choices=sorted(KNOBS), required=True, help="what is switched on and off")
+    ap.add_argument("--model", default=None, help="checkpoint (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--points", type=parse_point, nargs="+", default=[(16, 128), (16, 2048), (16, 4096), (1, 4096)],
+                    help="BATCHxCONTEXT points")
+    ap.add_argument("--rounds", type=int, default=8, help="pairs of rounds per point")
+    ap.add_argument("--steps", type=int, default=4, help="decode steps per round")
+    args = ap.parse_args(argv)
+    import torch
+    from etr import LLM
+    model = args.model
+    if model is None:
+        from etr.default_model import default_model_dir
+        model = str(default_model_dir(torch.float32))
+    longest = max(c for _, c in args.points) + 2 * args.rounds * args.steps + 16
+    llm = LLM(model, dtype="bfloat16", max_num_seqs=max(b for b, _ in args.points), max_model_len=longest)
+    _, missing, on_name, off_name = KNOBS[args.knob]
+    why = missing(llm.engine.runner)
+    if why:
+        print(f"{why}; nothing to compare", file=sys.stderr)
+        return 1
+    bandwidth = read_bandwidth()
+    from etr.models.loader import load_model
+    weights = weight_bytes(load_model(model, torch.bfloat16, "cpu"))  # the engine's packed linears are not parameters
+    print(f"knob {args.knob}; read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weights / 1e6:.0f} MB; "
+          f"{args.rounds} pairs of {args.steps} steps a point")
+    print(f"| batch | context | floor ms | {off_name} ms/step (q1 / median / q3) | {on_name} ms/step | {on_name} / "
+          f"{off_name} (q1 / median / q3) | {on_name} median x floor |")
+    print("| ---: | ---: | ---: | --- | --- | --- | ---: |")
+    for batch, context in args.points:
+        floor = step_bytes(llm.engine.model_config, weights, batch, context, 2) / bandwidth * 1e3
+        r = interleaved(llm, args.knob, batch, context, args.rounds, args.steps)
+        fmt = lambda q, d: " / ".join(f"{v:.{d}f}" for v in q)  # noqa: E731
+        print(f"| {batch} | {context} | {floor:.1f} | {fmt(r['off_ms'], 1)} | {fmt(r['on_ms'], 1)} | "
+              f"{fmt(r['ratio'], 3)} | {r['on_ms'][1] / floor:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

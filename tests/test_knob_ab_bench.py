@@ -1,0 +1,48 @@
+"""bench/knob_ab.py: the GEMM's prefetch switched mid-generation keeps the tokens, and a small run end to end
+prints its table (the pack_k knob: tests/test_pack_ab_bench.py)."""
+
+import pytest
+
+from conftest import load_bench
+from etr.kernels import cpu_bf16_linear
+
+
+@pytest.fixture(scope="module")
+def gemm():
+    if not cpu_bf16_linear.available():
+        pytest.skip(f"the package's bf16 GEMM is not the one used here: {cpu_bf16_linear.load_error()}")
+
+
+def test_switching_the_prefetch_mid_generation_keeps_the_tokens(gemm, tiny_dir):
+    from etr import LLM, SamplingParams
+    bench = load_bench("knob_ab")
+    prompts = [list(range(10 + i, 40 + i)) for i in range(6)]  # 6 rows: two row tiles, so the prefetch acts
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(str(tiny_dir("qwen2_tied_hd32")), dtype="bfloat16")
+    want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    engine = llm.engine
+    seqs = [engine.add_request(p, params) for p in prompts]
+    steps = 0
+    try:
+        while not all(s.is_finished for s in seqs):
+            bench.set_gemm_prefetch(engine.runner, steps % 2 == 0)
+            engine.step()
+            steps += 1
+    finally:
+        cpu_bf16_linear.set_prefetch(True)
+    assert [s.output_token_ids for s in seqs] == want
+
+
+def test_set_prefetch_returns_the_previous_setting(gemm):
+    assert cpu_bf16_linear.set_prefetch(False) is True
+    assert cpu_bf16_linear.set_prefetch(True) is False
+
+
+def test_a_small_run_prints_its_table(gemm, tiny_dir, capsys):
+    bench = load_bench("knob_ab")
+    assert bench.main(["--knob", "gemm_prefetch", "--model", str(tiny_dir("qwen2_tied_hd32")), "--points", "6x20",
+                       "--rounds", "2", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 6 | 20 |")]
+    assert "knob gemm_prefetch" in out and len(rows) == 1 and len(rows[0].split("|")) == 9
+    assert cpu_bf16_linear.set_prefetch(True) is True  # the run leaves it on
