@@ -182,20 +182,29 @@ void scores_bf16(const at::BFloat16* qh, const at::BFloat16* const* rows, int64_
   }
 }
 
+// Pages ahead of the scores pass that it prefetches: K pages for itself, V pages for the values pass.
+constexpr int64_t kKPagesAhead = 4;
+constexpr int64_t kVPagesAhead = 1;
+
 // Scores of every query head against the positions [first * bs, end) of packed K pages (see the top of the
 // file): per page and KV head, 16 positions at a time, one load per dimension pair shared by up to 4 query heads,
 // two accumulator chains each; the query's pair is broadcast. Garbage past `end` stays out of the stored lanes.
+// Meanwhile it prefetches into L2, two lines per dimension step spread over the page's work, the K page
+// kKPagesAhead on and the V page kVPagesAhead on, so that the values pass finds the part's V pages in cache
+// (a part is at most MAX_PART_POSITIONS). Prefetched in a burst at each page, or into L1, the lines
+// arrived no sooner than the loads that wanted them, and the passes' misses added to their arithmetic.
 void scores_packed(const Part& part, const Shape& s, const at::BFloat16* q, const at::BFloat16* k_pages,
-                   const int32_t* blocks, float* scores, int64_t n) {
+                   const at::BFloat16* v_pages, const int32_t* blocks, float* scores, int64_t n) {
   const int64_t D = s.dim, G = s.group, bs = s.block_size, page = bs * s.kv_heads * D, begin = part.first * bs;
   const int32_t* qw = reinterpret_cast<const int32_t*>(q);  // pairs of dimensions
   const __m512 sc = _mm512_set1_ps(s.scale);
+  auto page_at = [&](const at::BFloat16* pages, int64_t j) {
+    return j < part.last ? reinterpret_cast<const char*>(pages + static_cast<int64_t>(blocks[j]) * page) : nullptr;
+  };
   for (int64_t j = part.first; j < part.last; ++j) {
     const int32_t* kb = reinterpret_cast<const int32_t*>(k_pages + static_cast<int64_t>(blocks[j]) * page);
-    if (j + 2 < part.last) {  // two pages ahead: the stream crosses a 4 KB page of memory every page or so
-      const char* next = reinterpret_cast<const char*>(k_pages + static_cast<int64_t>(blocks[j + 2]) * page);
-      for (int64_t b = 0; b < page * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-    }
+    const char* k_ahead = page_at(k_pages, j + kKPagesAhead);
+    const char* v_ahead = page_at(v_pages, j + kVPagesAhead);
     for (int64_t t0 = 0; t0 < bs && j * bs + t0 < part.end; t0 += kPositions) {
       const int64_t count = std::min(kPositions, part.end - j * bs - t0);
       const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
@@ -206,6 +215,17 @@ void scores_packed(const Part& part, const Shape& s, const at::BFloat16* q, cons
           __m512 a[4][2];
           for (int h = 0; h < 4; ++h) a[h][0] = a[h][1] = _mm512_setzero_ps();
           for (int64_t i = 0; i < D / 2; i += 2) {
+            if (h0 == kh * G) {  // 128 bytes per step: over the page's (t0, kh, i) steps, one page of each
+              const int64_t at = (kh * (bs / kPositions) * (D / 4) + (t0 / kPositions) * (D / 4) + i / 2) * 128;
+              if (k_ahead) {
+                _mm_prefetch(k_ahead + at, _MM_HINT_T1);
+                _mm_prefetch(k_ahead + at + 64, _MM_HINT_T1);
+              }
+              if (v_ahead) {
+                _mm_prefetch(v_ahead + at, _MM_HINT_T1);
+                _mm_prefetch(v_ahead + at + 64, _MM_HINT_T1);
+              }
+            }
             const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kz + i * bs);
             const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kz + (i + 1) * bs);
             for (int h = 0; h < 4; ++h) {
@@ -310,7 +330,7 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
   thread_local std::vector<const at::BFloat16*> head_rows;
   head_rows.resize(static_cast<size_t>(n));
   const at::BFloat16* q = q_all + part.b * H * D;
-  if (s.packed_k) scores_packed(part, s, q, k_pages, blocks, scores, n);
+  if (s.packed_k) scores_packed(part, s, q, k_pages, v_pages, blocks, scores, n);
   for (int64_t kh = 0; kh < (s.packed_k ? 0 : s.kv_heads); ++kh) {
     for (int64_t i = 0; i < n; ++i) head_rows[i] = rows[i] + kh * D;
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
@@ -345,8 +365,11 @@ bool fast_bf16_dim(int64_t) { return false; }
 #endif
 
 // Tasks: every sequence cut into runs of whole pages of at least MIN_PART_POSITIONS positions, so that there
-// are about TASKS_PER_THREAD tasks per thread when sequences are few and long.
+// are about TASKS_PER_THREAD tasks per thread when sequences are few and long, and of at most
+// MAX_PART_POSITIONS, so that the V pages the scores pass prefetches (384 KB at 1,024 positions of SmolLM2) are
+// still in L2 when the values pass reads them.
 constexpr int64_t MIN_PART_POSITIONS = 256;
+constexpr int64_t MAX_PART_POSITIONS = 1024;
 constexpr int64_t TASKS_PER_THREAD = 4;
 
 std::vector<Part> plan(const int32_t* lens, const int32_t* tables, int64_t batch, int64_t bs, int64_t max_blocks,
@@ -365,7 +388,8 @@ std::vector<Part> plan(const int32_t* lens, const int32_t* tables, int64_t batch
     total += lens[b];
   }
   const int64_t want = TASKS_PER_THREAD * at::get_num_threads();
-  const int64_t positions = std::max(MIN_PART_POSITIONS, (total + want - 1) / want);
+  const int64_t positions =
+      std::min(MAX_PART_POSITIONS, std::max(MIN_PART_POSITIONS, (total + want - 1) / want));
   const int64_t pages = std::max<int64_t>(1, (positions + bs - 1) / bs);
   std::vector<Part> parts;
   for (int64_t b = 0; b < batch; ++b) {

@@ -204,6 +204,26 @@ def test_packed_k_matches_the_reference(packing, heads, kv_heads, dim, block_siz
     assert (got == rows).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_k_on_contexts_cut_into_many_parts(packing, threads):
+    """Over 8,192 positions in all: parts reach their cap (1,024 positions), and the scores pass prefetches K and V
+    pages ahead across the parts' ends (shuffled pages, the last one partly filled)."""
+    g = torch.Generator().manual_seed(threads)
+    heads, kv_heads, dim, block_size = 9, 3, 64, 16
+    lens = torch.tensor([3000, 2903, 17, 3100], dtype=torch.int32)
+    per_seq = -(-int(lens.max()) // block_size)
+    k_pages, v_pages = pages(len(lens) * per_seq + 1, block_size, kv_heads, dim, torch.bfloat16, g)
+    tables = (torch.randperm(len(lens) * per_seq, generator=g).view(len(lens), -1) + 1).to(torch.int32)
+    q = torch.randn(len(lens), heads, dim, generator=g).to(torch.bfloat16) * 3
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = K.paged_decode(q, K.pack_k(k_pages), v_pages, tables, lens, dim ** -0.5)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, K.reference(q, k_pages, v_pages, tables, lens, dim ** -0.5), **TOL[torch.bfloat16])
+
+
 def test_packed_k_is_refused_where_the_bf16_path_does_not_read_it(packing):
     g = torch.Generator().manual_seed(0)
     tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
