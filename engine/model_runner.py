@@ -20,6 +20,15 @@ from etr.errors import ConfigError
 from etr.models.loader import load_model
 
 
+# A sequence whose prefill rows read at most this many positions of context a layer runs through the CPU's
+# decode-step op, one row per prompt token (``ModelRunner._token_rows``). Each row reads its whole prefix, so
+# the reads grow with the square of the new tokens (131,072: a prompt of ~511 tokens); on SmolLM2 the rows took
+# 0.73-0.84 of the forward's time from 40 to 900 tokens (bench/RESULTS.md), the forward's Python and small ops
+# outweighing them, and the budget stays well inside that. Decided per sequence, so that a sequence's path does
+# not depend on what it was batched with.
+SHORT_PREFILL_POSITIONS = 131072
+
+
 def check_fused_ops(device: torch.device) -> None:
     """The fused Triton ops need Triton, and on the CPU its interpreter."""
     if fused_norm.triton is None:
@@ -133,9 +142,53 @@ class ModelRunner:
         if num_decodes == len(seqs):
             return self._decode(seqs)
         if num_decodes == 0:
-            input_ids, positions, meta = self.prepare_prefill(seqs)
-            return self._forward(input_ids, positions, meta, self.backend)[meta.cu_seqlens_q[1:].long() - 1]
+            return self._prefill(seqs)
         return self._mixed(seqs, num_decodes)
+
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Last hidden states of prefilling ``seqs``: the short ones (``SHORT_PREFILL_POSITIONS``) as token rows
+        of the CPU's decode-step op where it runs, the others through the model's forward."""
+        short = [self.native_step is not None and self._row_reads(s) <= SHORT_PREFILL_POSITIONS for s in seqs]
+        out = None
+        for rows in (True, False):
+            index = [i for i, x in enumerate(short) if x == rows]
+            if not index:
+                continue
+            hidden = self._prefill_group([seqs[i] for i in index], rows)
+            if len(index) == len(seqs):
+                return hidden
+            out = hidden.new_empty(len(seqs), hidden.shape[-1]) if out is None else out
+            out[index] = hidden
+        return out
+
+    @staticmethod
+    def _row_reads(seq: Sequence) -> int:
+        """Positions of context the rows of ``seq``'s prefill read a layer: 1 + 2 + ... past its cached prefix."""
+        cached, new = seq.num_cached_tokens, len(seq) - seq.num_cached_tokens
+        return new * cached + new * (new + 1) // 2
+
+    def _prefill_group(self, seqs: list[Sequence], as_rows: bool) -> torch.Tensor:
+        input_ids, positions, meta = self.prepare_prefill(seqs)
+        last = meta.cu_seqlens_q[1:].long() - 1
+        rows = self._token_rows(meta) if as_rows else None
+        if rows is not None:
+            return self.native_step(input_ids, positions, rows, self.kv_caches)[last]
+        return self._forward(input_ids, positions, meta, self.backend)[last]
+
+    def _token_rows(self, meta: AttentionMetadata) -> AttentionMetadata | None:
+        """A prefill as decode rows for the CPU's decode-step op, or None where the backend would not read the
+        pages in place: one row per prompt token, with its sequence's block table and its position + 1 as its
+        context. The op writes every row's K and V of a layer before that layer's attention, so each row attends
+        to its own prefix: causal attention, prefix-cache hits included."""
+        lens = [c - q + i + 1 for q, c in zip(meta.query_lens, meta.context_lens_list) for i in range(q)]
+        rows = AttentionMetadata(
+            is_prefill=False, query_lens=[1] * len(lens), context_lens_list=lens,
+            cu_seqlens_q=torch.arange(len(lens) + 1, dtype=torch.int32, device=self.device),
+            slot_mapping=meta.slot_mapping, context_lens=self._tensor(lens, torch.int32),
+            block_tables=meta.block_tables.repeat_interleave(self._tensor(meta.query_lens), dim=0),
+            block_size=meta.block_size, dtype=meta.dtype)
+        self.backend.prepare(rows)
+        return rows if rows.extra.get("in_place") else None
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         if self.graphs is not None and self.graphs.size_for(len(seqs)) is not None:

@@ -117,6 +117,7 @@ def test_engine_decodes_through_the_step_with_the_forwards_tokens(op, tiny_dir, 
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     import etr.engine.model_runner as M
     monkeypatch.setattr(M, "wants_fp32_gemm", lambda *a: False)  # CPUs without native bf16 would keep fp32 copies
+    monkeypatch.setattr(M, "SHORT_PREFILL_POSITIONS", 0)  # prefills by the forward (tests/test_short_prefill.py)
     calls = []
     step = K.DecodeStep.__call__
     monkeypatch.setattr(K.DecodeStep, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
