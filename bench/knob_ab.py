@@ -1,6 +1,6 @@
 """One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
 
-    python bench/knob_ab.py --knob {pack_k,gemm_prefetch} [--model DIR] [--points 16x128 16x2048 1x4096]
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax} [--model DIR] [--points 16x128 16x2048 1x4096]
                             [--rounds 8] [--steps 4]
 
 Knobs (each changes timings only; the tests check the tokens):
@@ -8,6 +8,8 @@ Knobs (each changes timings only; the tests check the tokens):
   layout V has, as with ``ETR_CPU_PACK_K=0``). Every layer's K pool is converted between rounds.
 - ``gemm_prefetch``: the package's bf16 GEMM prefetching the next weight block while its later row tiles run
   (``cpu_bf16_linear.set_prefetch``; off: as with ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
+- ``cpu_argmax``: greedy sampling's argmax by the package's op (kernels/cpu_argmax.py; off: torch's
+  ``max(dim=-1)``, as with ``ETR_CPU_ARGMAX=0``).
 
 This machine's speed drifts by tens of percent within minutes, so the two sides are not timed one after the
 other: for each point (batch x context) the engine prefills, then decodes ``rounds`` pairs of rounds of
@@ -37,49 +39,60 @@ def set_layout(runner, packed: bool) -> None:
                         for k, v in runner.kv_caches]
 
 
-def set_gemm_prefetch(runner, on: bool) -> None:
+def set_gemm_prefetch(on: bool) -> None:
     from etr.kernels import cpu_bf16_linear
     cpu_bf16_linear.set_prefetch(on)
 
 
-def pack_k_missing(runner) -> str | None:
-    if runner.kv_caches[0][0].dim() != 5:
+def set_cpu_argmax(engine, on: bool) -> None:
+    engine.sampler.cpu_argmax = on
+
+
+def pack_k_missing(engine) -> str | None:
+    if engine.runner.kv_caches[0][0].dim() != 5:
         return ("this engine's K pool is not packed here (cpu_paged_decode.packs_k: the op's bf16 path, pages of a "
                 "multiple of 16, ETR_CPU_PACK_K)")
     return None
 
 
-def gemm_prefetch_missing(runner) -> str | None:
+def gemm_prefetch_missing(engine) -> str | None:
     from etr.kernels import cpu_bf16_linear
     if not cpu_bf16_linear.available():
         return f"the package's bf16 GEMM is not in use here ({cpu_bf16_linear.load_error()})"
     return None
 
 
-# name: (switch(runner, on), why the knob cannot be compared here or None, the on side's name, the off side's)
+def cpu_argmax_missing(engine) -> str | None:
+    from etr.kernels import cpu_argmax
+    return None if engine.sampler.cpu_argmax else f"the argmax op is not in use here ({cpu_argmax.load_error()})"
+
+
+# name: (switch(engine, on), why the knob cannot be compared here or None, the on side's name, the off side's)
 KNOBS = {
-    "pack_k": (set_layout, pack_k_missing, "packed", "rows"),
-    "gemm_prefetch": (set_gemm_prefetch, gemm_prefetch_missing, "prefetch", "no prefetch"),
+    "pack_k": (lambda engine, on: set_layout(engine.runner, on), pack_k_missing, "packed", "rows"),
+    "gemm_prefetch": (lambda engine, on: set_gemm_prefetch(on), gemm_prefetch_missing, "prefetch",
+                      "no prefetch"),
+    "cpu_argmax": (set_cpu_argmax, cpu_argmax_missing, "op", "torch"),
 }
 
 
 def interleaved(llm, knob: str, batch: int, context: int, rounds: int, steps: int) -> dict:
     """ms per step of each side and the pairs' on/off ratios (see the module doc); leaves the knob on."""
-    runner, switch = llm.engine.runner, KNOBS[knob][0]
+    engine, switch = llm.engine, KNOBS[knob][0]
     run, seqs = decode_steps(llm, batch, context, rounds * steps)
     ms = {True: [], False: []}
     ratios = []
     for i in range(rounds):
         pair = {}
         for on in (True, False) if i % 2 == 0 else (False, True):
-            switch(runner, on)
+            switch(engine, on)
             start = time.perf_counter()
             for _ in range(steps):
                 llm.engine.step()
             pair[on] = (time.perf_counter() - start) / steps * 1e3
             ms[on].append(pair[on])
         ratios.append(pair[True] / pair[False])
-    switch(runner, True)
+    switch(engine, True)
     llm.engine.abort(seqs)
     return {"on_ms": quartiles(ms[True]), "off_ms": quartiles(ms[False]), "ratio": quartiles(ratios)}
 
@@ -112,7 +125,7 @@ def main(argv=None) -> int:
     longest = max(c for _, c in args.points) + 2 * args.rounds * args.steps + 16
     llm = LLM(model, dtype="bfloat16", max_num_seqs=max(b for b, _ in args.points), max_model_len=longest)
     _, missing, on_name, off_name = KNOBS[args.knob]
-    why = missing(llm.engine.runner)
+    why = missing(llm.engine)
     if why:
         print(f"{why}; nothing to compare", file=sys.stderr)
         return 1

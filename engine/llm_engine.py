@@ -57,7 +57,7 @@ class LLMEngine:
         if config.num_kv_blocks is not None:
             self.init_kv(config.num_kv_blocks)
         eos = self.model_config.eos_token_ids
-        self.sampler = Sampler(eos)
+        self.sampler = Sampler(eos, self.device)
         self.stop_checker = StopChecker(eos, config.max_model_len, self.tokenizer)
         self.switched: list[Sequence] = []  # sequences that chose an expert token this step
         self.label = "meta"  # in profiler spans; the switcher labels each expert's engine after its expert

@@ -10,6 +10,7 @@ import torch
 
 from etr.engine.pending_step import host_to_device
 from etr.engine.sequence import Sequence
+from etr.kernels import cpu_argmax
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -30,20 +31,29 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 class Sampler:
     """Turns last-position logits into one token per sequence (greedy or sampled)."""
-    def __init__(self, eos_token_ids: tuple[int, ...] = ()):
+    def __init__(self, eos_token_ids: tuple[int, ...] = (), device: torch.device | str | None = None):
         self.eos_token_ids = tuple(eos_token_ids)
+        # Asked here, so that a first build of the op happens while the engine starts, not in a request.
+        self.cpu_argmax = device is not None and torch.device(device).type == "cpu" and cpu_argmax.available()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next tokens ``[B]`` on the logits' device; nothing here waits for the device."""
-        logits = self._suppress_early_stops(logits.float(), seqs)
+        logits = self._suppress_early_stops(logits, seqs)
         greedy = [s.params.greedy for s in seqs]
-        # max(dim).indices is argmax (the first of equal maxima), and faster on the CPU (bench/RESULTS.md).
-        tokens = logits.max(dim=-1).indices
+        tokens = self._argmax(logits)
         if all(greedy):
             return tokens
         rows = host_to_device([i for i, g in enumerate(greedy) if not g], torch.long, logits.device)
-        tokens[rows] = self._sample(logits[rows], [s for s, g in zip(seqs, greedy) if not g])
+        tokens[rows] = self._sample(logits[rows].float(), [s for s, g in zip(seqs, greedy) if not g])
         return tokens
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The first index of each row's maximum (bf16 values compare exactly, so no float32 copy is needed).
+        On the CPU the package's op; elsewhere max(dim).indices, which is argmax and was faster than it on the
+        CPU (bench/RESULTS.md)."""
+        if self.cpu_argmax and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
+            return cpu_argmax.argmax_rows(logits)
+        return logits.max(dim=-1).indices
 
     def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Until ``min_tokens`` are out, EOS (unless ignored) and stop ids cannot be drawn."""
@@ -55,6 +65,7 @@ class Sampler:
                 rows += [i] * len(banned)
                 cols += banned
         if rows:
+            logits = logits.float()  # a copy for bf16 logits; float32 ones are written in place, as they were
             index = host_to_device([rows, cols], torch.long, logits.device)
             logits[index[0], index[1]] = float("-inf")
         return logits

@@ -1,5 +1,5 @@
 """bench/knob_ab.py: the GEMM's prefetch switched mid-generation keeps the tokens, and a small run end to end
-prints its table (the pack_k knob: tests/test_pack_ab_bench.py)."""
+prints its table, for it and for the argmax op (the pack_k knob: tests/test_pack_ab_bench.py)."""
 
 import pytest
 
@@ -25,7 +25,7 @@ def test_switching_the_prefetch_mid_generation_keeps_the_tokens(gemm, tiny_dir):
     steps = 0
     try:
         while not all(s.is_finished for s in seqs):
-            bench.set_gemm_prefetch(engine.runner, steps % 2 == 0)
+            bench.set_gemm_prefetch(steps % 2 == 0)
             engine.step()
             steps += 1
     finally:
@@ -46,3 +46,14 @@ def test_a_small_run_prints_its_table(gemm, tiny_dir, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 6 | 20 |")]
     assert "knob gemm_prefetch" in out and len(rows) == 1 and len(rows[0].split("|")) == 9
     assert cpu_bf16_linear.set_prefetch(True) is True  # the run leaves it on
+
+
+def test_the_argmax_knob_prints_its_table(tiny_dir, capsys):
+    from etr.kernels import cpu_argmax
+    if not cpu_argmax.available():
+        pytest.skip(f"the argmax op is not built here: {cpu_argmax.load_error()}")
+    bench = load_bench("knob_ab")
+    assert bench.main(["--knob", "cpu_argmax", "--model", str(tiny_dir("qwen2_tied_hd32")), "--points", "3x20",
+                       "--rounds", "2", "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 | 20 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
