@@ -147,8 +147,13 @@ class ModelRunner:
 
     def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Last hidden states of prefilling ``seqs``: the short ones (``SHORT_PREFILL_POSITIONS``) as token rows
-        of the CPU's decode-step op where it runs, the others through the model's forward."""
-        short = [self.native_step is not None and self._row_reads(s) <= SHORT_PREFILL_POSITIONS for s in seqs]
+        of the CPU's decode-step op where it runs, the others through the model's forward, rows first. A prompt
+        may hit the prefix cache on pages another prompt of this step is filling (the block manager registers a
+        full page when it hands it out); such a prompt goes with the forward, which writes every prompt's K and V
+        of a layer before it reads, so that the rows never read a page this step has yet to write."""
+        filling = {b for s in seqs for b in s.block_table[s.num_cached_tokens // self.block_size:]}
+        short = [self.native_step is not None and self._row_reads(s) <= SHORT_PREFILL_POSITIONS
+                 and not filling.intersection(s.block_table[:s.num_cached_tokens // self.block_size]) for s in seqs]
         out = None
         for rows in (True, False):
             index = [i for i, x in enumerate(short) if x == rows]

@@ -34,8 +34,12 @@ def test_switching_the_prefetch_mid_generation_keeps_the_tokens(gemm, tiny_dir):
 
 
 def test_set_prefetch_returns_the_previous_setting(gemm):
-    assert cpu_bf16_linear.set_prefetch(False) is True
-    assert cpu_bf16_linear.set_prefetch(True) is False
+    before = cpu_bf16_linear.set_prefetch(False)
+    try:
+        assert cpu_bf16_linear.set_prefetch(True) is False
+        assert cpu_bf16_linear.set_prefetch(True) is True
+    finally:
+        cpu_bf16_linear.set_prefetch(before)
 
 
 def test_a_small_run_prints_its_table(gemm, tiny_dir, capsys):

@@ -3,7 +3,8 @@
 order, so they are compared within a tolerance: float32 hidden states and KV within 1e-4 (absolute and relative);
 bf16 hidden states within 2e-2 (a bf16 step is 2**-8 relative, and a step in one layer moves what follows), the
 KV written within 5e-2 absolute + 2e-2 relative and at least 99 % of it within 2e-2 of both. Prefix-cache hits
-attend to the cached pages; prefills past the budget keep the model's forward."""
+attend to the cached pages, except pages another prompt of the step is still filling; prefills past the budget
+keep the model's forward."""
 
 import pytest
 import torch
@@ -127,3 +128,26 @@ def test_short_and_long_sequences_of_one_step_take_their_own_paths(op, tiny_dir,
     assert calls == [12]  # one call of the op, with the short prompt's 12 rows
     alone = torch.cat([r.hidden_states([s], 0) for s in seqs])
     assert calls == [12, 12] and torch.equal(together, alone)
+
+
+def test_a_hit_on_pages_another_prompt_of_the_step_is_filling_goes_with_the_forward(op, tiny_dir, monkeypatch):
+    """Prompt A (40 tokens, over the budget: the forward) fills pages that prompt B (A's first 32 tokens, then 8
+    of its own) hits in the prefix cache in the same step: B's rows would read them before A's forward wrote
+    them, so B runs in A's forward, and both get what a forward of the two gives."""
+    r = runner(tiny_dir("qwen2_untied"), torch.float32, monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    a, b = sequences(r, [40, 8], g)
+    b.token_ids = a.token_ids[:32] + b.token_ids
+    b.block_table = a.block_table[:2] + b.block_table  # A's first two pages, then its own
+    b.num_cached_tokens = 32
+    assert r._row_reads(a) == 820 and r._row_reads(b) == 8 * 32 + 36
+    pools = [(k.clone(), v.clone()) for k, v in r.kv_caches]
+    calls = []
+    step = K.DecodeStep.__call__
+    monkeypatch.setattr(K.DecodeStep, "__call__", lambda self, *a_: calls.append(1) or step(self, *a_))
+    monkeypatch.setattr(M, "SHORT_PREFILL_POSITIONS", 500)  # A long, B short
+    got = r.hidden_states([a, b], 0)
+    assert calls == []  # B went with A's forward
+    r.kv_caches = pools
+    monkeypatch.setattr(M, "SHORT_PREFILL_POSITIONS", 0)
+    assert torch.equal(got, r.hidden_states([a, b], 0))
