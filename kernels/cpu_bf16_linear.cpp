@@ -169,7 +169,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
     x2 = padded;
   }
   const int64_t m_rows = x2.size(0), stride = x2.size(1), blocks = packed.size(0);
-  std::vector<float> b32(blocks * kBlock, 0.f);
+  std::vector<float> b32(bias ? blocks * kBlock : 0, 0.f);
   if (bias) {
     const at::Tensor b = bias->contiguous();
     for (int64_t i = 0; i < out_features; ++i) b32[i] = static_cast<float>(b.data_ptr<bf16>()[i]);

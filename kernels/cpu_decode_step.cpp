@@ -84,6 +84,14 @@ struct Step {
   const at::Tensor &cos, &sin, &slots, &tables, &lens;
 };
 
+// Row `src` of K (kv_heads x 2 * half bf16 values) into slot `slot` of packed K pages with `bs` positions a page.
+inline void put_packed_k(uint32_t* dst, const at::BFloat16* src, int64_t slot, int64_t kv, int64_t half, int64_t bs) {
+  const int64_t block = slot / bs, t = slot % bs;
+  for (int64_t h = 0; h < kv; ++h)
+    for (int64_t i = 0; i < half; ++i)
+      std::memcpy(dst + ((block * kv + h) * half + i) * bs + t, src + 2 * (h * half + i), sizeof(uint32_t));
+}
+
 // Row r of `k` (kv_heads x head_dim bf16 values, rows `stride` apart) into slot slots[r] of packed K pages
 // [blocks, kv_heads, D/2, block_size, 2] (cpu_paged_decode.cpp): each dimension pair to its place in the page.
 void write_packed_k(const at::Tensor& k_pages, const at::BFloat16* k, int64_t stride, const int64_t* slots,
@@ -93,13 +101,7 @@ void write_packed_k(const at::Tensor& k_pages, const at::BFloat16* k, int64_t st
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(slots[r] >= 0 && slots[r] < k_pages.size(0) * bs, "decode_layers: slot ", slots[r], " of row ", r,
                 " is outside the KV pool of ", k_pages.size(0) * bs, " slots");
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t block = slots[r] / bs, t = slots[r] % bs;
-    const at::BFloat16* src = k + r * stride;
-    for (int64_t h = 0; h < kv; ++h)
-      for (int64_t i = 0; i < half; ++i)
-        std::memcpy(dst + ((block * kv + h) * half + i) * bs + t, src + 2 * (h * half + i), sizeof(uint32_t));
-  }
+  for (int64_t r = 0; r < rows; ++r) put_packed_k(dst, k + r * stride, slots[r], kv, half, bs);
 }
 
 at::Tensor attention(const Step& s, const at::Tensor& h, const at::Tensor* w,
@@ -205,26 +207,23 @@ void add_rms_norm(const bf16* x, bf16* residual, const bf16* weight, bf16* out, 
   });
 }
 
-// ``apply_rotary`` on the first `heads` heads of each row of qkv (row stride `stride`), in place:
-// x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16 as ATen's ops round them.
-void rotary(bf16* qkv, int64_t stride, const bf16* cos, const bf16* sin, int64_t rows, int64_t heads, int64_t dim) {
+// ``apply_rotary`` on the first `heads` heads of one row `x` in place: x * cos + rotate_half(x) * sin, each
+// product and the sum rounded to bf16 as ATen's ops round them.
+inline void rotary_row(bf16* row, const bf16* c, const bf16* s, int64_t heads, int64_t dim) {
   const int64_t half = dim / 2;
-  each_row(rows, heads * dim, [&](int64_t r) {
-    const bf16 *c = cos + r * dim, *s = sin + r * dim;
-    for (int64_t h = 0; h < heads; ++h) {
-      bf16* x = qkv + r * stride + h * dim;
-      for (int64_t i = 0; i < half; i += 16) {
-        const __mmask16 m = lanes(half - i);
-        const __m512 lo = load(x + i, m), hi = load(x + half + i, m);
-        const __m512 new_lo = bf(_mm512_add_ps(bf(_mm512_mul_ps(lo, load(c + i, m))),
-                                               bf(_mm512_mul_ps(neg(hi), load(s + i, m)))));
-        const __m512 new_hi = bf(_mm512_add_ps(bf(_mm512_mul_ps(hi, load(c + half + i, m))),
-                                               bf(_mm512_mul_ps(lo, load(s + half + i, m)))));
-        store(x + i, new_lo, m);
-        store(x + half + i, new_hi, m);
-      }
+  for (int64_t h = 0; h < heads; ++h) {
+    bf16* x = row + h * dim;
+    for (int64_t i = 0; i < half; i += 16) {
+      const __mmask16 m = lanes(half - i);
+      const __m512 lo = load(x + i, m), hi = load(x + half + i, m);
+      const __m512 new_lo = bf(_mm512_add_ps(bf(_mm512_mul_ps(lo, load(c + i, m))),
+                                             bf(_mm512_mul_ps(neg(hi), load(s + i, m)))));
+      const __m512 new_hi = bf(_mm512_add_ps(bf(_mm512_mul_ps(hi, load(c + half + i, m))),
+                                             bf(_mm512_mul_ps(lo, load(s + half + i, m)))));
+      store(x + i, new_lo, m);
+      store(x + half + i, new_hi, m);
     }
-  });
+  }
 }
 
 // out = silu(gate) * up with gate_up = [gate | up] per row, SiLU as x / (1 + exp(-x)), each op rounded to bf16.
@@ -258,14 +257,23 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
                h.data_ptr<bf16>(), B, n, static_cast<float>(s.eps));
   at::Tensor qkv = linear(h, w[1], b[0], s.kind, width);
   bf16* qp = qkv.data_ptr<bf16>();
-  rotary(qp, width, s.cos.data_ptr<bf16>(), s.sin.data_ptr<bf16>(), B, s.heads + s.kv_heads, D);
-  const int64_t* slots = s.slots.data_ptr<int64_t>();  // every one inside the pool (raw_layers checked)
+  const bf16 *cos = s.cos.data_ptr<bf16>(), *sin = s.sin.data_ptr<bf16>();
+  // Every slot is inside the pool (raw_layers checked) and each row's own (a new position of its sequence).
+  const int64_t* slots = s.slots.data_ptr<int64_t>();
   bf16 *kp = k_pages.data_ptr<bf16>(), *vp = v_pages.data_ptr<bf16>();
-  for (int64_t r = 0; r < B; ++r) {
-    if (k_pages.dim() == 4) std::memcpy(kp + slots[r] * kv_size, qp + r * width + q_size, kv_size * sizeof(bf16));
-    std::memcpy(vp + slots[r] * kv_size, qp + r * width + q_size + kv_size, kv_size * sizeof(bf16));
-  }
-  if (k_pages.dim() == 5) write_packed_k(k_pages, qp + q_size, width, slots, B);
+  const bool packed = k_pages.dim() == 5;
+  const int64_t half = D / 2, bs = packed ? k_pages.size(3) : 0;
+  // Each row's rotary, then its K and V into its slot.
+  each_row(B, width, [&](int64_t r) {
+    bf16* row = qp + r * width;
+    rotary_row(row, cos + r * D, sin + r * D, s.heads + s.kv_heads, D);
+    if (packed) {
+      put_packed_k(reinterpret_cast<uint32_t*>(kp), row + q_size, slots[r], s.kv_heads, half, bs);
+    } else {
+      std::memcpy(kp + slots[r] * kv_size, row + q_size, kv_size * sizeof(bf16));
+    }
+    std::memcpy(vp + slots[r] * kv_size, row + q_size + kv_size, kv_size * sizeof(bf16));
+  });
   at::Tensor q = qkv.view({B, s.heads + 2 * s.kv_heads, D}).narrow(1, 0, s.heads);
   at::Tensor out = paged_decode(q, k_pages, v_pages, s.tables, s.lens, s.scale);
   at::Tensor o = linear(out.view({B, q_size}), w[2], b[1], s.kind, n);

@@ -434,6 +434,28 @@ void run_any(const Part& part, const Shape& s, const T* qp, const T* kp, const T
   run_part(part, s, qp, kp, vp, tp, &m[i * H], &l[i * H], &acc[i * H * D], scratch);
 }
 
+// Sequence b's output from its parts [first, last): each part's sums rescaled to the largest maximum, then
+// normalised. Over one part the scale is exp(0) = 1 and the sums stay as they are.
+template <typename T>
+void combine(int64_t b, int64_t first, int64_t last, int64_t heads, int64_t dim, const float* m, const float* l,
+             const float* acc, T* op, std::vector<float>& total) {
+  total.resize(dim);
+  for (int64_t h = 0; h < heads; ++h) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t i = first; i < last; ++i) mx = std::max(mx, m[i * heads + h]);
+    std::fill(total.begin(), total.end(), 0.f);
+    float sum = 0.f;
+    for (int64_t i = first; i < last; ++i) {
+      const float w = std::exp(m[i * heads + h] - mx);
+      sum += w * l[i * heads + h];
+      const float* a = &acc[(i * heads + h) * dim];
+      for (int64_t d = 0; d < dim; ++d) total[d] += w * a[d];
+    }
+    T* o = op + (b * heads + h) * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] = narrow(total[d] / sum, T());
+  }
+}
+
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& tables,
             const at::Tensor& lens, double scale, at::Tensor& out) {
@@ -448,33 +470,26 @@ void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_
   const T* qp = q.data_ptr<T>();
   const T* kp = k_pages.data_ptr<T>();
   const T* vp = v_pages.data_ptr<T>();
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    for (int64_t i = begin; i < end; ++i) run_any(parts[i], s, qp, kp, vp, tp, i, m, l, acc, scratch);
-  });
-  // Combine each sequence's parts (consecutive in `parts`): rescale to the largest maximum, then normalise.
   T* op = out.data_ptr<T>();
+  // Where every sequence is one part (short contexts, many sequences) a task finishes its sequence itself: the
+  // combine below, run over one part, and one parallel region a layer fewer.
+  const bool one_part_each = P == batch;
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch, total;
+    for (int64_t i = begin; i < end; ++i) {
+      run_any(parts[i], s, qp, kp, vp, tp, i, m, l, acc, scratch);
+      if (one_part_each) combine(parts[i].b, i, i + 1, heads, dim, m.data(), l.data(), acc.data(), op, total);
+    }
+  });
+  if (one_part_each) return;
+  // Combine each sequence's parts (consecutive in `parts`).
   std::vector<int64_t> first_part(batch + 1, P);
   for (int64_t i = P - 1; i >= 0; --i) first_part[parts[i].b] = i;
   for (int64_t b = batch - 1; b >= 0; --b) first_part[b] = std::min(first_part[b], first_part[b + 1]);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> total(dim);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t h = 0; h < heads; ++h) {
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t i = first_part[b]; i < first_part[b + 1]; ++i) mx = std::max(mx, m[i * heads + h]);
-        std::fill(total.begin(), total.end(), 0.f);
-        float sum = 0.f;
-        for (int64_t i = first_part[b]; i < first_part[b + 1]; ++i) {
-          const float w = std::exp(m[i * heads + h] - mx);
-          sum += w * l[i * heads + h];
-          const float* a = &acc[(i * heads + h) * dim];
-          for (int64_t d = 0; d < dim; ++d) total[d] += w * a[d];
-        }
-        T* o = op + (b * heads + h) * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = narrow(total[d] / sum, T());
-      }
-    }
+    std::vector<float> total;
+    for (int64_t b = begin; b < end; ++b)
+      combine(b, first_part[b], first_part[b + 1], heads, dim, m.data(), l.data(), acc.data(), op, total);
   });
 }
 
