@@ -7,7 +7,10 @@ transformers and (given its virtualenv) vLLM's CPU build, beside each point's ba
 
 A point's floor is the bytes a decode step must read (every weight once, the LM head included, plus the KV
 of every sequence's context) divided by the read bandwidth measured in the same run (``read_bandwidth``: a
-reduction over a tensor far larger than the caches, best of several). Engine: ms per decode step timed over
+reduction over a tensor far larger than the caches, best of several). Shared VMs drift: one run's probe has
+ranged from 31 to 49 GB/s within an hour. So the probe is taken right before and right after each measurement,
+and the point's floor uses the higher of the two (the stricter floor); every point prints the probe it used,
+and the run ends with the probes' range. Engine: ms per decode step timed over
 ``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens minus ``generate``
 of 1 token (best of two each), over steps (so its prefill cancels out), on the same random prompts. vLLM: the
 same measure as HF's, in its own interpreter (bench/vllm_peer.py), prefix caching off. Default model: the
@@ -38,15 +41,17 @@ class Point:
     ms_per_step: float
     tok_s: float
     floor_ms: float
+    read_gb_s: float = 0.0  # the probe the floor was drawn from (GB/s)
 
     @property
     def over_floor(self) -> float:
         return self.ms_per_step / self.floor_ms
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second a reduction reads from memory (best of ``repeats``) over ``gib`` GiB of float32."""
-    t = torch.ones(int(gib * 2**30) // 4)
+def read_bandwidth(gib: float = 1.0, repeats: int = 5, tensor: torch.Tensor | None = None) -> float:
+    """Bytes per second a reduction reads from memory (best of ``repeats``) over ``gib`` GiB of float32, or over
+    ``tensor`` (kept between probes, so that a probe does not allocate)."""
+    t = torch.ones(int(gib * 2**30) // 4) if tensor is None else tensor
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -149,27 +154,33 @@ def main(argv=None) -> int:
     from etr.models.loader import load_model
     # A plain copy: the engine's CPU linears hold oneDNN-packed weights, which are not parameters.
     wbytes = weight_bytes(load_model(model, dtype, "cpu"))
-    bandwidth = read_bandwidth(args.bandwidth_gib)
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {wbytes / 1e6:.0f} MB ({dtype})", flush=True)
+    probe = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
+    bandwidth = read_bandwidth(tensor=probe)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s at the start (each point probes again); weights "
+          f"{wbytes / 1e6:.0f} MB ({dtype})", flush=True)
     hf = None
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
     rows = []
     for batch, context in points:
-        floor = step_bytes(cfg, wbytes, batch, context, torch.finfo(dtype).bits // 8) / bandwidth * 1e3
+        nbytes = step_bytes(cfg, wbytes, batch, context, torch.finfo(dtype).bits // 8)
         runs = [("etr", lambda: engine_ms(llm, batch, context, args.steps))]
         if hf is not None:
             runs.append(("hf", lambda: hf_ms(hf, batch, context, args.steps, cfg.vocab_size)))
         for name, measure in runs:
-            ms = measure()
-            rows.append(Point(name, batch, context, ms, batch / ms * 1e3, floor))
+            ms, read = bracketed(measure, probe)
+            rows.append(Point(name, batch, context, ms, batch / ms * 1e3, nbytes / read * 1e3, read / 1e9))
             print(f"  {name} batch {batch} context {context}: {ms:.1f} ms/step ({rows[-1].tok_s:.0f} tok/s), "
-                  f"floor {floor:.1f} ms, {rows[-1].over_floor:.1f}x the floor", flush=True)
+                  f"floor {rows[-1].floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {rows[-1].over_floor:.1f}x the floor",
+                  flush=True)
     if args.vllm_python:
         rows += vllm_rows(args, model, str(dtype).removeprefix("torch."), points, cfg.vocab_size,
-                          {(r.batch, r.context): r.floor_ms for r in rows})
+                          {(b, c): step_bytes(cfg, wbytes, b, c, torch.finfo(dtype).bits // 8) for b, c in points},
+                          probe)
     report(rows)
+    reads = [r.read_gb_s for r in rows]
+    print(f"read bandwidth probes of this run: {min(reads):.1f} to {max(reads):.1f} GB/s", flush=True)
     if args.png:
         plot(rows, args, args.png)
     if args.json:
@@ -178,25 +189,43 @@ def main(argv=None) -> int:
     return 0
 
 
-def vllm_rows(args, model: str, dtype: str, points, vocab: int, floors: dict) -> list[Point]:
-    """vLLM's points (run after the others, which then no longer hold the CPU's memory bandwidth)."""
-    got = vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab)
+def bracketed(measure, probe: torch.Tensor):
+    """``measure()`` between two read-bandwidth probes: its result and the higher probe (bytes/s)."""
+    before = read_bandwidth(repeats=3, tensor=probe)
+    got = measure()
+    return got, max(before, read_bandwidth(repeats=3, tensor=probe))
+
+
+def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: dict,
+              probe: torch.Tensor) -> list[Point]:
+    """vLLM's points (run after the others, which then no longer hold the CPU's memory bandwidth), their floors
+    at the higher probe of those bracketing its whole run (one process for every point)."""
+    got, read = bracketed(lambda: vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab), probe)
     if got is None:
         print("vLLM failed: its points are left out", file=sys.stderr)
         return []
-    rows = [Point("vllm", b, c, ms, b / ms * 1e3, floors[(b, c)]) for (b, c), ms in zip(points, got)]
+    rows = [Point("vllm", b, c, ms, b / ms * 1e3, step_bytes_at[(b, c)] / read * 1e3, read / 1e9)
+            for (b, c), ms in zip(points, got)]
     for r in rows:
         print(f"  vllm batch {r.batch} context {r.context}: {r.ms_per_step:.1f} ms/step ({r.tok_s:.0f} tok/s), "
-              f"floor {r.floor_ms:.1f} ms, {r.over_floor:.1f}x the floor", flush=True)
+              f"floor {r.floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {r.over_floor:.1f}x the floor", flush=True)
     return rows
 
 
 def report(rows: list[Point]) -> None:
-    print("| engine | batch | context | ms/step | tok/s | floor ms | x floor |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| engine | batch | context | ms/step | tok/s | probe GB/s | floor ms | x floor |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r.engine} | {r.batch} | {r.context} | {r.ms_per_step:.1f} | {r.tok_s:.0f} | {r.floor_ms:.1f} | "
-              f"{r.over_floor:.1f} |")
+        print(f"| {r.engine} | {r.batch} | {r.context} | {r.ms_per_step:.1f} | {r.tok_s:.0f} | {r.read_gb_s:.1f} | "
+              f"{r.floor_ms:.1f} | {r.over_floor:.1f} |")
+
+
+def floor_line(rows: list[Point], x) -> list[tuple[int, float]]:
+    """One floor per x: each engine's measurement had its own probe, and the line draws the strictest."""
+    best: dict[int, float] = {}
+    for r in rows:
+        best[x(r)] = min(best.get(x(r), r.floor_ms), r.floor_ms)
+    return sorted(best.items())
 
 
 def plot(rows: list[Point], args, path: str) -> None:
@@ -209,7 +238,7 @@ def plot(rows: list[Point], args, path: str) -> None:
     for name in engines:
         mine = [r for r in sweep if r.engine == name]
         axes[0].plot([r.batch for r in mine], [r.ms_per_step for r in mine], marker="o", label=name)
-    floor = sorted({(r.batch, r.floor_ms) for r in sweep})
+    floor = floor_line(sweep, lambda r: r.batch)
     axes[0].plot([b for b, _ in floor], [f for _, f in floor], "k--", label="bandwidth floor")
     axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step",
                 title=f"context {args.context}")
@@ -219,7 +248,7 @@ def plot(rows: list[Point], args, path: str) -> None:
             mine = [r for r in ctx if r.engine == name]
             axes[1].plot([r.context for r in mine], [r.ms_per_step for r in mine], marker="o",
                          label=f"{name} batch {batch}")
-        floor = sorted({(r.context, r.floor_ms) for r in ctx})
+        floor = floor_line(ctx, lambda r: r.context)
         axes[1].plot([c for c, _ in floor], [f for _, f in floor], "--", label=f"floor batch {batch}")
     axes[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per decode step",
                 title="context sweep")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import load_bench, make_tiny_checkpoint
@@ -47,8 +48,12 @@ def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
     assert points == {(e, b, c) for e in ("etr", "hf") for b, c in [(1, 8), (2, 8), (2, 24)]}
     # HF's figure is a difference of two timings: on a tiny model it can come out at or below zero.
     assert all(r["floor_ms"] > 0 and (r["ms_per_step"] > 0 or r["engine"] == "hf") for r in rows)
-    floors = {(r["batch"], r["context"]): r["floor_ms"] for r in rows}
-    assert floors[(2, 24)] > floors[(2, 8)] > floors[(1, 8)]
+    cfg = load_model_config(path)
+    for r in rows:  # each floor is the step's bytes at the probe that row printed
+        read = r["read_gb_s"] * 1e9
+        assert read > 0
+        assert r["floor_ms"] == pytest.approx(scaling.step_bytes(cfg, written["weight_bytes"], r["batch"],
+                                                                 r["context"], 2) / read * 1e3)
     assert png.stat().st_size > 0 and "| etr | 2 | 24 |" in capsys.readouterr().out
 
 
@@ -87,7 +92,12 @@ def test_vllm_points_join_the_table(tmp_path, capsys):
     assert args[1:] == ["scaling", str(path), "bfloat16", "2", "260", "1:8", "2:8"]
     rows = {(r["engine"], r["batch"]): r for r in json.loads(out.read_text())["rows"]}
     assert rows[("vllm", 1)]["ms_per_step"] == 2.5 and rows[("vllm", 2)]["tok_s"] == 2 / 4.0 * 1e3
-    assert rows[("vllm", 2)]["floor_ms"] == rows[("etr", 2)]["floor_ms"]
+    cfg = load_model_config(path)
+    wbytes = json.loads(out.read_text())["weight_bytes"]
+    for batch in (1, 2):
+        vllm = rows[("vllm", batch)]
+        assert vllm["floor_ms"] == pytest.approx(scaling.step_bytes(cfg, wbytes, batch, 8, 2)
+                                                 / (vllm["read_gb_s"] * 1e9) * 1e3)
     assert "| vllm | 2 | 8 | 4.0 |" in capsys.readouterr().out
     fake.write_text("#!/bin/sh\nexit 3\n")
     assert scaling.main(["--model", str(path), "--batches", "1", "--context", "8", "--contexts", "8",
@@ -95,3 +105,22 @@ def test_vllm_points_join_the_table(tmp_path, capsys):
                          "--vllm-python", str(fake), "--json", str(out)]) == 0
     assert {r["engine"] for r in json.loads(out.read_text())["rows"]} == {"etr"}
     assert "vLLM failed" in capsys.readouterr().err
+
+
+def test_a_measurement_is_bracketed_by_probes_and_takes_the_higher(monkeypatch):
+    """The machine's bandwidth drifts: a point's floor comes from probes taken right before and right after it,
+    the higher of the two (the stricter floor), whichever comes first."""
+    scaling = load_bench("scaling")
+    for probes, want in (([30e9, 45e9], 45e9), ([45e9, 30e9], 45e9)):
+        seen = iter(probes)
+        order = []
+        monkeypatch.setattr(scaling, "read_bandwidth", lambda **kw: order.append("probe") or next(seen))
+        assert scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4)) == (7.5, want)
+        assert order == ["probe", "measure", "probe"]
+
+
+def test_the_plotted_floor_is_the_strictest_of_a_points_probes():
+    scaling = load_bench("scaling")
+    rows = [scaling.Point("etr", 1, 8, 2.0, 500, 1.5, 40), scaling.Point("hf", 1, 8, 9.0, 111, 1.8, 33),
+            scaling.Point("etr", 2, 8, 2.5, 800, 1.6, 41)]
+    assert scaling.floor_line(rows, lambda r: r.batch) == [(1, 1.5), (2, 1.6)]
