@@ -5,8 +5,11 @@
         -> {"tok_s": ...}: throughput.py's prompts, one warm-up set, then a new set per timed repeat (no
            prefix-cache hits).
     VENV/bin/python bench/vllm_peer.py scaling MODEL_DIR DTYPE STEPS VOCAB BATCH:CONTEXT ...
-        -> {"ms_per_step": [...]}: per point, scaling.py's HF measure (``generate`` of STEPS + 1 tokens minus
-           ``generate`` of 1, best of two each, over STEPS) on scaling.py's prompts, prefix caching off.
+        -> {"ms_per_step": [...]}: per point, on scaling.py's prompts with prefix caching off, the engine's steps
+           timed one by one (``LLMEngine.step``) from the step that gave every request its first token to the last,
+           over the steps between (STEPS for STEPS + 1 tokens), best of two. A difference of two ``generate`` times
+           (STEPS + 1 tokens minus 1) was the measure before: at 4,096 tokens of context the prefill's noise swamped
+           the 16 steps and it came out at 0.6 ms a step, below the bandwidth floor.
 """
 
 import json
@@ -49,18 +52,34 @@ def scaling(model_dir: str, dtype: str, steps: int, vocab: int, points: list[tup
     llm = LLM(model=model_dir, dtype=dtype, max_model_len=longest, max_num_seqs=max(b for b, _ in points),
               max_num_batched_tokens=max(longest, 8192), enable_prefix_caching=False)
 
-    def took(prompts, n: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start
     out = []
     for batch, context in points:
         prompts = [TokensPrompt(prompt_token_ids=p) for p in scaling_prompt(batch, context, vocab)]
-        took(prompts, 2)  # warm-up at this shape
-        long, short = (min(took(prompts, n) for _ in range(2)) for n in (steps + 1, 1))
-        out.append((long - short) / steps * 1e3)
+        warm = SamplingParams(temperature=0.0, max_tokens=2, min_tokens=2, ignore_eos=True)
+        llm.generate(prompts, warm, use_tqdm=False)  # warm-up at this shape
+        params = SamplingParams(temperature=0.0, max_tokens=steps + 1, min_tokens=steps + 1, ignore_eos=True)
+        out.append(min(decode_ms(llm.llm_engine, prompts, params, f"{batch}x{context}-{r}") for r in range(2)))
     print(json.dumps({"ms_per_step": out}))
+
+
+def decode_ms(engine, prompts, params, tag: str) -> float:
+    """ms per step of the steps after the one that gave every request its first token (prefill, chunked or not,
+    is before that), each ``engine.step()`` timed as it returns."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    started, first, steps = set(), None, 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        if first is not None:
+            steps += 1
+            last = now
+        started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+        if first is None and len(started) == len(prompts):
+            first = now
+    if first is None or steps == 0:
+        raise RuntimeError(f"vLLM gave {len(started)} of {len(prompts)} requests a token and no decode step after")
+    return (last - first) / steps * 1e3
 
 
 def main() -> None:

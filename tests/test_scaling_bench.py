@@ -1,6 +1,7 @@
 """bench/scaling.py: the bytes a decode step must read, and a small sweep end to end (table, JSON, PNG)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,8 +47,8 @@ def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
     assert written["weight_bytes"] == scaling.weight_bytes(plain) > 0.8 * sum(p.numel() * 2 for p in plain.parameters())
     points = {(r["engine"], r["batch"], r["context"]) for r in rows}
     assert points == {(e, b, c) for e in ("etr", "hf") for b, c in [(1, 8), (2, 8), (2, 24)]}
-    # HF's figure is a difference of two timings: on a tiny model it can come out at or below zero.
-    assert all(r["floor_ms"] > 0 and (r["ms_per_step"] > 0 or r["engine"] == "hf") for r in rows)
+    # Every figure is a time between tokens (HF's from its streamer), never a difference of two runs.
+    assert all(r["floor_ms"] > 0 and r["ms_per_step"] > 0 for r in rows)
     cfg = load_model_config(path)
     for r in rows:  # each floor is the step's bytes at the probe that row printed
         read = r["read_gb_s"] * 1e9
@@ -124,3 +125,54 @@ def test_the_plotted_floor_is_the_strictest_of_a_points_probes():
     rows = [scaling.Point("etr", 1, 8, 2.0, 500, 1.5, 40), scaling.Point("hf", 1, 8, 9.0, 111, 1.8, 33),
             scaling.Point("etr", 2, 8, 2.5, 800, 1.6, 41)]
     assert scaling.floor_line(rows, lambda r: r.batch) == [(1, 1.5), (2, 1.6)]
+
+
+class FakeVllmEngine:
+    """vLLM's LLMEngine as vllm_peer.decode_ms drives it: requests get their first token at different steps
+    (a chunked prefill), then one token a step; the clock advances 1 s at each prefill step and 0.25 s at each
+    decode step."""
+
+    def __init__(self, first_token_step: list[int], tokens: int, clock: list[float]):
+        self.first, self.tokens, self.clock, self.n = first_token_step, tokens, clock, 0
+        self.ids: list[str] = []
+
+    def add_request(self, request_id, prompt, params):
+        self.ids.append(request_id)
+
+    def has_unfinished_requests(self):
+        return any(self.n < f + self.tokens - 1 for f in self.first)
+
+    def step(self):
+        self.n += 1
+        self.clock[0] += 1.0 if self.n <= max(self.first) else 0.25
+        out = []
+        for rid, f in zip(self.ids, self.first):
+            got = min(self.tokens, max(0, self.n - f + 1))
+            out.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=list(range(got)))]))
+        return out
+
+
+def test_vllm_decode_steps_are_timed_after_every_first_token(monkeypatch):
+    peer = load_bench("vllm_peer")
+    clock = [0.0]
+    monkeypatch.setattr(peer.time, "perf_counter", lambda: clock[0])
+    engine = FakeVllmEngine([1, 3], tokens=5, clock=clock)  # the second request's prefill ends at step 3
+    # Decode steps after step 3: the first request needs none past 5, the second 4 more (steps 4..7).
+    assert peer.decode_ms(engine, ["a", "b"], None, "t") == pytest.approx(250.0)
+    with pytest.raises(RuntimeError, match="no decode step"):
+        peer.decode_ms(FakeVllmEngine([1], tokens=1, clock=clock), ["a"], None, "u")
+
+
+def test_hf_steps_are_timed_from_the_first_token(monkeypatch):
+    """HF's ms per step comes from its streamer's times: the prefill (prompt put to first token) is left out."""
+    scaling = load_bench("scaling")
+    clock = [0.0]
+    monkeypatch.setattr(scaling.time, "perf_counter", lambda: clock[0])
+
+    class Model:  # the prompt is put, 5 s of prefill, the first token, then a token every 0.5 s
+        def generate(self, ids, max_new_tokens, streamer, **kw):
+            streamer.put(ids)
+            for i in range(max_new_tokens):
+                clock[0] += 5.0 if i == 0 else 0.5
+                streamer.put(None)
+    assert scaling.hf_ms(Model(), 1, 4, 3, 50) == pytest.approx(500.0)
