@@ -102,8 +102,8 @@ def vllm_ms(python: str, model: str, dtype: str, points: list[tuple[int, int]], 
     """vLLM's ms per step at every point, in one process of its own; None when it fails."""
     from throughput import peer_json
     script = Path(__file__).with_name("vllm_peer.py")
-    # Five generate calls a point, each prefilling the point's batch x context again on the CPU: the long points
-    # take minutes each.
+    # Three prefills a point (a warm-up and two timed runs) of the point's batch x context on the CPU: the long
+    # points take minutes each.
     tokens = sum(b * c for b, c in points)
     got = peer_json([python, str(script), "scaling", model, dtype, str(steps), str(vocab),
                      *(f"{b}:{c}" for b, c in points)], timeout_s=600 + 60 * len(points) + tokens / 100)

@@ -57,28 +57,41 @@ def scaling(model_dir: str, dtype: str, steps: int, vocab: int, points: list[tup
         prompts = [TokensPrompt(prompt_token_ids=p) for p in scaling_prompt(batch, context, vocab)]
         warm = SamplingParams(temperature=0.0, max_tokens=2, min_tokens=2, ignore_eos=True)
         llm.generate(prompts, warm, use_tqdm=False)  # warm-up at this shape
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 1, min_tokens=steps + 1, ignore_eos=True)
-        out.append(min(decode_ms(llm.llm_engine, prompts, params, f"{batch}x{context}-{r}") for r in range(2)))
+        # Room for every request to decode through the timed steps even where a chunked prefill let the first
+        # ones start many steps early; the requests are aborted after them.
+        n = 2 * steps + 64
+        params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+        out.append(min(decode_ms(llm.llm_engine, prompts, params, steps, f"{batch}x{context}-{r}")
+                       for r in range(2)))
     print(json.dumps({"ms_per_step": out}))
 
 
-def decode_ms(engine, prompts, params, tag: str) -> float:
-    """ms per step of the steps after the one that gave every request its first token (prefill, chunked or not,
-    is before that), each ``engine.step()`` timed as it returns."""
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", p, params)
-    started, first, steps = set(), None, 0
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
-        now = time.perf_counter()
-        if first is not None:
-            steps += 1
-            last = now
-        started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
-        if first is None and len(started) == len(prompts):
-            first = now
-    if first is None or steps == 0:
-        raise RuntimeError(f"vLLM gave {len(started)} of {len(prompts)} requests a token and no decode step after")
+def decode_ms(engine, prompts, params, steps: int, tag: str) -> float:
+    """ms per step of the ``steps`` steps after the one that gave every request its first token (prefill, chunked
+    or not, is before that), each ``engine.step()`` timed as it returns; every timed step must give every request
+    a token (no request finished or still prefilling: the batch is whole throughout), then the requests are
+    aborted."""
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    started, first, timed = set(), None, 0
+    try:
+        while timed < steps:
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"vLLM finished after {timed} of {steps} timed steps (max_tokens too small)")
+            outputs = engine.step()
+            now = time.perf_counter()
+            if first is not None:
+                stepped = {o.request_id for o in outputs if not o.finished}
+                if stepped != set(ids):
+                    raise RuntimeError(f"vLLM step {timed + 1} gave {len(stepped)} of {len(ids)} requests a token")
+                timed += 1
+                last = now
+            started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+            if first is None and len(started) == len(prompts):
+                first = now
+    finally:
+        engine.abort_request(ids)
     return (last - first) / steps * 1e3
 
 

@@ -129,38 +129,51 @@ def test_the_plotted_floor_is_the_strictest_of_a_points_probes():
 
 class FakeVllmEngine:
     """vLLM's LLMEngine as vllm_peer.decode_ms drives it: requests get their first token at different steps
-    (a chunked prefill), then one token a step; the clock advances 1 s at each prefill step and 0.25 s at each
-    decode step."""
+    (a chunked prefill), then one token a step up to ``tokens``; the clock advances 1 s at each prefill step and
+    0.25 s at each decode step."""
 
     def __init__(self, first_token_step: list[int], tokens: int, clock: list[float]):
         self.first, self.tokens, self.clock, self.n = first_token_step, tokens, clock, 0
         self.ids: list[str] = []
+        self.aborted: list[str] = []
 
     def add_request(self, request_id, prompt, params):
         self.ids.append(request_id)
 
     def has_unfinished_requests(self):
-        return any(self.n < f + self.tokens - 1 for f in self.first)
+        return not self.aborted and any(self.n < f + self.tokens - 1 for f in self.first)
+
+    def abort_request(self, request_ids):
+        self.aborted += request_ids
 
     def step(self):
         self.n += 1
         self.clock[0] += 1.0 if self.n <= max(self.first) else 0.25
         out = []
         for rid, f in zip(self.ids, self.first):
-            got = min(self.tokens, max(0, self.n - f + 1))
-            out.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=list(range(got)))]))
+            got = max(0, self.n - f + 1)
+            if got and got <= self.tokens:
+                out.append(SimpleNamespace(request_id=rid, finished=got == self.tokens,
+                                           outputs=[SimpleNamespace(token_ids=list(range(got)))]))
         return out
 
 
 def test_vllm_decode_steps_are_timed_after_every_first_token(monkeypatch):
+    """The timed steps start after the step that gave the last request its first token, every one gives every
+    request a token, and the requests are aborted after them; a batch that shrinks inside them is refused."""
     peer = load_bench("vllm_peer")
     clock = [0.0]
     monkeypatch.setattr(peer.time, "perf_counter", lambda: clock[0])
-    engine = FakeVllmEngine([1, 3], tokens=5, clock=clock)  # the second request's prefill ends at step 3
-    # Decode steps after step 3: the first request needs none past 5, the second 4 more (steps 4..7).
-    assert peer.decode_ms(engine, ["a", "b"], None, "t") == pytest.approx(250.0)
-    with pytest.raises(RuntimeError, match="no decode step"):
-        peer.decode_ms(FakeVllmEngine([1], tokens=1, clock=clock), ["a"], None, "u")
+    engine = FakeVllmEngine([1, 3], tokens=40, clock=clock)  # the second request's prefill ends at step 3
+    assert peer.decode_ms(engine, ["a", "b"], None, 4, "t") == pytest.approx(250.0)
+    assert engine.n == 7 and engine.aborted == ["t-0", "t-1"]
+    # The first request finishes 5 steps after its first token, inside the 4 steps timed after step 3.
+    short = FakeVllmEngine([1, 3], tokens=5, clock=clock)
+    with pytest.raises(RuntimeError, match="gave 1 of 2 requests a token"):
+        peer.decode_ms(short, ["a", "b"], None, 4, "u")
+    assert short.aborted == ["u-0", "u-1"]
+    with pytest.raises(RuntimeError, match="max_tokens too small"):
+        peer.decode_ms(FakeVllmEngine([1], tokens=1, clock=clock), ["a"], None, 4, "v")
 
 
 def test_hf_steps_are_timed_from_the_first_token(monkeypatch):
