@@ -5,18 +5,20 @@ transformers and (given its virtualenv) vLLM's CPU build, beside each point's ba
                             [--contexts 128 512 1024 2048 4096] [--context-batches 1 16] [--steps 16]
                             [--vllm-python VENV/bin/python] [--png FILE] [--json FILE]
 
-A point's floor is the bytes a decode step must read (every weight once, the LM head included, plus the KV
-of every sequence's context) divided by the read bandwidth measured in the same run (``read_bandwidth``: a
-reduction over a tensor far larger than the caches, best of several). Shared VMs drift: one run's probe has
-ranged from 31 to 49 GB/s within an hour. So the probe is taken right before and right after each measurement,
-and the point's floor uses the higher of the two (the stricter floor); every point prints the probe it used,
-and the run ends with the probes' range. Engine: ms per decode step timed over
-``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens on the same random
-prompts, timed from its first token to its last by a streamer that notes when each token arrives, over steps
-(so its prefill is left out), best of two. vLLM: its engine's steps timed from the one that gave every request
-its first token to the last, in its own interpreter (bench/vllm_peer.py), prefix caching off, best of two. (The
-measure before was the difference of two ``generate`` times, steps + 1 tokens minus 1: at 4,096 tokens of
-context the prefill's noise swamped the steps, and vLLM came out at 0.6 ms a step, below its floor.) Default model: the
+A point's floor is the bytes a decode step must read (every weight once, the LM head included, plus the KV of every
+sequence's context) divided by the read bandwidth measured in the same run (``read_bandwidth``: a reduction over a
+tensor far larger than the caches, best of several). Shared VMs drift: one run's probe has ranged from 31 to 49
+GB/s within an hour. So the probe is taken right before and right after each measurement, and the point's floor
+uses the higher of the two (the stricter floor); every point prints the probe it used, and the run ends with the
+probes' range. Beside it, for bf16 on a CPU with AVX512-BF16, the compute floor: the step's FLOPs (every matrix
+once per sequence, the attention over each context) at the bf16 dot instruction's peak, measured at the start (a
+register-only loop on every thread); "x roofline" is ms over the higher floor. Engine: ms per decode step timed
+over ``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens on the same random
+prompts, timed from its first token to its last by a streamer that notes when each token arrives, over steps (so
+its prefill is left out), best of two. vLLM: its engine's steps timed from the one that gave every request its
+first token to the last, in its own interpreter (bench/vllm_peer.py), prefix caching off, best of two. (The measure
+before was the difference of two ``generate`` times, steps + 1 tokens minus 1: at 4,096 tokens of context the
+prefill's noise swamped the steps, and vLLM came out at 0.6 ms a step, below its floor.) Default model: the
 embedded SmolLM2-135M-Instruct in bf16.
 """
 
@@ -45,10 +47,16 @@ class Point:
     tok_s: float
     floor_ms: float
     read_gb_s: float = 0.0  # the probe the floor was drawn from (GB/s)
+    compute_floor_ms: float = 0.0  # the step's FLOPs at the bf16 dot instruction's peak (0: not measured)
 
     @property
     def over_floor(self) -> float:
         return self.ms_per_step / self.floor_ms
+
+    @property
+    def over_roofline(self) -> float:
+        """ms over the higher of the two floors: what neither the memory nor the arithmetic allows."""
+        return self.ms_per_step / max(self.floor_ms, self.compute_floor_ms)
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5, tensor: torch.Tensor | None = None) -> float:
@@ -70,15 +78,23 @@ def step_bytes(model_config, weight_bytes: int, batch: int, context: int, kv_byt
     return weight_bytes + batch * context * kv
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
+def step_flops(model_config, matmul_params: int, batch: int, context: int) -> int:
+    """FLOPs of one decode step: every matrix once per sequence (the LM head included) and the attention's scores
+    and weighted values over every sequence's context (2 per multiply-add)."""
+    c = model_config
+    attention = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * context
+    return batch * (2 * matmul_params + attention)
+
+
+def weight_bytes(model: torch.nn.Module, matrices_only: bool = False) -> int:
     """Bytes of the distinct parameters a step reads: a tied head counted once, an untied embedding not at all
-    (a step reads only its batch's rows of it)."""
+    (a step reads only its batch's rows of it); with ``matrices_only`` the 2-d ones alone (a step's GEMMs)."""
     head = getattr(model, "lm_head_weight", None)
     embed = getattr(getattr(model, "embed_tokens", None), "weight", None)
     skip = embed.data_ptr() if embed is not None and (head is None or head.data_ptr() != embed.data_ptr()) else None
     seen = {}
     for p in model.parameters():
-        if p.data_ptr() != skip:
+        if p.data_ptr() != skip and (p.dim() == 2 or not matrices_only):
             seen[p.data_ptr()] = p.numel() * p.element_size()
     return sum(seen.values())
 
@@ -174,11 +190,18 @@ def main(argv=None) -> int:
     cfg, dtype = llm.engine.model_config, llm.config.dtype
     from etr.models.loader import load_model
     # A plain copy: the engine's CPU linears hold oneDNN-packed weights, which are not parameters.
-    wbytes = weight_bytes(load_model(model, dtype, "cpu"))
+    plain = load_model(model, dtype, "cpu")
+    wbytes, params = weight_bytes(plain), weight_bytes(plain, matrices_only=True) // plain_elem_size(plain)
+    del plain
     probe = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
     bandwidth = read_bandwidth(tensor=probe)
+    peak = compute_peak(dtype)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s at the start (each point probes again); weights "
-          f"{wbytes / 1e6:.0f} MB ({dtype})", flush=True)
+          f"{wbytes / 1e6:.0f} MB ({dtype}); bf16 dot peak "
+          f"{f'{peak:.0f} GFLOP/s' if peak else 'not measured (no AVX512-BF16 op, or not bf16)'}", flush=True)
+
+    def compute_ms(batch: int, context: int) -> float:
+        return step_flops(cfg, params, batch, context) / (peak * 1e9) * 1e3 if peak else 0.0
     hf = None
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
@@ -191,14 +214,15 @@ def main(argv=None) -> int:
             runs.append(("hf", lambda: hf_ms(hf, batch, context, args.steps, cfg.vocab_size)))
         for name, measure in runs:
             ms, read = bracketed(measure, probe)
-            rows.append(Point(name, batch, context, ms, batch / ms * 1e3, nbytes / read * 1e3, read / 1e9))
+            rows.append(Point(name, batch, context, ms, batch / ms * 1e3, nbytes / read * 1e3, read / 1e9,
+                              compute_ms(batch, context)))
             print(f"  {name} batch {batch} context {context}: {ms:.1f} ms/step ({rows[-1].tok_s:.0f} tok/s), "
-                  f"floor {rows[-1].floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {rows[-1].over_floor:.1f}x the floor",
-                  flush=True)
+                  f"floor {rows[-1].floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {rows[-1].over_floor:.1f}x the floor; "
+                  f"compute floor {rows[-1].compute_floor_ms:.1f} ms", flush=True)
     if args.vllm_python:
         rows += vllm_rows(args, model, str(dtype).removeprefix("torch."), points, cfg.vocab_size,
                           {(b, c): step_bytes(cfg, wbytes, b, c, torch.finfo(dtype).bits // 8) for b, c in points},
-                          probe)
+                          probe, compute_ms)
     report(rows)
     reads = [r.read_gb_s for r in rows]
     print(f"read bandwidth probes of this run: {min(reads):.1f} to {max(reads):.1f} GB/s", flush=True)
@@ -206,8 +230,22 @@ def main(argv=None) -> int:
         plot(rows, args, args.png)
     if args.json:
         Path(args.json).write_text(json.dumps({"read_bandwidth": bandwidth, "weight_bytes": wbytes,
+                                               "dot_peak_gflop_s": peak,
                                                "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
+
+
+def plain_elem_size(model: torch.nn.Module) -> int:
+    return next(p for p in model.parameters() if p.dim() == 2).element_size()
+
+
+def compute_peak(dtype: torch.dtype) -> float | None:
+    """The bf16 dot instruction's GFLOP/s here (kernels/cpu_bf16_linear.py ``dot_peak``), for bf16 runs on a CPU
+    that has the instruction; None otherwise (then no compute floor is drawn)."""
+    if dtype != torch.bfloat16:
+        return None
+    from etr.kernels import cpu_bf16_linear
+    return cpu_bf16_linear.dot_peak()
 
 
 def bracketed(measure, probe: torch.Tensor):
@@ -218,15 +256,15 @@ def bracketed(measure, probe: torch.Tensor):
 
 
 def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: dict,
-              probe: torch.Tensor) -> list[Point]:
+              probe: torch.Tensor, compute_ms=lambda batch, context: 0.0) -> list[Point]:
     """vLLM's points (run after the others, which then no longer hold the CPU's memory bandwidth), their floors
     at the higher probe of those bracketing its whole run (one process for every point)."""
     got, read = bracketed(lambda: vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab), probe)
     if got is None:
         print("vLLM failed: its points are left out", file=sys.stderr)
         return []
-    rows = [Point("vllm", b, c, ms, b / ms * 1e3, step_bytes_at[(b, c)] / read * 1e3, read / 1e9)
-            for (b, c), ms in zip(points, got)]
+    rows = [Point("vllm", b, c, ms, b / ms * 1e3, step_bytes_at[(b, c)] / read * 1e3, read / 1e9,
+                  compute_ms(b, c)) for (b, c), ms in zip(points, got)]
     for r in rows:
         print(f"  vllm batch {r.batch} context {r.context}: {r.ms_per_step:.1f} ms/step ({r.tok_s:.0f} tok/s), "
               f"floor {r.floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {r.over_floor:.1f}x the floor", flush=True)
@@ -234,11 +272,12 @@ def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: d
 
 
 def report(rows: list[Point]) -> None:
-    print("| engine | batch | context | ms/step | tok/s | probe GB/s | floor ms | x floor |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| engine | batch | context | ms/step | tok/s | probe GB/s | floor ms | x floor | compute floor ms | "
+          "x roofline |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r.engine} | {r.batch} | {r.context} | {r.ms_per_step:.1f} | {r.tok_s:.0f} | {r.read_gb_s:.1f} | "
-              f"{r.floor_ms:.1f} | {r.over_floor:.1f} |")
+              f"{r.floor_ms:.1f} | {r.over_floor:.1f} | {r.compute_floor_ms:.1f} | {r.over_roofline:.1f} |")
 
 
 def floor_line(rows: list[Point], x) -> list[tuple[int, float]]:

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -121,7 +122,38 @@ void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf
   if (rows_n - m >= 2) run(std::integral_constant<int, 2>());
   if (rows_n - m >= 1) run(std::integral_constant<int, 1>());
 }
+
+// The bf16 dot instruction's rate on this CPU, all threads (GFLOP/s, 2 per multiply-add): `iterations` rounds
+// of 16 independent accumulator chains per thread, registers only, so no memory in the way. bench/scaling.py
+// draws a step's compute floor from it (its FLOPs at this rate). Best of 3.
+double dot_peak(int64_t iterations) {
+  TORCH_CHECK(iterations > 0, "etr_cpu_linear.dot_peak: iterations must be > 0, got ", iterations);
+  const int64_t threads = at::get_num_threads();
+  double best = 0.;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        __m512 acc[16];
+        for (auto& a : acc) a = _mm512_setzero_ps();
+        __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80);  // 1.0
+        for (int64_t i = 0; i < iterations; ++i) {
+          for (auto& a : acc) a = _mm512_dpbf16_ps(a, x, x);
+          __asm__ volatile("" : "+v"(x));  // x stays unknown to the compiler: no loop folded away
+        }
+        __m512 sum = acc[0];
+        for (int i = 1; i < 16; ++i) sum = _mm512_add_ps(sum, acc[i]);
+        volatile float sink = _mm512_reduce_add_ps(sum);
+        (void)sink;
+      }
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, static_cast<double>(threads) * iterations * 16 * 32 * 2 / s / 1e9);
+  }
+  return best;
+}
 #else
+double dot_peak(int64_t) { return 0.; }  // no instruction: no figure (cpu_bf16_linear.py answers None)
 constexpr bool kNative = false;  // correct everywhere, fast only with the instruction (cpu_bf16_linear.py asks)
 
 // Rounds 16 float32 to bf16, nearest even, and stores the first `count`.
@@ -210,6 +242,7 @@ TORCH_LIBRARY(etr_cpu_linear, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("native() -> bool", &native);
   m.def("set_prefetch(bool on) -> bool", &set_prefetch);
+  m.def("dot_peak(int iterations) -> float", &dot_peak);
 }
 
 TORCH_LIBRARY_IMPL(etr_cpu_linear, CPU, m) {

@@ -66,6 +66,15 @@ def set_prefetch(on: bool) -> bool:
     return bool(torch.ops.etr_cpu_linear.set_prefetch(bool(on)))
 
 
+def dot_peak(iterations: int = 2_000_000) -> float | None:
+    """GFLOP/s of the bf16 dot instruction on all of torch's threads (registers only, best of 3; 2 FLOPs per
+    multiply-add), or None where the op runs without the instruction. The rate no bf16 GEMM here can beat:
+    bench/scaling.py draws each step's compute floor from it."""
+    if not built() or not torch.ops.etr_cpu_linear.native():
+        return None
+    return float(torch.ops.etr_cpu_linear.dot_peak(int(iterations)))
+
+
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear`` in plain torch: the linear in float32, rounded to bf16."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)

@@ -141,3 +141,15 @@ def test_off_switch_and_cpus_it_is_not_for(op, monkeypatch):
         assert L.built()  # still there for the tests
     monkeypatch.setattr(cpu_gemm, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     assert L.available() == torch.ops.etr_cpu_linear.native() and L.load_error() is None
+
+
+def test_dot_peak_is_a_rate_where_the_instruction_is(op):
+    """The instruction's rate (bench/scaling.py's compute floor): a positive GFLOP/s with it, None without, and a
+    named error for a count that runs nothing."""
+    got = L.dot_peak(20_000)
+    if torch.ops.etr_cpu_linear.native():
+        assert got is not None and got > 1.0
+        with pytest.raises(RuntimeError, match="iterations must be > 0, got 0"):
+            torch.ops.etr_cpu_linear.dot_peak(0)
+    else:
+        assert got is None

@@ -29,6 +29,11 @@ def test_step_bytes_counts_weights_once_and_every_context_token(tmp_path):
     assert scaling.weight_bytes(untied) == sum(p.numel() * 4 for p in untied.parameters()) - embed
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
     assert scaling.step_bytes(cfg, 1000, 3, 50, 2) == 1000 + 3 * 50 * per_token
+    # The GEMMs' matrices alone: no norm weight (1-d) counts toward the FLOPs.
+    matrices = sum(p.numel() for p in tied_lm.parameters() if p.dim() == 2)
+    assert scaling.weight_bytes(tied_lm, matrices_only=True) == matrices * 4 < scaling.weight_bytes(tied_lm)
+    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim  # scores + values, a position
+    assert scaling.step_flops(cfg, 1000, 3, 50) == 3 * (2 * 1000 + 50 * attention)
 
 
 def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
@@ -55,6 +60,11 @@ def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
         assert read > 0
         assert r["floor_ms"] == pytest.approx(scaling.step_bytes(cfg, written["weight_bytes"], r["batch"],
                                                                  r["context"], 2) / read * 1e3)
+    peak = written["dot_peak_gflop_s"]  # None where this CPU has no AVX512-BF16 (then no compute floor)
+    params = scaling.weight_bytes(plain, matrices_only=True) // 2
+    for r in rows:
+        want = scaling.step_flops(cfg, params, r["batch"], r["context"]) / (peak * 1e9) * 1e3 if peak else 0.0
+        assert r["compute_floor_ms"] == pytest.approx(want)
     assert png.stat().st_size > 0 and "| etr | 2 | 24 |" in capsys.readouterr().out
 
 
@@ -189,3 +199,11 @@ def test_hf_steps_are_timed_from_the_first_token(monkeypatch):
                 clock[0] += 5.0 if i == 0 else 0.5
                 streamer.put(None)
     assert scaling.hf_ms(Model(), 1, 4, 3, 50) == pytest.approx(500.0)
+
+
+def test_roofline_takes_the_higher_floor():
+    scaling = load_bench("scaling")
+    bound_by_memory = scaling.Point("etr", 1, 8, 12.0, 83.0, floor_ms=6.0, read_gb_s=40.0, compute_floor_ms=1.0)
+    bound_by_math = scaling.Point("etr", 64, 8, 12.0, 5333.0, floor_ms=3.0, read_gb_s=40.0, compute_floor_ms=8.0)
+    assert bound_by_memory.over_roofline == 2.0 and bound_by_math.over_roofline == 1.5
+    assert bound_by_math.over_floor == 4.0  # the bandwidth ratio stays what it was
