@@ -280,12 +280,16 @@ def report(rows: list[Point]) -> None:
               f"{r.floor_ms:.1f} | {r.over_floor:.1f} | {r.compute_floor_ms:.1f} | {r.over_roofline:.1f} |")
 
 
-def floor_line(rows: list[Point], x) -> list[tuple[int, float]]:
+def floor_line(rows: list[Point], x, floor=lambda r: r.floor_ms) -> list[tuple[int, float]]:
     """One floor per x: each engine's measurement had its own probe, and the line draws the strictest."""
     best: dict[int, float] = {}
     for r in rows:
-        best[x(r)] = min(best.get(x(r), r.floor_ms), r.floor_ms)
+        best[x(r)] = min(best.get(x(r), floor(r)), floor(r))
     return sorted(best.items())
+
+
+def roofline(r: Point) -> float:
+    return max(r.floor_ms, r.compute_floor_ms)
 
 
 def plot(rows: list[Point], args, path: str) -> None:
@@ -300,6 +304,9 @@ def plot(rows: list[Point], args, path: str) -> None:
         axes[0].plot([r.batch for r in mine], [r.ms_per_step for r in mine], marker="o", label=name)
     floor = floor_line(sweep, lambda r: r.batch)
     axes[0].plot([b for b, _ in floor], [f for _, f in floor], "k--", label="bandwidth floor")
+    if any(r.compute_floor_ms for r in sweep):
+        roof = floor_line(sweep, lambda r: r.batch, roofline)
+        axes[0].plot([b for b, _ in roof], [f for _, f in roof], "k:", label="roofline (bandwidth or bf16 peak)")
     axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step",
                 title=f"context {args.context}")
     for batch in args.context_batches:
