@@ -12,8 +12,12 @@ GB/s within an hour. So the probe is taken right before and right after each mea
 uses the higher of the two (the stricter floor); every point prints the probe it used, and the run ends with the
 probes' range. Beside it, for bf16 on a CPU with AVX512-BF16, the compute floor: the step's FLOPs (every matrix
 once per sequence, the attention over each context) at the bf16 dot instruction's peak, measured at the start (a
-register-only loop on every thread); "x roofline" is ms over the higher floor. Engine: ms per decode step timed
-over ``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens on the same random
+register-only loop on every thread; not on AMX CPUs, whose tiles are faster); "x roofline" is ms over the higher
+floor. And the tensor floor: the model's weights summed by torch one tensor after another (as a step reads them;
+the faster of two reads bracketing the point) plus the step's KV at the probe. Reading ~120 tensors of 1-28 MB one
+by one gets only part of the probe's rate, more so in the VM's fast stretches (bench/RESULTS.md): this floor says
+how far a step is from what torch itself reads in the same moment. Engine: ms per decode step timed over
+``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens on the same random
 prompts, timed from its first token to its last by a streamer that notes when each token arrives, over steps (so
 its prefill is left out), best of two. vLLM: its engine's steps timed from the one that gave every request its
 first token to the last, in its own interpreter (bench/vllm_peer.py), prefix caching off, best of two. (The measure
@@ -48,10 +52,15 @@ class Point:
     floor_ms: float
     read_gb_s: float = 0.0  # the probe the floor was drawn from (GB/s)
     compute_floor_ms: float = 0.0  # the step's FLOPs at the bf16 dot instruction's peak (0: not measured)
+    tensor_floor_ms: float = 0.0  # the weights summed one tensor at a time by torch, plus the KV at the probe
 
     @property
     def over_floor(self) -> float:
         return self.ms_per_step / self.floor_ms
+
+    @property
+    def over_tensor_floor(self) -> float:
+        return self.ms_per_step / self.tensor_floor_ms if self.tensor_floor_ms else float("nan")
 
     @property
     def over_roofline(self) -> float:
@@ -86,17 +95,27 @@ def step_flops(model_config, matmul_params: int, batch: int, context: int) -> in
     return batch * (2 * matmul_params + attention)
 
 
-def weight_bytes(model: torch.nn.Module, matrices_only: bool = False) -> int:
-    """Bytes of the distinct parameters a step reads: a tied head counted once, an untied embedding not at all
-    (a step reads only its batch's rows of it); with ``matrices_only`` the 2-d ones alone (a step's GEMMs)."""
+def read_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The distinct parameters a step reads: a tied head once, an untied embedding not at all (a step reads only
+    its batch's rows of it)."""
     head = getattr(model, "lm_head_weight", None)
     embed = getattr(getattr(model, "embed_tokens", None), "weight", None)
     skip = embed.data_ptr() if embed is not None and (head is None or head.data_ptr() != embed.data_ptr()) else None
     seen = {}
     for p in model.parameters():
-        if p.data_ptr() != skip and (p.dim() == 2 or not matrices_only):
-            seen[p.data_ptr()] = p.numel() * p.element_size()
-    return sum(seen.values())
+        if p.data_ptr() != skip:
+            seen[p.data_ptr()] = p
+    return list(seen.values())
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters a step reads (``read_parameters``)."""
+    return sum(p.numel() * p.element_size() for p in read_parameters(model))
+
+
+def matrix_params(model: torch.nn.Module) -> int:
+    """Weights of the matrices a step multiplies by (the 2-d ``read_parameters``: its GEMMs, the head included)."""
+    return sum(p.numel() for p in read_parameters(model) if p.dim() == 2)
 
 
 def engine_ms(llm, batch: int, context: int, steps: int) -> float:
@@ -191,8 +210,8 @@ def main(argv=None) -> int:
     from etr.models.loader import load_model
     # A plain copy: the engine's CPU linears hold oneDNN-packed weights, which are not parameters.
     plain = load_model(model, dtype, "cpu")
-    wbytes, params = weight_bytes(plain), weight_bytes(plain, matrices_only=True) // plain_elem_size(plain)
-    del plain
+    wbytes, params = weight_bytes(plain), matrix_params(plain)
+    tensors = read_parameters(plain)
     probe = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
     bandwidth = read_bandwidth(tensor=probe)
     peak = compute_peak(dtype)
@@ -213,16 +232,17 @@ def main(argv=None) -> int:
         if hf is not None:
             runs.append(("hf", lambda: hf_ms(hf, batch, context, args.steps, cfg.vocab_size)))
         for name, measure in runs:
-            ms, read = bracketed(measure, probe)
+            ms, read, weights_s = bracketed(measure, probe, tensors)
             rows.append(Point(name, batch, context, ms, batch / ms * 1e3, nbytes / read * 1e3, read / 1e9,
-                              compute_ms(batch, context)))
+                              compute_ms(batch, context), (weights_s + (nbytes - wbytes) / read) * 1e3))
             print(f"  {name} batch {batch} context {context}: {ms:.1f} ms/step ({rows[-1].tok_s:.0f} tok/s), "
                   f"floor {rows[-1].floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {rows[-1].over_floor:.1f}x the floor; "
-                  f"compute floor {rows[-1].compute_floor_ms:.1f} ms", flush=True)
+                  f"compute floor {rows[-1].compute_floor_ms:.1f} ms; {rows[-1].over_tensor_floor:.1f}x the weights "
+                  f"summed tensor by tensor", flush=True)
     if args.vllm_python:
         rows += vllm_rows(args, model, str(dtype).removeprefix("torch."), points, cfg.vocab_size,
                           {(b, c): step_bytes(cfg, wbytes, b, c, torch.finfo(dtype).bits // 8) for b, c in points},
-                          probe, compute_ms)
+                          probe, compute_ms, tensors, wbytes)
     report(rows)
     reads = [r.read_gb_s for r in rows]
     print(f"read bandwidth probes of this run: {min(reads):.1f} to {max(reads):.1f} GB/s", flush=True)
@@ -235,49 +255,66 @@ def main(argv=None) -> int:
     return 0
 
 
-def plain_elem_size(model: torch.nn.Module) -> int:
-    return next(p for p in model.parameters() if p.dim() == 2).element_size()
-
-
 def compute_peak(dtype: torch.dtype) -> float | None:
     """The bf16 dot instruction's GFLOP/s here (kernels/cpu_bf16_linear.py ``dot_peak``), for bf16 runs on a CPU
-    that has the instruction; None otherwise (then no compute floor is drawn)."""
-    if dtype != torch.bfloat16:
-        return None
+    whose GEMMs it bounds: one with AVX512-BF16 and no AMX (AMX's tiles run faster, and oneDNN uses them there).
+    None otherwise: then no compute floor is drawn."""
     from etr.kernels import cpu_bf16_linear
+    from etr.kernels.cpu_gemm import cpu_flags
+    if dtype != torch.bfloat16 or "amx_bf16" in cpu_flags():
+        return None
     return cpu_bf16_linear.dot_peak()
 
 
-def bracketed(measure, probe: torch.Tensor):
-    """``measure()`` between two read-bandwidth probes: its result and the higher probe (bytes/s)."""
+def tensor_read_s(tensors, repeats: int = 3) -> float:
+    """Seconds torch takes to sum ``tensors`` one after another (best of ``repeats``): the weights read as a step
+    reads them, tensor by tensor, by torch's own reduction."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for t in tensors:
+            t.sum()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bracketed(measure, probe: torch.Tensor, tensors=()):
+    """``measure()`` between two read-bandwidth probes (and two reads of ``tensors``): its result, the higher probe
+    (bytes/s) and the faster read of the tensors (seconds; 0 without tensors)."""
     before = read_bandwidth(repeats=3, tensor=probe)
+    read_before = tensor_read_s(tensors) if tensors else 0.0
     got = measure()
-    return got, max(before, read_bandwidth(repeats=3, tensor=probe))
+    read_after = tensor_read_s(tensors) if tensors else 0.0
+    return got, max(before, read_bandwidth(repeats=3, tensor=probe)), min(read_before, read_after)
 
 
 def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: dict,
-              probe: torch.Tensor, compute_ms=lambda batch, context: 0.0) -> list[Point]:
+              probe: torch.Tensor, compute_ms=lambda batch, context: 0.0, tensors=(), wbytes: int = 0) -> list[Point]:
     """vLLM's points (run after the others, which then no longer hold the CPU's memory bandwidth), their floors
     at the higher probe of those bracketing its whole run (one process for every point)."""
-    got, read = bracketed(lambda: vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab), probe)
+    got, read, weights_s = bracketed(lambda: vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab),
+                                     probe, tensors)
     if got is None:
         print("vLLM failed: its points are left out", file=sys.stderr)
         return []
-    rows = [Point("vllm", b, c, ms, b / ms * 1e3, step_bytes_at[(b, c)] / read * 1e3, read / 1e9,
-                  compute_ms(b, c)) for (b, c), ms in zip(points, got)]
+    rows = [Point("vllm", b, c, ms, b / ms * 1e3, step_bytes_at[(b, c)] / read * 1e3, read / 1e9, compute_ms(b, c),
+                  (weights_s + (step_bytes_at[(b, c)] - wbytes) / read) * 1e3 if tensors else 0.0)
+            for (b, c), ms in zip(points, got)]
     for r in rows:
         print(f"  vllm batch {r.batch} context {r.context}: {r.ms_per_step:.1f} ms/step ({r.tok_s:.0f} tok/s), "
-              f"floor {r.floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {r.over_floor:.1f}x the floor", flush=True)
+              f"floor {r.floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {r.over_floor:.1f}x the floor; "
+              f"compute floor {r.compute_floor_ms:.1f} ms", flush=True)
     return rows
 
 
 def report(rows: list[Point]) -> None:
     print("| engine | batch | context | ms/step | tok/s | probe GB/s | floor ms | x floor | compute floor ms | "
-          "x roofline |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "x roofline | tensor floor ms | x tensor floor |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r.engine} | {r.batch} | {r.context} | {r.ms_per_step:.1f} | {r.tok_s:.0f} | {r.read_gb_s:.1f} | "
-              f"{r.floor_ms:.1f} | {r.over_floor:.1f} | {r.compute_floor_ms:.1f} | {r.over_roofline:.1f} |")
+              f"{r.floor_ms:.1f} | {r.over_floor:.1f} | {r.compute_floor_ms:.1f} | {r.over_roofline:.1f} | "
+              f"{r.tensor_floor_ms:.1f} | {r.over_tensor_floor:.1f} |")
 
 
 def floor_line(rows: list[Point], x, floor=lambda r: r.floor_ms) -> list[tuple[int, float]]:

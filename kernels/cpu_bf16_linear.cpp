@@ -153,7 +153,10 @@ double dot_peak(int64_t iterations) {
   return best;
 }
 #else
-double dot_peak(int64_t) { return 0.; }  // no instruction: no figure (cpu_bf16_linear.py answers None)
+double dot_peak(int64_t iterations) {  // no instruction: no figure (cpu_bf16_linear.py answers None)
+  TORCH_CHECK(iterations > 0, "etr_cpu_linear.dot_peak: iterations must be > 0, got ", iterations);
+  return 0.;
+}
 constexpr bool kNative = false;  // correct everywhere, fast only with the instruction (cpu_bf16_linear.py asks)
 
 // Rounds 16 float32 to bf16, nearest even, and stores the first `count`.

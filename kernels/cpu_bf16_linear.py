@@ -68,8 +68,8 @@ def set_prefetch(on: bool) -> bool:
 
 def dot_peak(iterations: int = 2_000_000) -> float | None:
     """GFLOP/s of the bf16 dot instruction on all of torch's threads (registers only, best of 3; 2 FLOPs per
-    multiply-add), or None where the op runs without the instruction. The rate no bf16 GEMM here can beat:
-    bench/scaling.py draws each step's compute floor from it."""
+    multiply-add), or None where the op runs without the instruction. On a CPU without AMX it is the rate no
+    bf16 GEMM there can beat: bench/scaling.py draws each step's compute floor from it."""
     if not built() or not torch.ops.etr_cpu_linear.native():
         return None
     return float(torch.ops.etr_cpu_linear.dot_peak(int(iterations)))

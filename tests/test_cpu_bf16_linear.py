@@ -148,7 +148,8 @@ def test_dot_peak_is_a_rate_where_the_instruction_is(op):
     named error for a count that runs nothing."""
     got = L.dot_peak(20_000)
     if torch.ops.etr_cpu_linear.native():
-        assert got is not None and got > 1.0
+        # 64 FLOPs an instruction; no core issues more than 4 a cycle at 6 GHz: a loop folded away would exceed it.
+        assert got is not None and 1.0 < got < torch.get_num_threads() * 6.0 * 4 * 64
         with pytest.raises(RuntimeError, match="iterations must be > 0, got 0"):
             torch.ops.etr_cpu_linear.dot_peak(0)
     else:

@@ -29,9 +29,15 @@ def test_step_bytes_counts_weights_once_and_every_context_token(tmp_path):
     assert scaling.weight_bytes(untied) == sum(p.numel() * 4 for p in untied.parameters()) - embed
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
     assert scaling.step_bytes(cfg, 1000, 3, 50, 2) == 1000 + 3 * 50 * per_token
-    # The GEMMs' matrices alone: no norm weight (1-d) counts toward the FLOPs.
-    matrices = sum(p.numel() for p in tied_lm.parameters() if p.dim() == 2)
-    assert scaling.weight_bytes(tied_lm, matrices_only=True) == matrices * 4 < scaling.weight_bytes(tied_lm)
+    # The GEMMs' matrices alone, counted from the config: no norm weight (1-d) counts toward the FLOPs.
+    h, q, kv, inter = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    per_layer = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
+    assert scaling.matrix_params(tied_lm) == cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
+    assert scaling.matrix_params(tied_lm) < scaling.weight_bytes(tied_lm) / 4
+    head = untied.lm_head.weight.numel()  # untied: the head is multiplied by, the embedding only indexed
+    assert scaling.matrix_params(untied) == sum(p.numel() for p in untied.parameters() if p.dim() == 2) - embed // 4
+    assert head == embed // 4 and scaling.matrix_params(untied) > head
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim  # scores + values, a position
     assert scaling.step_flops(cfg, 1000, 3, 50) == 3 * (2 * 1000 + 50 * attention)
 
@@ -60,8 +66,12 @@ def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
         assert read > 0
         assert r["floor_ms"] == pytest.approx(scaling.step_bytes(cfg, written["weight_bytes"], r["batch"],
                                                                  r["context"], 2) / read * 1e3)
+    for r in rows:  # the tensor floor: the weights' read time (positive) plus the KV at the row's probe
+        kv_ms = (scaling.step_bytes(cfg, written["weight_bytes"], r["batch"], r["context"], 2)
+                 - written["weight_bytes"]) / (r["read_gb_s"] * 1e9) * 1e3
+        assert r["tensor_floor_ms"] > kv_ms > 0
     peak = written["dot_peak_gflop_s"]  # None where this CPU has no AVX512-BF16 (then no compute floor)
-    params = scaling.weight_bytes(plain, matrices_only=True) // 2
+    params = scaling.matrix_params(plain)
     for r in rows:
         want = scaling.step_flops(cfg, params, r["batch"], r["context"]) / (peak * 1e9) * 1e3 if peak else 0.0
         assert r["compute_floor_ms"] == pytest.approx(want)
@@ -126,8 +136,27 @@ def test_a_measurement_is_bracketed_by_probes_and_takes_the_higher(monkeypatch):
         seen = iter(probes)
         order = []
         monkeypatch.setattr(scaling, "read_bandwidth", lambda **kw: order.append("probe") or next(seen))
-        assert scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4)) == (7.5, want)
+        assert scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4)) == (7.5, want, 0.0)
         assert order == ["probe", "measure", "probe"]
+    # With tensors, they are read right before and right after too, and the faster read counts.
+    reads = iter([0.004, 0.003])
+    order = []
+    monkeypatch.setattr(scaling, "read_bandwidth", lambda **kw: order.append("probe") or 40e9)
+    monkeypatch.setattr(scaling, "tensor_read_s", lambda tensors: order.append(f"read {len(tensors)}") or next(reads))
+    got = scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4), [torch.ones(2), torch.ones(3)])
+    assert got == (7.5, 40e9, 0.003) and order == ["probe", "read 2", "measure", "read 2", "probe"]
+
+
+def test_tensor_read_sums_every_tensor(monkeypatch):
+    scaling = load_bench("scaling")
+    summed = []
+
+    class Seen(torch.Tensor):
+        def sum(self, *args, **kwargs):
+            summed.append(self.numel())
+            return super().sum(*args, **kwargs)
+    tensors = [torch.ones(n).as_subclass(Seen) for n in (3, 5, 7)]
+    assert scaling.tensor_read_s(tensors, repeats=2) > 0 and summed == [3, 5, 7, 3, 5, 7]
 
 
 def test_the_plotted_floor_is_the_strictest_of_a_points_probes():
