@@ -344,6 +344,9 @@ def plot(rows: list[Point], args, path: str) -> None:
     if any(r.compute_floor_ms for r in sweep):
         roof = floor_line(sweep, lambda r: r.batch, roofline)
         axes[0].plot([b for b, _ in roof], [f for _, f in roof], "k:", label="roofline (bandwidth or bf16 peak)")
+    if any(r.tensor_floor_ms for r in sweep):
+        tensor = floor_line(sweep, lambda r: r.batch, lambda r: r.tensor_floor_ms)
+        axes[0].plot([b for b, _ in tensor], [f for _, f in tensor], "k-.", label="weights summed tensor by tensor")
     axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step",
                 title=f"context {args.context}")
     for batch in args.context_batches:
@@ -356,6 +359,10 @@ def plot(rows: list[Point], args, path: str) -> None:
         axes[1].plot([c for c, _ in floor], [f for _, f in floor], "--", label=f"floor batch {batch}")
     axes[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per decode step",
                 title="context sweep")
+    from matplotlib.ticker import NullFormatter
+    for ax, ticks in ((axes[0], args.batches), (axes[1], args.contexts)):  # the points' own values, no overlaps
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
