@@ -187,6 +187,35 @@ void scores_bf16(const at::BFloat16* qh, const at::BFloat16* const* rows, int64_
 constexpr int64_t kKPagesAhead = 4;
 constexpr int64_t kVPagesAhead = 1;
 
+// Scores of NH query heads (pairs of dimensions at q, q_stride pairs apart) against 16 packed positions of one KV
+// head (kz: dimension pair i of the 16 at kz + i * bs), scaled, into out (heads n apart), lanes past `mask` not
+// stored. A compile-time head count keeps the 2 * NH accumulators in registers: with a run-time count the
+// compiler kept them on the stack, and every dot instruction waited on a store and a reload. k_ahead and v_ahead
+// (or nullptr) get two lines each per dimension step, from byte `at` on.
+template <int NH>
+inline void score_heads(const int32_t* kz, int64_t bs, int64_t pairs, const int32_t* q, int64_t q_stride, __m512 sc,
+                        __mmask16 mask, float* out, int64_t n, const char* k_ahead, const char* v_ahead, int64_t at) {
+  __m512 a[NH][2];
+  for (int h = 0; h < NH; ++h) a[h][0] = a[h][1] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < pairs; i += 2, at += 128) {
+    if (k_ahead) {
+      _mm_prefetch(k_ahead + at, _MM_HINT_T1);
+      _mm_prefetch(k_ahead + at + 64, _MM_HINT_T1);
+    }
+    if (v_ahead) {
+      _mm_prefetch(v_ahead + at, _MM_HINT_T1);
+      _mm_prefetch(v_ahead + at + 64, _MM_HINT_T1);
+    }
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kz + i * bs);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kz + (i + 1) * bs);
+    for (int h = 0; h < NH; ++h) {
+      a[h][0] = _mm512_dpbf16_ps(a[h][0], k0, (__m512bh)_mm512_set1_epi32(q[h * q_stride + i]));
+      a[h][1] = _mm512_dpbf16_ps(a[h][1], k1, (__m512bh)_mm512_set1_epi32(q[h * q_stride + i + 1]));
+    }
+  }
+  for (int h = 0; h < NH; ++h) _mm512_mask_storeu_ps(out + h * n, mask, _mm512_mul_ps(_mm512_add_ps(a[h][0], a[h][1]), sc));
+}
+
 // Scores of every query head against the positions [first * bs, end) of packed K pages (see the top of the
 // file): per page and KV head, 16 positions at a time, one load per dimension pair shared by up to 4 query heads,
 // two accumulator chains each; the query's pair is broadcast. Garbage past `end` stays out of the stored lanes.
@@ -211,34 +240,20 @@ void scores_packed(const Part& part, const Shape& s, const at::BFloat16* q, cons
       const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
       for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
         const int32_t* kz = kb + kh * (D / 2) * bs + t0;
+        // 128 bytes per dimension step: over the page's (t0, kh, i) steps, one page of each.
+        const int64_t at = (kh * (bs / kPositions) * (D / 4) + (t0 / kPositions) * (D / 4)) * 128;
         for (int64_t h0 = kh * G; h0 < (kh + 1) * G; h0 += 4) {
-          const int64_t heads = std::min<int64_t>(4, (kh + 1) * G - h0);
-          __m512 a[4][2];
-          for (int h = 0; h < 4; ++h) a[h][0] = a[h][1] = _mm512_setzero_ps();
-          for (int64_t i = 0; i < D / 2; i += 2) {
-            if (h0 == kh * G) {  // 128 bytes per step: over the page's (t0, kh, i) steps, one page of each
-              const int64_t at = (kh * (bs / kPositions) * (D / 4) + (t0 / kPositions) * (D / 4) + i / 2) * 128;
-              if (k_ahead) {
-                _mm_prefetch(k_ahead + at, _MM_HINT_T1);
-                _mm_prefetch(k_ahead + at + 64, _MM_HINT_T1);
-              }
-              if (v_ahead) {
-                _mm_prefetch(v_ahead + at, _MM_HINT_T1);
-                _mm_prefetch(v_ahead + at + 64, _MM_HINT_T1);
-              }
-            }
-            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kz + i * bs);
-            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kz + (i + 1) * bs);
-            for (int h = 0; h < 4; ++h) {
-              if (h >= heads) break;
-              const int32_t* qh = qw + (h0 + h) * (D / 2);
-              a[h][0] = _mm512_dpbf16_ps(a[h][0], k0, (__m512bh)_mm512_set1_epi32(qh[i]));
-              a[h][1] = _mm512_dpbf16_ps(a[h][1], k1, (__m512bh)_mm512_set1_epi32(qh[i + 1]));
-            }
+          const bool first = h0 == kh * G;  // the group's first heads prefetch
+          const char* ka = first ? k_ahead : nullptr;
+          const char* va = first ? v_ahead : nullptr;
+          const int32_t* qh = qw + h0 * (D / 2);
+          float* out = scores + h0 * n + j * bs + t0 - begin;
+          switch (std::min<int64_t>(4, (kh + 1) * G - h0)) {
+            case 1: score_heads<1>(kz, bs, D / 2, qh, D / 2, sc, mask, out, n, ka, va, at); break;
+            case 2: score_heads<2>(kz, bs, D / 2, qh, D / 2, sc, mask, out, n, ka, va, at); break;
+            case 3: score_heads<3>(kz, bs, D / 2, qh, D / 2, sc, mask, out, n, ka, va, at); break;
+            default: score_heads<4>(kz, bs, D / 2, qh, D / 2, sc, mask, out, n, ka, va, at); break;
           }
-          for (int h = 0; h < heads; ++h)
-            _mm512_mask_storeu_ps(scores + (h0 + h) * n + j * bs + t0 - begin, mask,
-                                  _mm512_mul_ps(_mm512_add_ps(a[h][0], a[h][1]), sc));
         }
       }
     }

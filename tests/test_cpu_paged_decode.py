@@ -178,10 +178,11 @@ def test_pack_k_round_trip_and_layout():
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (8, 1, 128, 32), (14, 2, 96, 16),
-                                                           (2, 2, 32, 48), (15, 3, 64, 16)])
+                                                           (2, 2, 32, 48), (15, 3, 64, 16), (12, 2, 64, 16)])
 def test_packed_k_matches_the_reference(packing, heads, kv_heads, dim, block_size):
-    """Shuffled pages, NaN past every sequence's end, lengths off the 16 positions of a load, groups of 5 heads
-    (two chunks of the scores pass, which takes 4 heads at once), and sequences long enough to be cut into parts.
+    """Shuffled pages, NaN past every sequence's end, lengths off the 16 positions of a load, groups of 1 to 8
+    heads (the scores pass takes up to 4 at once: every remainder of 1 to 4 occurs), and sequences long enough
+    to be cut into parts.
     Against the row layout the only difference is the order of each score's float32 sums: at least 99 % of the
     outputs are the same bf16 values."""
     g = torch.Generator().manual_seed(heads + dim)
