@@ -11,9 +11,10 @@ tensor far larger than the caches, best of several). Shared VMs drift: one run's
 GB/s within an hour. So the probe is taken right before and right after each measurement, and the point's floor
 uses the higher of the two (the stricter floor); every point prints the probe it used, and the run ends with the
 probes' range. Beside it, for bf16 on a CPU with AVX512-BF16, the compute floor: the step's FLOPs (every matrix
-once per sequence, the attention over each context) at the bf16 dot instruction's peak, measured at the start (a
-register-only loop on every thread; not on AMX CPUs, whose tiles are faster); "x roofline" is ms over the higher
-floor. And the tensor floor: the model's weights summed by torch one tensor after another (as a step reads them;
+once per sequence, the attention over each context) at the bf16 dot instruction's peak (a register-only loop on
+every thread; not on AMX CPUs, whose tiles are faster), which drifts with the VM as the bandwidth does (one
+session read 470 and 970 GFLOP/s minutes apart): so it too is taken right before and right after each point, the
+higher of the two (the stricter floor); "x roofline" is ms over the higher floor. And the tensor floor: the model's weights summed by torch one tensor after another (as a step reads them;
 the faster of two reads bracketing the point) plus the step's KV at the probe. Reading ~120 tensors of 1-28 MB one
 by one gets only part of the probe's rate, more so in the VM's fast stretches (bench/RESULTS.md): this floor says
 how far a step is from what torch itself reads in the same moment. Engine: ms per decode step timed over
@@ -53,6 +54,7 @@ class Point:
     read_gb_s: float = 0.0  # the probe the floor was drawn from (GB/s)
     compute_floor_ms: float = 0.0  # the step's FLOPs at the bf16 dot instruction's peak (0: not measured)
     tensor_floor_ms: float = 0.0  # the weights summed one tensor at a time by torch, plus the KV at the probe
+    peak_gflop_s: float = 0.0  # the compute floor's peak, the higher of two bracketing the point (0: not measured)
 
     @property
     def over_floor(self) -> float:
@@ -217,10 +219,12 @@ def main(argv=None) -> int:
     peak = compute_peak(dtype)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s at the start (each point probes again); weights "
           f"{wbytes / 1e6:.0f} MB ({dtype}); bf16 dot peak "
-          f"{f'{peak:.0f} GFLOP/s' if peak else 'not measured (no AVX512-BF16 op, or not bf16)'}", flush=True)
+          f"{f'{peak:.0f} GFLOP/s at the start (each point measures again)' if peak else 'not measured (no AVX512-BF16 op, or not bf16)'}",
+          flush=True)
+    peak_now = (lambda: compute_peak(dtype, PEAK_ITERATIONS)) if peak else None
 
-    def compute_ms(batch: int, context: int) -> float:
-        return step_flops(cfg, params, batch, context) / (peak * 1e9) * 1e3 if peak else 0.0
+    def compute_ms(batch: int, context: int, gflop_s: float) -> float:
+        return step_flops(cfg, params, batch, context) / (gflop_s * 1e9) * 1e3 if gflop_s else 0.0
     hf = None
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
@@ -232,20 +236,25 @@ def main(argv=None) -> int:
         if hf is not None:
             runs.append(("hf", lambda: hf_ms(hf, batch, context, args.steps, cfg.vocab_size)))
         for name, measure in runs:
-            ms, read, weights_s = bracketed(measure, probe, tensors)
+            ms, read, weights_s, gflop_s = bracketed(measure, probe, tensors, peak_now)
             rows.append(Point(name, batch, context, ms, batch / ms * 1e3, nbytes / read * 1e3, read / 1e9,
-                              compute_ms(batch, context), (weights_s + (nbytes - wbytes) / read) * 1e3))
+                              compute_ms(batch, context, gflop_s), (weights_s + (nbytes - wbytes) / read) * 1e3,
+                              gflop_s))
             print(f"  {name} batch {batch} context {context}: {ms:.1f} ms/step ({rows[-1].tok_s:.0f} tok/s), "
                   f"floor {rows[-1].floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {rows[-1].over_floor:.1f}x the floor; "
-                  f"compute floor {rows[-1].compute_floor_ms:.1f} ms; {rows[-1].over_tensor_floor:.1f}x the weights "
+                  f"compute floor {rows[-1].compute_floor_ms:.1f} ms at {gflop_s:.0f} GFLOP/s; "
+                  f"{rows[-1].over_tensor_floor:.1f}x the weights "
                   f"summed tensor by tensor", flush=True)
     if args.vllm_python:
         rows += vllm_rows(args, model, str(dtype).removeprefix("torch."), points, cfg.vocab_size,
                           {(b, c): step_bytes(cfg, wbytes, b, c, torch.finfo(dtype).bits // 8) for b, c in points},
-                          probe, compute_ms, tensors, wbytes)
+                          probe, compute_ms, tensors, wbytes, peak_now)
     report(rows)
     reads = [r.read_gb_s for r in rows]
     print(f"read bandwidth probes of this run: {min(reads):.1f} to {max(reads):.1f} GB/s", flush=True)
+    if peak:
+        peaks = [r.peak_gflop_s for r in rows]
+        print(f"bf16 dot peaks of this run: {min(peaks):.0f} to {max(peaks):.0f} GFLOP/s", flush=True)
     if args.png:
         plot(rows, args, args.png)
     if args.json:
@@ -255,7 +264,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def compute_peak(dtype: torch.dtype) -> float | None:
+# Rounds of the dot loop a point's bracketing peak runs (~1 ms on two Zen 5 cores, best of 3).
+PEAK_ITERATIONS = 500_000
+
+
+def compute_peak(dtype: torch.dtype, iterations: int = 2_000_000) -> float | None:
     """The bf16 dot instruction's GFLOP/s here (kernels/cpu_bf16_linear.py ``dot_peak``), for bf16 runs on a CPU
     whose GEMMs it bounds: one with AVX512-BF16 and no AMX (AMX's tiles run faster, and oneDNN uses them there).
     None otherwise: then no compute floor is drawn."""
@@ -263,7 +276,7 @@ def compute_peak(dtype: torch.dtype) -> float | None:
     from etr.kernels.cpu_gemm import cpu_flags
     if dtype != torch.bfloat16 or "amx_bf16" in cpu_flags():
         return None
-    return cpu_bf16_linear.dot_peak()
+    return cpu_bf16_linear.dot_peak(iterations)
 
 
 def tensor_read_s(tensors, repeats: int = 3) -> float:
@@ -278,27 +291,32 @@ def tensor_read_s(tensors, repeats: int = 3) -> float:
     return best
 
 
-def bracketed(measure, probe: torch.Tensor, tensors=()):
-    """``measure()`` between two read-bandwidth probes (and two reads of ``tensors``): its result, the higher probe
-    (bytes/s) and the faster read of the tensors (seconds; 0 without tensors)."""
+def bracketed(measure, probe: torch.Tensor, tensors=(), peak=None):
+    """``measure()`` between two read-bandwidth probes (and two reads of ``tensors``, and two calls of ``peak``, a
+    GFLOP/s): its result, the higher probe (bytes/s), the faster read of the tensors (seconds; 0 without tensors)
+    and the higher peak (0.0 without ``peak``)."""
     before = read_bandwidth(repeats=3, tensor=probe)
+    peak_before = peak() if peak else 0.0
     read_before = tensor_read_s(tensors) if tensors else 0.0
     got = measure()
     read_after = tensor_read_s(tensors) if tensors else 0.0
-    return got, max(before, read_bandwidth(repeats=3, tensor=probe)), min(read_before, read_after)
+    peak_after = peak() if peak else 0.0
+    return (got, max(before, read_bandwidth(repeats=3, tensor=probe)), min(read_before, read_after),
+            max(peak_before, peak_after))
 
 
-def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: dict,
-              probe: torch.Tensor, compute_ms=lambda batch, context: 0.0, tensors=(), wbytes: int = 0) -> list[Point]:
+def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: dict, probe: torch.Tensor,
+              compute_ms=lambda batch, context, gflop_s: 0.0, tensors=(), wbytes: int = 0, peak=None) -> list[Point]:
     """vLLM's points (run after the others, which then no longer hold the CPU's memory bandwidth), their floors
-    at the higher probe of those bracketing its whole run (one process for every point)."""
-    got, read, weights_s = bracketed(lambda: vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab),
-                                     probe, tensors)
+    at the higher probe (and peak) of those bracketing its whole run (one process for every point)."""
+    got, read, weights_s, gflop_s = bracketed(
+        lambda: vllm_ms(args.vllm_python, model, dtype, points, args.steps, vocab), probe, tensors, peak)
     if got is None:
         print("vLLM failed: its points are left out", file=sys.stderr)
         return []
-    rows = [Point("vllm", b, c, ms, b / ms * 1e3, step_bytes_at[(b, c)] / read * 1e3, read / 1e9, compute_ms(b, c),
-                  (weights_s + (step_bytes_at[(b, c)] - wbytes) / read) * 1e3 if tensors else 0.0)
+    rows = [Point("vllm", b, c, ms, b / ms * 1e3, step_bytes_at[(b, c)] / read * 1e3, read / 1e9,
+                  compute_ms(b, c, gflop_s), (weights_s + (step_bytes_at[(b, c)] - wbytes) / read) * 1e3 if tensors
+                  else 0.0, gflop_s)
             for (b, c), ms in zip(points, got)]
     for r in rows:
         print(f"  vllm batch {r.batch} context {r.context}: {r.ms_per_step:.1f} ms/step ({r.tok_s:.0f} tok/s), "
@@ -308,13 +326,13 @@ def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: d
 
 
 def report(rows: list[Point]) -> None:
-    print("| engine | batch | context | ms/step | tok/s | probe GB/s | floor ms | x floor | compute floor ms | "
-          "x roofline | tensor floor ms | x tensor floor |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| engine | batch | context | ms/step | tok/s | probe GB/s | floor ms | x floor | peak GFLOP/s | "
+          "compute floor ms | x roofline | tensor floor ms | x tensor floor |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r.engine} | {r.batch} | {r.context} | {r.ms_per_step:.1f} | {r.tok_s:.0f} | {r.read_gb_s:.1f} | "
-              f"{r.floor_ms:.1f} | {r.over_floor:.1f} | {r.compute_floor_ms:.1f} | {r.over_roofline:.1f} | "
-              f"{r.tensor_floor_ms:.1f} | {r.over_tensor_floor:.1f} |")
+              f"{r.floor_ms:.1f} | {r.over_floor:.1f} | {r.peak_gflop_s:.0f} | {r.compute_floor_ms:.1f} | "
+              f"{r.over_roofline:.1f} | {r.tensor_floor_ms:.1f} | {r.over_tensor_floor:.1f} |")
 
 
 def floor_line(rows: list[Point], x, floor=lambda r: r.floor_ms) -> list[tuple[int, float]]:

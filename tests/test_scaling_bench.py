@@ -70,9 +70,12 @@ def test_scaling_sweep_writes_table_json_and_plot(tmp_path, capsys):
         kv_ms = (scaling.step_bytes(cfg, written["weight_bytes"], r["batch"], r["context"], 2)
                  - written["weight_bytes"]) / (r["read_gb_s"] * 1e9) * 1e3
         assert r["tensor_floor_ms"] > kv_ms > 0
-    peak = written["dot_peak_gflop_s"]  # None where this CPU has no AVX512-BF16 (then no compute floor)
+    # Each point's compute floor is its FLOPs at the peak that row printed (measured around it); none where this CPU
+    # has no AVX512-BF16 (the run's start peak is None there, and every row's 0).
     params = scaling.matrix_params(plain)
     for r in rows:
+        peak = r["peak_gflop_s"]
+        assert (peak > 0) == (written["dot_peak_gflop_s"] is not None)
         want = scaling.step_flops(cfg, params, r["batch"], r["context"]) / (peak * 1e9) * 1e3 if peak else 0.0
         assert r["compute_floor_ms"] == pytest.approx(want)
     assert png.stat().st_size > 0 and "| etr | 2 | 24 |" in capsys.readouterr().out
@@ -136,7 +139,7 @@ def test_a_measurement_is_bracketed_by_probes_and_takes_the_higher(monkeypatch):
         seen = iter(probes)
         order = []
         monkeypatch.setattr(scaling, "read_bandwidth", lambda **kw: order.append("probe") or next(seen))
-        assert scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4)) == (7.5, want, 0.0)
+        assert scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4)) == (7.5, want, 0.0, 0.0)
         assert order == ["probe", "measure", "probe"]
     # With tensors, they are read right before and right after too, and the faster read counts.
     reads = iter([0.004, 0.003])
@@ -144,7 +147,13 @@ def test_a_measurement_is_bracketed_by_probes_and_takes_the_higher(monkeypatch):
     monkeypatch.setattr(scaling, "read_bandwidth", lambda **kw: order.append("probe") or 40e9)
     monkeypatch.setattr(scaling, "tensor_read_s", lambda tensors: order.append(f"read {len(tensors)}") or next(reads))
     got = scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4), [torch.ones(2), torch.ones(3)])
-    assert got == (7.5, 40e9, 0.003) and order == ["probe", "read 2", "measure", "read 2", "probe"]
+    assert got == (7.5, 40e9, 0.003, 0.0) and order == ["probe", "read 2", "measure", "read 2", "probe"]
+    # The compute peak drifts too: measured right before and right after, the higher counts, whichever comes first.
+    for peaks in ([470.0, 960.0], [960.0, 470.0]):
+        seen, order = iter(peaks), []
+        got = scaling.bracketed(lambda: order.append("measure") or 7.5, torch.ones(4),
+                                peak=lambda: order.append("peak") or next(seen))
+        assert got == (7.5, 40e9, 0.0, 960.0) and order == ["probe", "peak", "measure", "peak", "probe"]
 
 
 def test_tensor_read_sums_every_tensor(monkeypatch):
