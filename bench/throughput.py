@@ -7,8 +7,9 @@ virtualenv of its own, when given), measured in the same run on the same weights
 Default model: the embedded SmolLM2-135M-Instruct. Prompts are random token ids of one length so that no
 peer pays for padding. Prints tok/s per engine, the ratios of the engine to each peer, and the engine's
 share of its bandwidth floor: the tok/s a decode step would reach if it only read, at the read bandwidth
-measured in the same run (bench/scaling.py's probe), every weight once and the KV of the batch's mean context
-(prompt + half the new tokens).
+measured right before and right after that round's engine run (bench/scaling.py's probe, the higher of the two:
+a probe taken once at the start let a round in a faster stretch read above 1.0 of its floor), every weight once
+and the KV of the batch's mean context (prompt + half the new tokens).
 
 This machine's speed drifts by tens of percent within minutes, and peers run one after another: with
 ``--rounds N`` every batch size is measured N times over (each round runs every peer once, and the order of
@@ -155,11 +156,13 @@ def main(argv=None) -> int:
     vocab = llm.engine.model_config.vocab_size
     tmp = tempfile.TemporaryDirectory()
     gguf = llama_gguf(args.llama_python, args.llama_gguf, tmp.name) if args.llama_python else None
+    from scaling import bracketed
+    probe = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
     rows = []
     for batch in args.batch:
         rounds = prompt_rounds(batch, args.prompt_len, vocab, args.repeats)
-        peers = {
-            "etr": lambda: bench_engine(llm, rounds, args.new_tokens),
+        peers = {  # the engine's run between two read-bandwidth probes: its floor comes from the higher
+            "etr": lambda: bracketed(lambda: bench_engine(llm, rounds, args.new_tokens), probe)[:2],
             "hf": lambda: bench_hf(hf, rounds, args.new_tokens),
             "vllm": lambda: bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len,
                                        args.new_tokens, args.repeats, vocab) if args.vllm_python else None,
@@ -169,12 +172,14 @@ def main(argv=None) -> int:
         for i in range(args.rounds):
             order = list(peers) if i % 2 == 0 else list(peers)[::-1]
             got = {name: peers[name]() for name in order}
-            rows.append(row(batch, i, got))
+            got["etr"], read = got["etr"]
+            rows.append(row(batch, i, got, read))
     tmp.cleanup()
-    bandwidth = add_floors(rows, model_dir, dtype, llm.engine.model_config, args.prompt_len + args.new_tokens // 2,
-                           args.bandwidth_gib)
+    add_floors(rows, model_dir, dtype, llm.engine.model_config, args.prompt_len + args.new_tokens // 2)
+    reads = [r["read_gb_s"] for r in rows]
     print(f"model {Path(model_dir).name}, {args.dtype}, CPU threads {torch.get_num_threads()}, "
-          f"prompt {args.prompt_len}, new tokens {args.new_tokens}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"prompt {args.prompt_len}, new tokens {args.new_tokens}, read bandwidth {min(reads):.1f} to "
+          f"{max(reads):.1f} GB/s (probed right before and right after each of the engine's rounds)")
     print(f"{'batch':>5} {'round':>5} {'etr tok/s':>10} {'HF tok/s':>10} {'etr/HF':>7} {'vLLM tok/s':>11} {'etr/vLLM':>9} "
           f"{'llama.cpp tok/s':>16} {'etr/llama.cpp':>14} {'floor tok/s':>12} {'etr/floor':>10}")
     for r in rows:
@@ -189,11 +194,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def row(batch: int, round_i: int, got: dict) -> dict:
-    """One round's figures of one batch size, with the engine's ratio to each peer (None where it did not run)."""
+def row(batch: int, round_i: int, got: dict, read: float) -> dict:
+    """One round's figures of one batch size, with the engine's ratio to each peer (None where it did not run) and
+    the read bandwidth (bytes/s) its floor is drawn at."""
     ours = got["etr"]
     ratio = lambda theirs: None if theirs is None else ours / theirs  # noqa: E731
-    return dict(batch=batch, round=round_i, etr_tok_s=ours, hf_tok_s=got["hf"], ratio_vs_hf=ratio(got["hf"]),
+    return dict(batch=batch, round=round_i, read_gb_s=read / 1e9, etr_tok_s=ours, hf_tok_s=got["hf"],
+                ratio_vs_hf=ratio(got["hf"]),
                 vllm_tok_s=got["vllm"], ratio_vs_vllm=ratio(got["vllm"]), llama_tok_s=got["llama"],
                 ratio_vs_llama=ratio(got["llama"]))
 
@@ -212,19 +219,16 @@ def print_summary(rows: list[dict]) -> None:
         print(f"  batch {batch}: " + ", ".join(parts))
 
 
-def add_floors(rows: list[dict], model_dir: str, dtype: torch.dtype, model_config, context: int,
-               probe_gib: float = 1.0) -> float:
-    """Give each row its bandwidth floor in tok/s (``floor_tok_s``) and the engine's share of it; returns the
-    read bandwidth measured (bytes/s)."""
-    from scaling import read_bandwidth, step_bytes, weight_bytes
+def add_floors(rows: list[dict], model_dir: str, dtype: torch.dtype, model_config, context: int) -> None:
+    """Give each row its bandwidth floor in tok/s (``floor_tok_s``), at the read bandwidth probed around that row's
+    engine run (``read_gb_s``), and the engine's share of it."""
+    from scaling import step_bytes, weight_bytes
     from etr.models.loader import load_model
     wbytes = weight_bytes(load_model(model_dir, dtype, "cpu"))  # plain weights: packed ones are no parameters
-    bandwidth = read_bandwidth(probe_gib)
     for r in rows:
-        seconds = step_bytes(model_config, wbytes, r["batch"], context, torch.finfo(dtype).bits // 8) / bandwidth
-        r["floor_tok_s"] = r["batch"] / seconds
+        nbytes = step_bytes(model_config, wbytes, r["batch"], context, torch.finfo(dtype).bits // 8)
+        r["floor_tok_s"] = r["batch"] / (nbytes / (r["read_gb_s"] * 1e9))
         r["ratio_vs_floor"] = r["etr_tok_s"] / r["floor_tok_s"]
-    return bandwidth
 
 
 def _fmt(value: float | None, digits: int) -> str:
