@@ -13,9 +13,11 @@ uses the higher of the two (the stricter floor); every point prints the probe it
 probes' range. Beside it, for bf16 on a CPU with AVX512-BF16, the compute floor: the step's FLOPs (every matrix
 once per sequence, the attention over each context) at the bf16 dot instruction's peak (a register-only loop on
 every thread; not on AMX CPUs, whose tiles are faster), which drifts with the VM as the bandwidth does (one
-session read 470 and 970 GFLOP/s minutes apart): so it too is taken right before and right after each point, the
-higher of the two (the stricter floor); "x roofline" is ms over the higher floor. And the tensor floor: the model's weights summed by torch one tensor after another (as a step reads them;
-the faster of two reads bracketing the point) plus the step's KV at the probe. Reading ~120 tensors of 1-28 MB one
+session read 470 and 970 GFLOP/s minutes apart): so it too is taken right before and right after each point (a
+few ms each), the
+higher of the two (the stricter floor); "x roofline" is ms over the higher floor. And the tensor floor: the
+model's weights summed by torch one tensor after another (as a step reads them; the faster of two reads
+bracketing the point) plus the step's KV at the probe. Reading ~120 tensors of 1-28 MB one
 by one gets only part of the probe's rate, more so in the VM's fast stretches (bench/RESULTS.md): this floor says
 how far a step is from what torch itself reads in the same moment. Engine: ms per decode step timed over
 ``--steps`` steps after a warm-up (bench/decode.py). HF: ``generate`` of steps + 1 tokens on the same random
@@ -217,11 +219,11 @@ def main(argv=None) -> int:
     probe = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
     bandwidth = read_bandwidth(tensor=probe)
     peak = compute_peak(dtype)
+    peak_said = (f"{peak:.0f} GFLOP/s at the start (each point measures again)" if peak
+                 else "not measured (no AVX512-BF16 op, or not bf16)")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s at the start (each point probes again); weights "
-          f"{wbytes / 1e6:.0f} MB ({dtype}); bf16 dot peak "
-          f"{f'{peak:.0f} GFLOP/s at the start (each point measures again)' if peak else 'not measured (no AVX512-BF16 op, or not bf16)'}",
-          flush=True)
-    peak_now = (lambda: compute_peak(dtype, PEAK_ITERATIONS)) if peak else None
+          f"{wbytes / 1e6:.0f} MB ({dtype}); bf16 dot peak {peak_said}", flush=True)
+    peak_now = (lambda: compute_peak(dtype)) if peak else None
 
     def compute_ms(batch: int, context: int, gflop_s: float) -> float:
         return step_flops(cfg, params, batch, context) / (gflop_s * 1e9) * 1e3 if gflop_s else 0.0
@@ -262,10 +264,6 @@ def main(argv=None) -> int:
                                                "dot_peak_gflop_s": peak,
                                                "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
-
-
-# Rounds of the dot loop a point's bracketing peak runs (~1 ms on two Zen 5 cores, best of 3).
-PEAK_ITERATIONS = 500_000
 
 
 def compute_peak(dtype: torch.dtype, iterations: int = 2_000_000) -> float | None:
@@ -321,7 +319,7 @@ def vllm_rows(args, model: str, dtype: str, points, vocab: int, step_bytes_at: d
     for r in rows:
         print(f"  vllm batch {r.batch} context {r.context}: {r.ms_per_step:.1f} ms/step ({r.tok_s:.0f} tok/s), "
               f"floor {r.floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {r.over_floor:.1f}x the floor; "
-              f"compute floor {r.compute_floor_ms:.1f} ms", flush=True)
+              f"compute floor {r.compute_floor_ms:.1f} ms at {r.peak_gflop_s:.0f} GFLOP/s", flush=True)
     return rows
 
 

@@ -132,9 +132,9 @@ double dot_peak(int64_t iterations) {
   TORCH_CHECK(iterations > 0 && iterations <= (1 << 22), "etr_cpu_linear.dot_peak: iterations must be in 1 .. ",
               1 << 22, " (float32 sums stay exact), got ", iterations);
   const int64_t threads = at::get_num_threads();
-  std::atomic<int64_t> wrong{0};
   double best = 0.;
   for (int rep = 0; rep < 3; ++rep) {
+    std::atomic<int64_t> wrong{0};
     const auto start = std::chrono::steady_clock::now();
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -151,9 +151,9 @@ double dot_peak(int64_t iterations) {
       }
     });
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    TORCH_CHECK(wrong.load() == 0, "etr_cpu_linear.dot_peak: ", wrong.load(), " chains summed wrong");
     best = std::max(best, static_cast<double>(threads) * iterations * 16 * 32 * 2 / s / 1e9);
   }
-  TORCH_CHECK(wrong.load() == 0, "etr_cpu_linear.dot_peak: ", wrong.load(), " chains summed wrong");
   return best;
 }
 #else

@@ -213,7 +213,8 @@ inline void score_heads(const int32_t* kz, int64_t bs, int64_t pairs, const int3
       a[h][1] = _mm512_dpbf16_ps(a[h][1], k1, (__m512bh)_mm512_set1_epi32(q[h * q_stride + i + 1]));
     }
   }
-  for (int h = 0; h < NH; ++h) _mm512_mask_storeu_ps(out + h * n, mask, _mm512_mul_ps(_mm512_add_ps(a[h][0], a[h][1]), sc));
+  for (int h = 0; h < NH; ++h)
+    _mm512_mask_storeu_ps(out + h * n, mask, _mm512_mul_ps(_mm512_add_ps(a[h][0], a[h][1]), sc));
 }
 
 // Scores of every query head against the positions [first * bs, end) of packed K pages (see the top of the

@@ -118,10 +118,15 @@ def test_vllm_points_join_the_table(tmp_path, capsys):
     assert rows[("vllm", 1)]["ms_per_step"] == 2.5 and rows[("vllm", 2)]["tok_s"] == 2 / 4.0 * 1e3
     cfg = load_model_config(path)
     wbytes = json.loads(out.read_text())["weight_bytes"]
+    measured = json.loads(out.read_text())["dot_peak_gflop_s"] is not None
     for batch in (1, 2):
-        vllm = rows[("vllm", batch)]
+        vllm, ours = rows[("vllm", batch)], rows[("etr", batch)]
         assert vllm["floor_ms"] == pytest.approx(scaling.step_bytes(cfg, wbytes, batch, 8, 2)
                                                  / (vllm["read_gb_s"] * 1e9) * 1e3)
+        # The same FLOPs as the engine's point, at the peak measured around vLLM's run (none without the op).
+        assert (vllm["peak_gflop_s"] > 0) == measured and vllm["tensor_floor_ms"] > 0
+        assert vllm["compute_floor_ms"] * vllm["peak_gflop_s"] == pytest.approx(
+            ours["compute_floor_ms"] * ours["peak_gflop_s"])
     assert "| vllm | 2 | 8 | 4.0 |" in capsys.readouterr().out
     fake.write_text("#!/bin/sh\nexit 3\n")
     assert scaling.main(["--model", str(path), "--batches", "1", "--context", "8", "--contexts", "8",
