@@ -13,7 +13,7 @@ uses the higher of the two (the stricter floor); every point prints the probe it
 probes' range. Beside it, for bf16 on a CPU with AVX512-BF16, the compute floor: the step's FLOPs (every matrix
 once per sequence, the attention over each context) at the bf16 dot instruction's peak (a register-only loop on
 every thread; not on AMX CPUs, whose tiles are faster), which drifts with the VM as the bandwidth does (one
-session read 470 and 970 GFLOP/s minutes apart): so it too is taken right before and right after each point (a
+session read 470 and 970 GFLOP/s seconds apart): so it too is taken right before and right after each point (a
 few ms each), the
 higher of the two (the stricter floor); "x roofline" is ms over the higher floor. And the tensor floor: the
 model's weights summed by torch one tensor after another (as a step reads them; the faster of two reads
