@@ -219,7 +219,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   std::vector<float> b32(bias ? blocks * kBlock : 0, 0.f);
   if (bias) {
     const at::Tensor b = bias->contiguous();
-    for (int64_t i = 0; i < out_features; ++i) b32[i] = static_cast<float>(b.data_ptr<bf16>()[i]);
+    const bf16* bb = b.data_ptr<bf16>();
+    for (int64_t i = 0; i < out_features; ++i) b32[i] = static_cast<float>(bb[i]);
   }
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = out_features;
