@@ -195,6 +195,45 @@ void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf
 
 bool native() { return kNative; }
 
+// run_block(b) for every output block b in [0, blocks) on `threads` threads, each thread first its own contiguous
+// run (so that a thread reads its weights as one stream and prefetches the block it runs next), then blocks from
+// the ends of runs not yet done. The two cores of a VM drift apart by several per cent for stretches (perf: one
+// thread or the other idling ~10 % of a GEMM at 40 rows), and a static split waits for the slower. A run is
+// one atomic word: its next untaken block (low half) and its end (high half); the owner takes from the front
+// and a thread that is done takes half of what is left from the back. Which thread runs a block does not
+// change its bits.
+template <typename F>
+void balanced_runs(int64_t blocks, int64_t threads, const F& run_block) {
+  struct alignas(64) Run {
+    std::atomic<uint64_t> span;
+  };
+  std::vector<Run> runs(threads);
+  for (int64_t t = 0; t < threads; ++t)
+    runs[t].span.store(static_cast<uint64_t>(blocks * t / threads) | static_cast<uint64_t>(blocks * (t + 1) / threads) << 32);
+  auto next_of = [](uint64_t s) { return s & 0xFFFFFFFFu; };
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      std::atomic<uint64_t>& own = runs[t].span;
+      for (uint64_t s = own.load(std::memory_order_relaxed); next_of(s) < s >> 32;)
+        if (own.compare_exchange_weak(s, s + 1, std::memory_order_relaxed)) {
+          run_block(static_cast<int64_t>(next_of(s)));
+          s = own.load(std::memory_order_relaxed);
+        }
+      for (int64_t o = 1; o < threads; ++o) {
+        std::atomic<uint64_t>& other = runs[(t + o) % threads].span;
+        // The last untaken block stays with the owner, which is running the one before it or about to take it.
+        for (uint64_t s = other.load(std::memory_order_relaxed); (s >> 32) > next_of(s) + 1;) {
+          const uint64_t end = s >> 32, from = end - (end - next_of(s)) / 2;
+          if (other.compare_exchange_weak(s, next_of(s) | from << 32, std::memory_order_relaxed)) {
+            for (uint64_t b = from; b < end; ++b) run_block(static_cast<int64_t>(b));
+            s = other.load(std::memory_order_relaxed);
+          }
+        }
+      }
+    }
+  });
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                   int64_t out_features) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
@@ -235,7 +274,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
          bp ? bp + blk * kBlock : nullptr, yp + m0 * out_features + blk * kBlock, out_features,
          std::min(kBlock, out_features - blk * kBlock));
   };
-  if (blocks >= at::get_num_threads() || chunks == 1) {
+  const int64_t threads = at::get_num_threads();
+  if (chunks == 1 && m_rows > 4 && threads > 1 && blocks >= 2 * threads && blocks < (int64_t{1} << 31)) {
+    // One chunk of rows, more than the 1-4 that wait on memory: the threads balance their runs (balanced_runs;
+    // 0.95-1.01 of the static split's time at 5-48 rows, median ~0.98, bench/RESULTS.md).
+    balanced_runs(blocks, threads, [&](int64_t blk) { run(0, blk); });
+  } else if (blocks >= threads || chunks == 1) {
     // Each thread one contiguous run of output blocks (at::parallel_for splits the range evenly), so each
     // weight block is read by one thread only.
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {

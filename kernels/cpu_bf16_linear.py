@@ -54,7 +54,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on ``packed = pack(weight)``, all bf16, any leading dims; float32 products
-    and sums, rounded to bf16 once."""
+    and sums, rounded to bf16 once. The same bits on any number of threads, and for a row whatever rows run
+    with it."""
     return torch.ops.etr_cpu_linear.linear(x, packed, bias, out_features)
 
 

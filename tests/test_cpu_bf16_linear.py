@@ -77,6 +77,26 @@ def test_thread_count_does_not_change_a_bit(op, out):
     assert all(torch.equal(r, results[0]) for r in results) and within_tolerance(results[0], x, w, None)
 
 
+@pytest.mark.parametrize("out, rows", [(3000, 5), (3000, 16), (1000, 48), (130, 9)])
+def test_balanced_runs_give_the_one_thread_bits(op, out, rows):
+    """From 5 to 48 rows the threads take blocks from each other's runs when done (``balanced_runs``), which
+    thread runs a block depends on timing, and no order may change a bit: 2-4 threads, 20 calls each, against one
+    thread (out=130: 5 blocks, the fewest that 2 threads balance; 3 and 4 threads keep the static split there)."""
+    g = torch.Generator().manual_seed(out + rows)
+    w, x = torch.randn(out, 96, generator=g).bfloat16(), torch.randn(rows, 96, generator=g).bfloat16()
+    packed, before = L.pack(w), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = L.linear(x, packed, None, out)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            for _ in range(20):
+                assert torch.equal(L.linear(x, packed, None, out), want), threads
+    finally:
+        torch.set_num_threads(before)
+    assert within_tolerance(want, x, w, None)
+
+
 def test_linear_reads_a_strided_input(op):
     w = torch.randn(40, 64).bfloat16()
     x = torch.randn(64, 6).bfloat16().t()[::2]  # 3 rows of 64, elements 6 apart: not contiguous
