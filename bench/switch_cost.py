@@ -9,6 +9,7 @@ Queries run one at a time (batch 1), as a user would send them.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -43,11 +44,40 @@ class SwitchCost:
     bookkeeping_s_per_query: float
     paired_median_pct: float  # median over (query, repeat) of the two conditions run back to back
     paired_quartiles_pct: tuple[float, float]  # their 25th and 75th percentiles: the noise to read it against
+    # A distribution-free interval for the median (median_interval) and its coverage: the verdict reads it.
+    paired_median_interval_pct: tuple[float, float] = (float("nan"), float("nan"))
+    interval_coverage: float = float("nan")
     placement: str = "local"  # where the expert ran: "local" (in-process) or "ray" (an actor)
     # With placement "ray", the same switched queries with the expert in-process, for the remote costs:
     switch_local_s_per_query: float | None = None
     network_s_per_switch: float = 0.0  # the hand-off's network and serialization time
     remote_streaming_pct: float | None = None  # remote minus in-process decode time, over in-process, per token
+
+BAR_PCT = 2.0  # the bar: a switch costs less than this share of a query, end to end
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """An interval that holds the median of the population ``values`` were drawn from with probability at
+    least ``confidence``, assuming nothing of its shape: the order statistics x_(k) .. x_(n+1-k) for the
+    largest k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), reaches ``confidence``. With too few values to
+    reach it, (min, max) and their lower coverage. Returns (low, high, coverage)."""
+    if not values:
+        raise ValueError("median_interval: no values")
+    if not 0 < confidence < 1:
+        raise ValueError(f"median_interval: confidence {confidence} must be in (0, 1)")
+    xs, n = sorted(values), len(values)
+    below = [math.comb(n, i) / 2 ** n for i in range(n + 1)]  # P(Binomial(n, 1/2) = i)
+    k = 1
+    while k + 1 <= (n + 1) // 2 and 1 - 2 * sum(below[:k + 1]) >= confidence:
+        k += 1
+    return xs[k - 1], xs[n - k], 1 - 2 * sum(below[:k])
+
+
+def verdict(low: float, high: float, bar: float = BAR_PCT) -> str:
+    """"holds" when the whole interval is under the bar, "fails" when it is all at or over it, else
+    "undecided" (the noise is larger than the distance to the bar)."""
+    return "holds" if high < bar else "fails" if low >= bar else "undecided"
+
 
 @torch.inference_mode()
 def first_step_hidden(llm, prompts: list[list[int]]) -> torch.Tensor:
@@ -125,9 +155,10 @@ def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, n
         _write_trace(llm, prompts[0], params, trace)
     n, t0, t1 = len(prompts), sum(best["no_switch"]), sum(best["switch"])
     quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    low, high, coverage = median_interval(paired)
     cost = SwitchCost(n, new_tokens, t0 / n, t1 / n, 100 * (t1 - t0) / t0, sum(prefill.values()) / n,
                       switcher.switch_bookkeeping_s / max(switcher.num_switches, 1), statistics.median(paired),
-                      (quartiles[0], quartiles[2]), placement)
+                      (quartiles[0], quartiles[2]), (low, high), coverage, placement)
     if local is not None:
         t_local, hand_off = sum(best["switch_local"]), statistics.median(network)
         cost.switch_local_s_per_query, cost.network_s_per_switch = t_local / n, hand_off
@@ -169,8 +200,9 @@ def report(cost: SwitchCost) -> str:
         f"{'no switch (meta decodes)':<28}{cost.no_switch_s_per_query:>10.3f}",
         f"{'switch at first token':<28}{cost.switch_s_per_query:>10.3f}",
         f"end-to-end switching overhead (the headline): median {cost.paired_median_pct:+.2f}% over the "
-        f"back-to-back pairs, quartiles {cost.paired_quartiles_pct[0]:+.2f}% .. {cost.paired_quartiles_pct[1]:+.2f}%;"
-        f" bar < 2% {'holds' if cost.paired_median_pct < 2 else 'FAILS'}",
+        f"back-to-back pairs, quartiles {cost.paired_quartiles_pct[0]:+.2f}% .. {cost.paired_quartiles_pct[1]:+.2f}%",
+        f"{100 * cost.interval_coverage:.0f}% interval for the median {cost.paired_median_interval_pct[0]:+.2f}% .. "
+        f"{cost.paired_median_interval_pct[1]:+.2f}%: bar < {BAR_PCT:g}% {_verdict_line(cost)}",
         f"beside it: sum of each query's best run {cost.overhead_pct:+.2f}%; expert prefill "
         f"{cost.expert_prefill_s_per_query * 1e3:.1f} ms = "
         f"{100 * cost.expert_prefill_s_per_query / cost.no_switch_s_per_query:.2f}% of a no-switch query; "
@@ -180,6 +212,12 @@ def report(cost: SwitchCost) -> str:
         f" s in-process; hand-off over the network {cost.network_s_per_switch * 1e3:.2f} ms per switch; "
         f"streaming back {cost.remote_streaming_pct:+.2f}% per generated token over in-process",
     ]))
+
+
+def _verdict_line(cost: SwitchCost) -> str:
+    said = verdict(*cost.paired_median_interval_pct)
+    return {"holds": "holds", "fails": "FAILS",
+            "undecided": "undecided: the interval straddles it (more --repeats or --queries narrow it)"}[said]
 
 
 def main(argv: list[str] | None = None) -> int:

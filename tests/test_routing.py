@@ -1,6 +1,7 @@
 """Expert Token Routing in the engine: switch parity with HF, batches, head files, and every mismatch error."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -247,7 +248,9 @@ def test_switch_cost_protocol_routes_every_query(tokenizer, tmp_path):
     assert cost.queries == 3 and cost.expert_prefill_s_per_query > 0
     low, high = cost.paired_quartiles_pct
     assert low <= cost.paired_median_pct <= high
-    assert "overhead" in report(cost) and "quartiles" in report(cost)
+    low, high = cost.paired_median_interval_pct
+    assert low <= cost.paired_median_pct <= high and 0 < cost.interval_coverage < 1
+    assert "overhead" in report(cost) and "quartiles" in report(cost) and "interval for the median" in report(cost)
 
 
 def test_pools_sized_after_all_models_load(dirs, tmp_path, monkeypatch):
@@ -316,3 +319,31 @@ def test_etr_bench_switch_runs_the_bench_script(tmp_path, capsys):
     bad = subprocess.run([sys.executable, "-m", "etr", "bench", "switch", "--model", str(meta), "--expert-placement",
                           "law=ray"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "the protocol's one expert is called 'expert'" in bad.stderr
+
+
+def test_median_interval_uses_the_binomial_order_statistics():
+    """16 pairs: x_(4) .. x_(13), coverage 1 - 2 P(Bin(16, 1/2) <= 3) = 0.979; too few values: (min, max)."""
+    from conftest import load_bench
+    median_interval = load_bench("switch_cost").median_interval
+    low, high, coverage = median_interval([float(v) for v in range(16, 0, -1)])
+    assert (low, high) == (4.0, 13.0) and coverage == pytest.approx(1 - 2 * 697 / 65536)
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
+    assert median_interval([7.0]) == (7.0, 7.0, 0.0)
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
+
+
+def test_median_interval_covers_a_skewed_median_as_often_as_it_says():
+    """Samples of 16 from an exponential (median ln 2): the interval holds it in ~97.9% of 4,000 draws."""
+    from conftest import load_bench
+    median_interval = load_bench("switch_cost").median_interval
+    g = torch.Generator().manual_seed(0)
+    draws = torch.empty(4000, 16).exponential_(generator=g).tolist()
+    hits = sum(low <= math.log(2) <= high for low, high, _ in map(median_interval, draws))
+    assert 0.965 <= hits / len(draws) <= 0.99
+
+
+def test_switch_verdict_reads_the_whole_interval():
+    from conftest import load_bench
+    verdict = load_bench("switch_cost").verdict
+    assert verdict(-3.0, 1.9) == "holds" and verdict(2.0, 5.0) == "fails" and verdict(-1.0, 4.0) == "undecided"
