@@ -73,9 +73,15 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return xs[k - 1], xs[n - k], 1 - 2 * sum(below[:k])
 
 
-def verdict(low: float, high: float, bar: float = BAR_PCT) -> str:
-    """"holds" when the whole interval is under the bar, "fails" when it is all at or over it, else
-    "undecided" (the noise is larger than the distance to the bar)."""
+CONFIDENCE = 0.95  # the interval's coverage that the verdict asks for
+
+
+def verdict(low: float, high: float, coverage: float, bar: float = BAR_PCT) -> str:
+    """"holds" when the whole interval is under the bar, "fails" when it is all at or over it, "undecided"
+    when it straddles it (the noise is larger than the distance to the bar), and "too few pairs" when so few
+    were run that (min, max) covers the median less often than ``CONFIDENCE`` (fewer than 6 pairs)."""
+    if coverage < CONFIDENCE:
+        return "too few pairs"
     return "holds" if high < bar else "fails" if low >= bar else "undecided"
 
 
@@ -155,7 +161,7 @@ def measure(model_dir: str, expert_dir: str | None = None, n_queries: int = 8, n
         _write_trace(llm, prompts[0], params, trace)
     n, t0, t1 = len(prompts), sum(best["no_switch"]), sum(best["switch"])
     quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-    low, high, coverage = median_interval(paired)
+    low, high, coverage = median_interval(paired, CONFIDENCE)
     cost = SwitchCost(n, new_tokens, t0 / n, t1 / n, 100 * (t1 - t0) / t0, sum(prefill.values()) / n,
                       switcher.switch_bookkeeping_s / max(switcher.num_switches, 1), statistics.median(paired),
                       (quartiles[0], quartiles[2]), (low, high), coverage, placement)
@@ -215,9 +221,11 @@ def report(cost: SwitchCost) -> str:
 
 
 def _verdict_line(cost: SwitchCost) -> str:
-    said = verdict(*cost.paired_median_interval_pct)
+    said = verdict(*cost.paired_median_interval_pct, cost.interval_coverage)
     return {"holds": "holds", "fails": "FAILS",
-            "undecided": "undecided: the interval straddles it (more --repeats or --queries narrow it)"}[said]
+            "undecided": "undecided: the interval straddles it (more --repeats or --queries narrow it)",
+            "too few pairs": f"not judged: {cost.queries} queries x their repeats are too few pairs for a "
+                             f"{100 * CONFIDENCE:.0f}% interval"}[said]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,6 +251,7 @@ def test_switch_cost_protocol_routes_every_query(tokenizer, tmp_path):
     low, high = cost.paired_median_interval_pct
     assert low <= cost.paired_median_pct <= high and 0 < cost.interval_coverage < 1
     assert "overhead" in report(cost) and "quartiles" in report(cost) and "interval for the median" in report(cost)
+    assert "not judged: 3 queries" in report(cost)  # 3 pairs: (min, max) covers the median 75% of the time
 
 
 def test_pools_sized_after_all_models_load(dirs, tmp_path, monkeypatch):
@@ -346,4 +347,5 @@ def test_median_interval_covers_a_skewed_median_as_often_as_it_says():
 def test_switch_verdict_reads_the_whole_interval():
     from conftest import load_bench
     verdict = load_bench("switch_cost").verdict
-    assert verdict(-3.0, 1.9) == "holds" and verdict(2.0, 5.0) == "fails" and verdict(-1.0, 4.0) == "undecided"
+    assert verdict(-3.0, 1.9, 0.98) == "holds" and verdict(2.0, 5.0, 0.98) == "fails"
+    assert verdict(-1.0, 4.0, 0.98) == "undecided" and verdict(3.0, 4.0, 0.5) == "too few pairs"
