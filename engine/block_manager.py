@@ -3,11 +3,19 @@
 A full block is identified by a chained hash of its tokens (the hash of the previous block folded in), so a
 block is shared only when the whole prefix before it is the same. Freed blocks keep their hash and
 contents until they are handed out again, so a later request with the same prefix can revive them.
+
+A sequence's new block is, where it can be, the one after its last block in the pool (``_take_next``), so that its
+pages follow each other in memory: the CPU decode attention reads a sequence's pages in order, and pages in order
+read faster than scattered ones (bench/RESULTS.md). The cache still loses its prefixes least recently freed
+first: a sequence that grows into a free block holding a newer prefix first moves that prefix into the least
+recently freed block (one block copy in every layer, ``copy_block``), whose own prefix was next to go anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 from etr.engine.sequence import Sequence
 
@@ -21,6 +29,13 @@ class Block:
     token_ids: tuple[int, ...] = ()
 
 
+# A sequence that starts a new run of blocks starts it this many blocks into a free run, which it leaves to the
+# sequence whose last block comes before the run, to grow into; and it looks for such a run among this many of
+# the least recently freed blocks.
+RUN_GAP = 16
+RUN_SEARCH = 512
+
+
 def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
     """Hash of a full block's tokens chained to the hash of the block before it."""
     return hash((prev_hash, token_ids))
@@ -28,13 +43,21 @@ def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 class BlockManager:
     """Allocates, shares (prefix caching) and frees the KV blocks of sequences."""
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 copy_block: Callable[[int, int], None] | None = None):
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion-ordered: the longest-free block is reused first, so recently freed prefixes survive longest.
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
+        # When each block was last freed, in frees: how old a free block's cached prefix is (see _spare).
+        self.freed_at = list(range(num_blocks))
+        self.frees = num_blocks
+        # Copies a block's KV (src, dst) in every layer; without it a cached prefix is never moved (see
+        # _move_aside), and a sequence grows into a block that caches one only when the prefix is old.
+        self.copy_block = copy_block
+        self.moves = 0  # cached prefixes moved aside so far
 
     @property
     def num_blocks(self) -> int:
@@ -51,6 +74,56 @@ class BlockManager:
         block = self.blocks[block_id]
         block.ref_count = 1
         return block
+
+    def _take_next(self, prev: int | None) -> Block:
+        """A free block for a sequence whose last block is ``prev`` (None: a new sequence): the block after
+        ``prev`` where it can be taken (``_can_take``); else a block RUN_GAP into a free run (at its start where
+        the run begins the pool), runs whose blocks cache nothing worth keeping first; else the least recently
+        freed block."""
+        if prev is not None and self._can_take(prev + 1, self.copy_block is not None):
+            return self._take_clear(prev + 1)
+        for movable in (False, True)[:1 + (self.copy_block is not None)]:
+            for b in islice(self.free_block_ids, RUN_SEARCH):
+                if b > 0 and b - 1 in self.free_block_ids:
+                    continue  # not the start of a free run
+                at = b if b == 0 else b + RUN_GAP
+                if at < self.num_blocks and all(self._can_take(i, movable) for i in range(b, at + 1)):
+                    return self._take_clear(at)
+        return self._take_free()
+
+    def _can_take(self, block_id: int, movable: bool) -> bool:
+        """Free, and handing it out keeps every prefix the cache would keep: it caches none worth keeping
+        (``_spare``), or ``movable`` and its prefix can move to another block (``_move_aside``)."""
+        return block_id < self.num_blocks and block_id in self.free_block_ids and (movable or self._spare(block_id))
+
+    def _spare(self, block_id: int) -> bool:
+        """Caching no prefix, or one about to be evicted anyway: freed within the oldest eighth of the free list's
+        frees (by ``freed_at``), so that handing it out early barely changes what the cache keeps."""
+        block = self.blocks[block_id]
+        if block.hash is None or self.hash_to_block_id.get(block.hash) != block_id:
+            return True
+        oldest = self.freed_at[next(iter(self.free_block_ids))]
+        return self.freed_at[block_id] - oldest <= (self.frees - oldest) // 8
+
+    def _take_clear(self, block_id: int) -> Block:
+        if not self._spare(block_id):
+            self._move_aside(block_id)
+        return self._take_free(block_id)
+
+    def _move_aside(self, block_id: int) -> None:
+        """Move free block ``block_id``'s cached prefix into the least recently freed block, whose own prefix is
+        the one a least-recently-freed policy would evict now: the cache keeps the same prefixes, and the moved
+        one keeps its age (the head goes to the free list's tail, with ``block_id``'s stamp)."""
+        head = next(iter(self.free_block_ids))  # never block_id: the head is always _spare
+        src, dst = self.blocks[block_id], self.blocks[head]
+        self._forget_hash(dst)
+        self.copy_block(block_id, head)
+        self._register(dst, src.hash, src.token_ids)
+        src.hash, src.token_ids = None, ()
+        del self.free_block_ids[head]
+        self.free_block_ids[head] = None
+        self.freed_at[head] = self.freed_at[block_id]
+        self.moves += 1
 
     def _forget_hash(self, block: Block) -> None:
         if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
@@ -85,7 +158,7 @@ class BlockManager:
             block_id = None if missed or i >= cacheable or h is None else self._lookup(h, tokens)
             if block_id is None:
                 missed = True
-                block = self._take_free()
+                block = self._take_next(seq.block_table[-1] if seq.block_table else None)
                 self._forget_hash(block)
                 if full:
                     self._register(block, h, tokens)
@@ -106,6 +179,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
+                self.freed_at[block_id], self.frees = self.frees, self.frees + 1
         seq.block_table.clear()
 
     def can_append(self, seq: Sequence) -> bool:
@@ -116,7 +190,7 @@ class BlockManager:
         """Before a decode step: give ``seq`` a new block at a boundary; hash a block the step fills."""
         n = len(seq)
         if (n - 1) % self.block_size == 0:
-            block = self._take_free()
+            block = self._take_next(seq.block_table[-1] if seq.block_table else None)
             self._forget_hash(block)
             seq.block_table.append(block.block_id)
         if n % self.block_size == 0:

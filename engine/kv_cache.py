@@ -56,11 +56,13 @@ def size_kv_pools(engines: list) -> None:
             e.init_kv(blocks)
 
 
-def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device, packed_k: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(k_pages, v_pages)``, each ``[num_blocks, block_size, kv_heads, head_dim]`` (the layout
-    flash-attn's paged decode and the Triton kernels share); with ``packed_k`` the K pages are
-    ``[num_blocks, kv_heads, head_dim/2, block_size, 2]`` (the CPU decode op's packed layout, same bytes)."""
+def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                      packed_k: bool = False) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The pool ``[layers, 2, num_blocks, ...]`` and, per layer, views ``(k_pages, v_pages)`` of it, each
+    ``[num_blocks, block_size, kv_heads, head_dim]`` (the layout flash-attn's paged decode and the Triton kernels
+    share); with ``packed_k`` the K pages are ``[num_blocks, kv_heads, head_dim/2, block_size, 2]`` (the CPU decode
+    op's packed layout, same bytes). A block's bytes are the same in either layout, so ``pool[:, :, b]`` is block
+    ``b`` of every layer (see ``copy_kv_block``)."""
     if num_blocks < 1:
         raise KVCacheError(f"num_kv_blocks={num_blocks} must be >= 1")
     shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -69,6 +71,11 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
     except (RuntimeError, torch.OutOfMemoryError) as e:
         raise KVCacheError(f"cannot allocate {num_blocks} KV blocks on {device}: {e}") from None
     if not packed_k:
-        return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_hidden_layers)]
+        return pool, [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_hidden_layers)]
     k_shape = (num_blocks, cfg.num_key_value_heads, cfg.head_dim // 2, block_size, 2)
-    return [(pool[i, 0].view(k_shape), pool[i, 1]) for i in range(cfg.num_hidden_layers)]
+    return pool, [(pool[i, 0].view(k_shape), pool[i, 1]) for i in range(cfg.num_hidden_layers)]
+
+
+def copy_kv_block(pool: torch.Tensor, src: int, dst: int) -> None:
+    """Copy block ``src``'s K and V in every layer to block ``dst`` (one op over the whole pool)."""
+    pool[:, :, dst].copy_(pool[:, :, src])

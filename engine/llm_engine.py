@@ -66,7 +66,8 @@ class LLMEngine:
         """Allocate the KV pool and the block accounting over it (see ``kv_cache.size_kv_pools``)."""
         cfg = self.config
         self.runner.allocate_kv(num_blocks)
-        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.enable_prefix_caching,
+                                          copy_block=self.runner.copy_block)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    max(cfg.max_num_batched_tokens, cfg.max_model_len),
                                    cfg.mixed_batches_for(self.device))

@@ -11,7 +11,7 @@ from etr.engine.attention import AttentionMetadata, get_backend
 from etr.engine.attention.mixed import MixedAttention, MixedMetadata
 from etr.engine.config import EngineConfig
 from etr.engine.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
-from etr.engine.kv_cache import allocate_kv_cache
+from etr.engine.kv_cache import allocate_kv_cache, copy_kv_block
 from etr.engine.pending_step import DeviceStream, host_to_device
 from etr.engine.sequence import Sequence
 from etr.kernels import cpu_decode_step, fused_norm, interpreted, lm_head
@@ -57,6 +57,7 @@ class ModelRunner:
         self.native_step = self._native_step()
         self.mixed = MixedAttention(self.backend)
         self.num_blocks = 0
+        self.kv_pool: torch.Tensor | None = None
         self.kv_caches: list = []
         self.cuda_graphs = self._wants_graphs(config.cuda_graphs)
         self.graphs: DecodeGraphs | None = None  # built with the KV pool
@@ -84,12 +85,19 @@ class ModelRunner:
         self.num_blocks = num_blocks
         packs = getattr(self.backend, "packs_k", None)
         packed = packs is not None and packs(self.dtype, self.config.head_dim, self.block_size)
-        self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype, self.device, packed)
+        self.kv_pool, self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype,
+                                                         self.device, packed)
         if self.cuda_graphs:  # on the CPU: the same padded static-buffer path, run eagerly (tests)
             # Capture on the model's own device: torch.cuda.graph's capture stream is the current device's.
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                 self.graphs = DecodeGraphs(self, self.max_num_seqs, self.max_model_len,
                                            capture=self.device.type == "cuda")
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy KV block ``src`` to ``dst`` in every layer, on the model's stream (the block manager moves a
+        cached prefix out of a growing sequence's way with it)."""
+        with self.stream.active():
+            copy_kv_block(self.kv_pool, src, dst)
 
     def set_expert_rows(self, weight: torch.Tensor | None) -> None:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""

@@ -3,6 +3,7 @@
 import random
 
 from etr import LLM, SamplingParams
+from etr.engine import block_manager
 from etr.engine.block_manager import BlockManager
 from etr.engine.sequence import Sequence
 
@@ -61,3 +62,84 @@ def test_200_random_requests_with_tiny_pool_preempt_and_free_everything(tiny_dir
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(len(o.token_ids) == p.max_tokens for o, p in zip(got, params))
     assert tight.engine.block_manager.all_free() and not tight.engine.has_unfinished()
+
+
+def adjacent_share(tables):
+    pairs = [(a, b) for t in tables for a, b in zip(t, t[1:])]
+    return sum(b == a + 1 for a, b in pairs) / len(pairs)
+
+
+def grow_in_lockstep(bm, seqs, blocks, rng):
+    for _ in range(blocks * bm.block_size):
+        for s in seqs:
+            s.append(rng.randrange(1000))
+            assert bm.can_append(s)
+            bm.may_append(s)
+
+
+def test_sequences_growing_together_keep_their_pages_in_order():
+    # Least-recently-freed alone interleaves 16 sequences' pages (every neighbour another sequence's); the
+    # decode attention reads pages in order faster, so each sequence grows into the block after its last.
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=16 * 48, block_size=4)
+    seqs = [seq_of([rng.randrange(1000) for _ in range(5)]) for _ in range(16)]
+    for s in seqs:
+        bm.allocate(s)
+    grow_in_lockstep(bm, seqs, 30, rng)
+    assert adjacent_share([s.block_table for s in seqs]) >= 0.9
+    assert len({b for s in seqs for b in s.block_table}) == sum(len(s.block_table) for s in seqs)
+
+
+def test_a_cached_prefix_in_the_way_moves_aside_and_still_revives(monkeypatch):
+    monkeypatch.setattr(block_manager, "RUN_GAP", 0)  # a new sequence starts at a free run's first block
+    copies = []
+    bm = BlockManager(num_blocks=40, block_size=4, copy_block=lambda src, dst: copies.append((src, dst)))
+    rng = random.Random(1)
+    grower = seq_of([rng.randrange(1000) for _ in range(5)])   # blocks 0 and 1
+    bm.allocate(grower)
+    cached = seq_of(range(100, 113))                             # 13 tokens: three full blocks, hashed
+    bm.allocate(cached)
+    assert grower.block_table == [0, 1] and cached.block_table[0] == 2
+    bm.deallocate(cached)                                        # newest frees: not spare, so they move
+    grow_in_lockstep(bm, [grower], 3, rng)
+    assert grower.block_table == [0, 1, 2, 3, 4]
+    assert copies == [(2, 6), (3, 7), (4, 8)]  # into the least recently freed (block 5 held its partial 4th)
+    again = seq_of(range(100, 113))
+    bm.allocate(again)
+    assert again.num_cached_tokens == 12
+    assert again.block_table[:3] == [dst for _, dst in copies]
+
+
+def test_without_copy_block_a_new_prefix_is_kept_and_growth_goes_elsewhere(monkeypatch):
+    monkeypatch.setattr(block_manager, "RUN_GAP", 0)
+    bm = BlockManager(num_blocks=40, block_size=4)
+    rng = random.Random(2)
+    grower = seq_of([rng.randrange(1000) for _ in range(5)])
+    bm.allocate(grower)
+    cached = seq_of(range(100, 113))
+    bm.allocate(cached)
+    assert cached.block_table[:3] == [2, 3, 4]
+    bm.deallocate(cached)
+    grow_in_lockstep(bm, [grower], 3, rng)
+    assert not set(grower.block_table) & {2, 3, 4}
+    again = seq_of(range(100, 113))
+    bm.allocate(again)
+    assert again.num_cached_tokens == 12 and again.block_table[:3] == [2, 3, 4]
+
+
+def test_moved_prefixes_give_the_same_tokens(tiny_dir):
+    # Float32 greedy: a prompt served from prefixes that were moved aside decodes as it did with no cache.
+    rng = random.Random(3)
+    path = str(tiny_dir("llama_tied_gqa"))
+    shared = [rng.randrange(256) for _ in range(24)]
+    prompts = [shared + [rng.randrange(256) for _ in range(rng.randrange(1, 9))] for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    cold = LLM(path, dtype="float32", block_size=4, num_kv_blocks=400, enable_prefix_caching=False)
+    want = [o.token_ids for o in cold.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(path, dtype="float32", block_size=4, num_kv_blocks=400, max_num_seqs=4)
+    bm = llm.engine.block_manager
+    first = [o.token_ids for o in llm.generate(prompts[:1], params, use_tqdm=False)]
+    got = first + [o.token_ids for o in llm.generate(prompts[1:], params, use_tqdm=False)]
+    assert bm.moves > 0 and got == want
+    assert llm.generate(prompts[:1], params, use_tqdm=False)[0].token_ids == want[0]
+    assert bm.all_free()
