@@ -30,8 +30,8 @@ class Block:
 
 
 # A sequence that starts a new run of blocks starts it this many blocks into a free run, which it leaves to the
-# sequence whose last block comes before the run, to grow into; and it looks for such a run among this many of
-# the least recently freed blocks.
+# sequence whose last block comes before the run, to grow into; it looks for such a run within this many blocks
+# after the latest new sequence's entry, then from the pool's start, then among this many least recently freed.
 RUN_GAP = 16
 RUN_SEARCH = 512
 
@@ -58,6 +58,7 @@ class BlockManager:
         # _move_aside), and a sequence grows into a block that caches one only when the prefix is old.
         self.copy_block = copy_block
         self.moves = 0  # cached prefixes moved aside so far
+        self.last_entry = -1  # where the latest new sequence entered a free run (see _entry_after)
 
     @property
     def num_blocks(self) -> int:
@@ -77,24 +78,42 @@ class BlockManager:
 
     def _take_next(self, prev: int | None) -> Block:
         """A free block for a sequence whose last block is ``prev`` (None: a new sequence): the block after
-        ``prev`` where it can be taken (``_can_take``); else a block RUN_GAP into a free run (at its start where
-        the run begins the pool), runs whose blocks cache nothing worth keeping first; else the least recently
-        freed block."""
-        if prev is not None and self._can_take(prev + 1, self.copy_block is not None):
+        ``prev`` where it can be taken (``_can_take``); else an entry into a free run with room (``_run_entry``):
+        the first after the latest new sequence's entry, or from the pool's start, or among the least recently
+        freed blocks; else the least recently freed block."""
+        if prev is not None and self._can_take(prev + 1):
             return self._take_clear(prev + 1)
-        for movable in (False, True)[:1 + (self.copy_block is not None)]:
-            for b in islice(self.free_block_ids, RUN_SEARCH):
-                if b > 0 and b - 1 in self.free_block_ids:
-                    continue  # not the start of a free run
-                at = b if b == 0 else b + RUN_GAP
-                if at < self.num_blocks and all(self._can_take(i, movable) for i in range(b, at + 1)):
-                    return self._take_clear(at)
+        if (at := self._entry_after(self.last_entry)) is not None or (at := self._entry_after(-1)) is not None:
+            return self._take_clear(at)
+        for b in islice(self.free_block_ids, RUN_SEARCH):
+            if b > 0 and b - 1 in self.free_block_ids:
+                continue  # not the start of a free run
+            if (at := self._run_entry(b)) is not None:
+                return self._take_clear(at)
         return self._take_free()
 
-    def _can_take(self, block_id: int, movable: bool) -> bool:
-        """Free, and handing it out keeps every prefix the cache would keep: it caches none worth keeping
-        (``_spare``), or ``movable`` and its prefix can move to another block (``_move_aside``)."""
-        return block_id < self.num_blocks and block_id in self.free_block_ids and (movable or self._spare(block_id))
+    def _entry_after(self, block_id: int) -> int | None:
+        """An entry into the first free run after ``block_id`` within RUN_SEARCH blocks (next fit: new sequences
+        line up one after another, each RUN_GAP blocks after the one before)."""
+        free = self.free_block_ids
+        for b in range(block_id + 1, min(block_id + RUN_SEARCH, self.num_blocks)):
+            if b in free and (b == 0 or b - 1 not in free) and (at := self._run_entry(b)) is not None:
+                return at
+        return None
+
+    def _run_entry(self, start: int) -> int | None:
+        """Where a new sequence enters the free run that starts at ``start``: RUN_GAP blocks in (at 0 where the
+        run begins the pool); None where the run is too short."""
+        at = start if start == 0 else start + RUN_GAP
+        if not all(self._can_take(i) for i in range(start, at + 1)):
+            return None
+        self.last_entry = at
+        return at
+
+    def _can_take(self, block_id: int) -> bool:
+        """Free, and handing it out keeps every prefix the cache would keep: its prefix can move to another block
+        (``_move_aside``), or it caches none worth keeping (``_spare``)."""
+        return block_id in self.free_block_ids and (self.copy_block is not None or self._spare(block_id))
 
     def _spare(self, block_id: int) -> bool:
         """Caching no prefix, or one about to be evicted anyway: freed within the oldest eighth of the free list's

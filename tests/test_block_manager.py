@@ -90,6 +90,23 @@ def test_sequences_growing_together_keep_their_pages_in_order():
     assert len({b for s in seqs for b in s.block_table}) == sum(len(s.block_table) for s in seqs)
 
 
+def test_pages_stay_in_order_in_a_pool_full_of_cached_prefixes():
+    # The second batch finds every free block holding a recent prefix of the first: each is moved aside (one
+    # copy) rather than evicted out of least-recently-freed order, or skipped (pages out of order).
+    rng = random.Random(4)
+    copies = []
+    bm = BlockManager(num_blocks=16 * 40, block_size=4, copy_block=lambda src, dst: copies.append((src, dst)))
+    for _ in range(2):
+        seqs = [seq_of([rng.randrange(1000) for _ in range(9)]) for _ in range(16)]
+        for s in seqs:
+            bm.allocate(s)
+        grow_in_lockstep(bm, seqs, 30, rng)
+        assert adjacent_share([s.block_table for s in seqs]) >= 0.9
+        for s in seqs:
+            bm.deallocate(s)
+    assert copies and bm.moves == len(copies) and bm.all_free()
+
+
 def test_a_cached_prefix_in_the_way_moves_aside_and_still_revives(monkeypatch):
     monkeypatch.setattr(block_manager, "RUN_GAP", 0)  # a new sequence starts at a free run's first block
     copies = []
