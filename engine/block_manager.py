@@ -8,7 +8,8 @@ A sequence's new block is, where it can be, the one after its last block in the 
 pages follow each other in memory: the CPU decode attention reads a sequence's pages in order, and pages in order
 read faster than scattered ones (bench/RESULTS.md). The cache still loses its prefixes least recently freed
 first: a sequence that grows into a free block holding a newer prefix first moves that prefix into the least
-recently freed block (one block copy in every layer, ``copy_block``), whose own prefix was next to go anyway.
+recently freed block (one block copy in every layer, ``copy_block``), whose own prefix was next to go anyway, and
+that block takes the other's place in the free list (``FreeList.replace``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 
+from etr.engine.free_list import FreeList
 from etr.engine.sequence import Sequence
 
 
@@ -47,8 +49,8 @@ class BlockManager:
                  copy_block: Callable[[int, int], None] | None = None):
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # Insertion-ordered: the longest-free block is reused first, so recently freed prefixes survive longest.
-        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
+        # The longest-free block is reused first, so recently freed prefixes survive longest.
+        self.free = FreeList(num_blocks)
         self.hash_to_block_id: dict[int, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
         # When each block was last freed, in frees: how old a free block's cached prefix is (see _spare).
@@ -58,7 +60,8 @@ class BlockManager:
         # _move_aside), and a sequence grows into a block that caches one only when the prefix is old.
         self.copy_block = copy_block
         self.moves = 0  # cached prefixes moved aside so far
-        self.last_entry = -1  # where the latest new sequence entered a free run (see _entry_after)
+        self.last_entry = -1  # where the latest new sequence entered a free run (see _find_entry)
+        self.no_room_at = -1  # ``frees`` when _find_entry last found no run with room
 
     @property
     def num_blocks(self) -> int:
@@ -66,37 +69,51 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return len(self.free)
 
     def _take_free(self, block_id: int | None = None) -> Block:
         if block_id is None:
-            block_id = next(iter(self.free_block_ids))
-        del self.free_block_ids[block_id]
+            block_id = self.free.first()
+        self.free.remove(block_id)
+        return self._claim(block_id)
+
+    def _claim(self, block_id: int) -> Block:
         block = self.blocks[block_id]
         block.ref_count = 1
         return block
 
     def _take_next(self, prev: int | None) -> Block:
         """A free block for a sequence whose last block is ``prev`` (None: a new sequence): the block after
-        ``prev`` where it can be taken (``_can_take``); else an entry into a free run with room (``_run_entry``):
-        the first after the latest new sequence's entry, or from the pool's start, or among the least recently
-        freed blocks; else the least recently freed block."""
+        ``prev`` where it can be taken (``_can_take``); else an entry into a free run with room (``_find_entry``);
+        else the least recently freed block."""
         if prev is not None and self._can_take(prev + 1):
             return self._take_clear(prev + 1)
-        if (at := self._entry_after(self.last_entry)) is not None or (at := self._entry_after(-1)) is not None:
-            return self._take_clear(at)
-        for b in islice(self.free_block_ids, RUN_SEARCH):
-            if b > 0 and b - 1 in self.free_block_ids:
-                continue  # not the start of a free run
-            if (at := self._run_entry(b)) is not None:
+        if self.no_room_at != self.frees:  # no search since the last one failed and nothing was freed
+            if (at := self._find_entry()) is not None:
                 return self._take_clear(at)
+            self.no_room_at = self.frees
         return self._take_free()
 
+    def _find_entry(self) -> int | None:
+        """The first free run with room after the latest new sequence's entry, or from the pool's start, or
+        among the least recently freed blocks (next fit: new sequences line up, RUN_GAP blocks apart)."""
+        at = self._entry_after(self.last_entry)
+        if at is None:
+            at = self._entry_after(-1)
+        if at is None:
+            at = self._entry_among_oldest()
+        return at
+
+    def _entry_among_oldest(self) -> int | None:
+        for b in islice(self.free, RUN_SEARCH):
+            if (b == 0 or b - 1 not in self.free) and (at := self._run_entry(b)) is not None:
+                return at
+        return None
+
     def _entry_after(self, block_id: int) -> int | None:
-        """An entry into the first free run after ``block_id`` within RUN_SEARCH blocks (next fit: new sequences
-        line up one after another, each RUN_GAP blocks after the one before)."""
-        free = self.free_block_ids
-        for b in range(block_id + 1, min(block_id + RUN_SEARCH, self.num_blocks)):
+        """An entry into the first free run with room among the RUN_SEARCH blocks after ``block_id``."""
+        free = self.free
+        for b in range(block_id + 1, min(block_id + 1 + RUN_SEARCH, self.num_blocks)):
             if b in free and (b == 0 or b - 1 not in free) and (at := self._run_entry(b)) is not None:
                 return at
         return None
@@ -113,7 +130,7 @@ class BlockManager:
     def _can_take(self, block_id: int) -> bool:
         """Free, and handing it out keeps every prefix the cache would keep: its prefix can move to another block
         (``_move_aside``), or it caches none worth keeping (``_spare``)."""
-        return block_id in self.free_block_ids and (self.copy_block is not None or self._spare(block_id))
+        return block_id in self.free and (self.copy_block is not None or self._spare(block_id))
 
     def _spare(self, block_id: int) -> bool:
         """Caching no prefix, or one about to be evicted anyway: freed within the oldest eighth of the free list's
@@ -121,26 +138,26 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is None or self.hash_to_block_id.get(block.hash) != block_id:
             return True
-        oldest = self.freed_at[next(iter(self.free_block_ids))]
+        oldest = self.freed_at[self.free.first()]
         return self.freed_at[block_id] - oldest <= (self.frees - oldest) // 8
 
     def _take_clear(self, block_id: int) -> Block:
-        if not self._spare(block_id):
-            self._move_aside(block_id)
-        return self._take_free(block_id)
+        if self._spare(block_id):
+            return self._take_free(block_id)
+        self._move_aside(block_id)
+        return self._claim(block_id)
 
     def _move_aside(self, block_id: int) -> None:
         """Move free block ``block_id``'s cached prefix into the least recently freed block, whose own prefix is
-        the one a least-recently-freed policy would evict now: the cache keeps the same prefixes, and the moved
-        one keeps its age (the head goes to the free list's tail, with ``block_id``'s stamp)."""
-        head = next(iter(self.free_block_ids))  # never block_id: the head is always _spare
+        the one a least-recently-freed policy evicts now, and take ``block_id`` out of the free list: the head takes
+        its place there and its stamp, so the cache keeps the prefixes, in the order, that it would have kept."""
+        head = self.free.first()  # never block_id: the head is always _spare
         src, dst = self.blocks[block_id], self.blocks[head]
         self._forget_hash(dst)
         self.copy_block(block_id, head)
         self._register(dst, src.hash, src.token_ids)
         src.hash, src.token_ids = None, ()
-        del self.free_block_ids[head]
-        self.free_block_ids[head] = None
+        self.free.replace(block_id, head)
         self.freed_at[head] = self.freed_at[block_id]
         self.moves += 1
 
@@ -184,7 +201,7 @@ class BlockManager:
             else:
                 hits += 1
                 block = self.blocks[block_id]
-                if block_id in self.free_block_ids:
+                if block_id in self.free:
                     self._take_free(block_id)
                 else:
                     block.ref_count += 1
@@ -197,7 +214,7 @@ class BlockManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_block_ids[block_id] = None
+                self.free.append(block_id)
                 self.freed_at[block_id], self.frees = self.frees, self.frees + 1
         seq.block_table.clear()
 

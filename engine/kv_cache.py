@@ -76,6 +76,13 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
     return pool, [(pool[i, 0].view(k_shape), pool[i, 1]) for i in range(cfg.num_hidden_layers)]
 
 
-def copy_kv_block(pool: torch.Tensor, src: int, dst: int) -> None:
-    """Copy block ``src``'s K and V in every layer to block ``dst`` (one op over the whole pool)."""
-    pool[:, :, dst].copy_(pool[:, :, src])
+def copy_kv_block(pool: torch.Tensor | None, layers: list[tuple[torch.Tensor, torch.Tensor]], src: int,
+                  dst: int) -> None:
+    """Copy block ``src``'s K and V in every layer to block ``dst``: one op over ``pool`` when ``layers`` are its
+    views, else layer by layer (block first in every layout)."""
+    if pool is not None:
+        pool[:, :, dst].copy_(pool[:, :, src])
+        return
+    for k, v in layers:
+        k[dst].copy_(k[src])
+        v[dst].copy_(v[src])

@@ -58,6 +58,7 @@ class ModelRunner:
         self.mixed = MixedAttention(self.backend)
         self.num_blocks = 0
         self.kv_pool: torch.Tensor | None = None
+        self.pool_layers: list = []
         self.kv_caches: list = []
         self.cuda_graphs = self._wants_graphs(config.cuda_graphs)
         self.graphs: DecodeGraphs | None = None  # built with the KV pool
@@ -87,6 +88,7 @@ class ModelRunner:
         packed = packs is not None and packs(self.dtype, self.config.head_dim, self.block_size)
         self.kv_pool, self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype,
                                                          self.device, packed)
+        self.pool_layers = self.kv_caches  # the pool's own views (a bench may put other tensors in kv_caches)
         if self.cuda_graphs:  # on the CPU: the same padded static-buffer path, run eagerly (tests)
             # Capture on the model's own device: torch.cuda.graph's capture stream is the current device's.
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
@@ -97,7 +99,7 @@ class ModelRunner:
         """Copy KV block ``src`` to ``dst`` in every layer, on the model's stream (the block manager moves a
         cached prefix out of a growing sequence's way with it)."""
         with self.stream.active():
-            copy_kv_block(self.kv_pool, src, dst)
+            copy_kv_block(self.kv_pool if self.kv_caches is self.pool_layers else None, self.kv_caches, src, dst)
 
     def set_expert_rows(self, weight: torch.Tensor | None) -> None:
         """Extend the LM head by expert rows ``[E, hidden]`` (None removes them)."""

@@ -1,0 +1,44 @@
+"""The free-block list: least recently freed first, and a block put in another's place."""
+
+import pytest
+
+from etr.engine.free_list import FreeList
+
+
+def test_order_remove_append():
+    f = FreeList(5)
+    assert list(f) == [0, 1, 2, 3, 4] and len(f) == 5 and f.first() == 0
+    f.remove(0)
+    f.remove(3)
+    assert list(f) == [1, 2, 4] and 3 not in f and 2 in f and 7 not in f and -1 not in f
+    f.append(3)
+    f.append(0)
+    assert list(f) == [1, 2, 4, 3, 0] and len(f) == 5
+
+
+@pytest.mark.parametrize("old,new,want", [
+    (2, 0, [1, 0, 3, 4]),   # new before old, not neighbours
+    (2, 1, [0, 1, 3, 4]),   # new just before old
+    (2, 3, [0, 1, 3, 4]),   # new just after old
+    (0, 4, [4, 1, 2, 3]),   # old at the head, new at the tail
+    (4, 0, [1, 2, 3, 0]),   # old at the tail, new at the head
+])
+def test_replace_puts_new_in_olds_place(old, new, want):
+    f = FreeList(5)
+    f.replace(old, new)
+    assert list(f) == want and len(f) == 4 and old not in f and new in f
+    assert f.first() == want[0] and f.tail == want[-1]
+    assert [f.prev[b] for b in want[1:]] == want[:-1]
+
+
+def test_errors_name_the_block():
+    f = FreeList(2)
+    f.remove(1)
+    with pytest.raises(KeyError, match="block 1 is not free"):
+        f.remove(1)
+    with pytest.raises(KeyError, match="block 0 is already free"):
+        f.append(0)
+    f.remove(0)
+    with pytest.raises(IndexError, match="no free block"):
+        f.first()
+    assert list(f) == [] and list(FreeList(0)) == []
