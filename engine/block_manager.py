@@ -88,7 +88,7 @@ class BlockManager:
         else the least recently freed block."""
         if prev is not None and self._can_take(prev + 1):
             return self._take_clear(prev + 1)
-        if self.no_room_at != self.frees:  # no search since the last one failed and nothing was freed
+        if self.no_room_at != self.frees:  # else one failed and nothing was freed since: it would fail again, mostly
             if (at := self._find_entry()) is not None:
                 return self._take_clear(at)
             self.no_room_at = self.frees

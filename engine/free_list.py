@@ -29,6 +29,7 @@ class FreeList:
         return 0 <= block_id < len(self.is_free) and self.is_free[block_id]
 
     def __iter__(self) -> Iterator[int]:
+        """Least recently freed first; the caller may take out the block just yielded, and nothing else."""
         b = self.head
         while b != NONE:
             nxt = self.next[b]  # read first: the caller may take b out
@@ -59,6 +60,8 @@ class FreeList:
 
     def replace(self, old: int, new: int) -> None:
         """Take free ``old`` out and put free ``new`` in its place (``new`` leaves its own)."""
+        if old == new or not self.is_free[old]:
+            raise KeyError(f"cannot put block {new} in the place of block {old}: not a different free block")
         self.remove(new)
         p, n = self.prev[old], self.next[old]
         self._link(p, new)

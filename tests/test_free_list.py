@@ -1,5 +1,7 @@
 """The free-block list: least recently freed first, and a block put in another's place."""
 
+import random
+
 import pytest
 
 from etr.engine.free_list import FreeList
@@ -28,7 +30,7 @@ def test_replace_puts_new_in_olds_place(old, new, want):
     f.replace(old, new)
     assert list(f) == want and len(f) == 4 and old not in f and new in f
     assert f.first() == want[0] and f.tail == want[-1]
-    assert [f.prev[b] for b in want[1:]] == want[:-1]
+    assert [f.prev[b] for b in want] == [-1, *want[:-1]] and [f.next[b] for b in want] == [*want[1:], -1]
 
 
 def test_errors_name_the_block():
@@ -41,4 +43,36 @@ def test_errors_name_the_block():
     f.remove(0)
     with pytest.raises(IndexError, match="no free block"):
         f.first()
+    g = FreeList(3)
+    g.remove(1)
+    for old, new in ((1, 2), (2, 2)):
+        with pytest.raises(KeyError, match=f"block {new} in the place of block {old}"):
+            g.replace(old, new)
+    assert list(g) == [0, 2] and len(g) == 2
     assert list(f) == [] and list(FreeList(0)) == []
+
+
+def test_random_operations_match_a_plain_list():
+    rng = random.Random(0)
+    for n in (1, 2, 3, 7):
+        f, model = FreeList(n), list(range(n))
+        for _ in range(400):
+            taken = [b for b in range(n) if b not in model]
+            op = rng.choice(["remove", "append", "replace"])
+            if op == "remove" and model:
+                b = rng.choice(model)
+                f.remove(b)
+                model.remove(b)
+            elif op == "append" and taken:
+                b = rng.choice(taken)
+                f.append(b)
+                model.append(b)
+            elif op == "replace" and len(model) > 1:
+                old, new = rng.sample(model, 2)
+                f.replace(old, new)
+                model.remove(new)
+                model[model.index(old)] = new
+            assert list(f) == model and len(f) == len(model)
+            assert [b for b in range(n) if b in f] == sorted(model)
+            assert f.head == (model[0] if model else -1) and f.tail == (model[-1] if model else -1)
+            assert [f.prev[b] for b in model] == [-1, *model[:-1]][:len(model)]
