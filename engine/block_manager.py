@@ -218,6 +218,16 @@ class BlockManager:
                 self.freed_at[block_id], self.frees = self.frees, self.frees + 1
         seq.block_table.clear()
 
+    def forget_prefixes(self, seqs: list[Sequence]) -> None:
+        """The step that was to write these sequences' KV failed: no later request may find their blocks' prefixes
+        (which were registered when the blocks were handed out). The blocks keep their hashes, which the
+        sequences' next blocks chain from."""
+        for seq in seqs:
+            for block_id in seq.block_table:
+                h = self.blocks[block_id].hash
+                if h is not None and self.hash_to_block_id.get(h) == block_id:
+                    del self.hash_to_block_id[h]
+
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token about to be computed for ``seq`` has a slot (a new block is needed at a boundary)."""
         return (len(seq) - 1) % self.block_size != 0 or self.num_free_blocks >= 1

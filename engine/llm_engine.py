@@ -107,6 +107,13 @@ class LLMEngine:
             seqs, num_decodes = self.scheduler.schedule()
         if not seqs:
             return None
+        try:
+            return self._launch(seqs, num_decodes)
+        except BaseException:
+            self.block_manager.forget_prefixes(seqs)  # their KV may be half-written
+            raise
+
+    def _launch(self, seqs: list[Sequence], num_decodes: int) -> PendingStep:
         runner, start = self.runner, time.perf_counter()
         with runner.stream.active(), phase(f"{self.label} step"):
             started = runner.stream.event()
@@ -124,7 +131,11 @@ class LLMEngine:
 
     def finish(self, pending: PendingStep) -> list[Sequence]:
         """Wait for a launched step's tokens and append them (stops, switches, finished requests)."""
-        tokens = pending.wait()
+        try:
+            tokens = pending.wait()
+        except BaseException:
+            self.block_manager.forget_prefixes(pending.seqs)
+            raise
         now = time.perf_counter()
         with phase(f"{self.label} append"):
             for i, (seq, token) in enumerate(zip(pending.seqs, tokens)):

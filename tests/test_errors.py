@@ -65,6 +65,26 @@ def test_failure_mid_generation_frees_blocks(llm, monkeypatch):
     assert len(llm.generate([[1, 2]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0].token_ids) == 5
 
 
+def test_a_failed_step_leaves_no_prefix_to_revive(tiny_dir, monkeypatch):
+    # The prefill's blocks are registered for prefix caching when handed out, before their KV is written; if the
+    # step fails, a later request with the same prompt must compute it again, not read blocks never written.
+    path = str(tiny_dir("llama_tied_gqa"))
+    prompt, params = list(range(3, 40)), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    want = LLM(path, dtype="float32", block_size=4, num_kv_blocks=64).generate([prompt], params, use_tqdm=False)
+    llm = LLM(path, dtype="float32", block_size=4, num_kv_blocks=64)
+    llm.engine.runner.kv_pool.fill_(float("nan"))  # what a failed step may leave
+    def lost(*args):
+        raise RuntimeError("device lost")
+    for name in ("run", "run_greedy"):
+        monkeypatch.setattr(llm.engine.runner, name, lost)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([prompt], params, use_tqdm=False)
+    monkeypatch.undo()
+    got = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert got.metrics.num_cached_prompt_tokens == 0 and got.token_ids == want[0].token_ids
+    assert llm.generate([prompt], params, use_tqdm=False)[0].metrics.num_cached_prompt_tokens == 36
+
+
 def test_unknown_dtype_and_device(tiny_dir):
     path = str(tiny_dir("llama_tied_gqa"))
     with pytest.raises(UnsupportedDTypeError, match="'int8'"):
