@@ -112,9 +112,8 @@ class BlockManager:
 
     def _entry_after(self, block_id: int) -> int | None:
         """An entry into the first free run with room among the RUN_SEARCH blocks after ``block_id``."""
-        free = self.free
-        for b in range(block_id + 1, min(block_id + 1 + RUN_SEARCH, self.num_blocks)):
-            if b in free and (b == 0 or b - 1 not in free) and (at := self._run_entry(b)) is not None:
+        for b in self.free.run_starts(block_id + 1, block_id + 1 + RUN_SEARCH):
+            if (at := self._run_entry(b)) is not None:
                 return at
         return None
 

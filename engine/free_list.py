@@ -2,7 +2,8 @@
 
 Besides appending freed blocks and taking any block out, the block manager needs to put one block in another's
 place (a cached prefix moved to another block keeps its place in the eviction order), which a dict's insertion
-order cannot do. Every operation is O(1) except iteration.
+order cannot do. Every operation is O(1) except iteration. ``is_free`` holds a byte a block (1: free), so that
+``run_starts`` finds free runs at C speed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class FreeList:
     def __init__(self, n: int):
         self.prev = list(range(-1, n - 1))
         self.next = [*range(1, n), NONE] if n else []
-        self.is_free = [True] * n
+        self.is_free = bytearray(b"\x01") * n
         self.head, self.tail, self.size = (0, n - 1, n) if n else (NONE, NONE, 0)
 
     def __len__(self) -> int:
@@ -35,6 +36,18 @@ class FreeList:
             nxt = self.next[b]  # read first: the caller may take b out
             yield b
             b = nxt
+
+    def run_starts(self, lo: int, hi: int) -> Iterator[int]:
+        """The free blocks in ``[lo, hi)`` that start a free run (block 0, or one after a block in use), in id
+        order. The flags are read as the generator goes: the caller may take blocks in the meantime."""
+        flags = self.is_free
+        hi = min(hi, len(flags))
+        if lo <= 0 < hi and flags[0]:
+            yield 0
+        i = flags.find(b"\x00\x01", max(lo - 1, 0), hi)  # block i in use, i + 1 free: i + 1 starts a run
+        while i != -1:
+            yield i + 1
+            i = flags.find(b"\x00\x01", i + 2, hi)
 
     def first(self) -> int:
         if self.head == NONE:

@@ -76,3 +76,23 @@ def test_random_operations_match_a_plain_list():
             assert [b for b in range(n) if b in f] == sorted(model)
             assert f.head == (model[0] if model else -1) and f.tail == (model[-1] if model else -1)
             assert [f.prev[b] for b in model] == [-1, *model[:-1]][:len(model)]
+
+
+def test_run_starts_match_a_plain_scan():
+    """The starts of free runs in ``[lo, hi)``, found by byte search, against a block-by-block scan; ranges that
+    begin before the pool, inside a run, on a block in use, and end past the pool."""
+    rng = random.Random(1)
+    for n in (1, 2, 5, 40):
+        for _ in range(200):
+            f = FreeList(n)
+            for b in rng.sample(range(n), rng.randint(0, n)):
+                f.remove(b)
+            lo, hi = rng.randint(0, n + 1), rng.randint(0, n + 3)
+            want = [b for b in range(max(lo, 0), min(hi, n)) if b in f and (b == 0 or b - 1 not in f)]
+            assert list(f.run_starts(lo, hi)) == want, (n, lo, hi, [b in f for b in range(n)])
+    f = FreeList(6)
+    for b in (0, 3):
+        f.remove(b)
+    assert list(f.run_starts(0, 6)) == [1, 4] and list(f.run_starts(2, 6)) == [4] and list(f.run_starts(5, 6)) == []
+    f.append(0)
+    assert list(f.run_starts(0, 6)) == [0, 4] and list(f.run_starts(0, 0)) == []
