@@ -434,6 +434,25 @@ bool bf16_path(int64_t dim) {
 #endif
 }
 
+// What a part costs besides its positions, in positions. From cache, on one thread, a part's own cost (its setup,
+// softmax rows and combine) came to ~35 positions; across two threads 128 split best (bench/RESULTS.md).
+constexpr int64_t PART_COST_POSITIONS = 128;
+
+// Bounds of `threads` contiguous runs of parts of about equal work (positions plus PART_COST_POSITIONS a part):
+// run t is parts [bounds[t], bounds[t + 1]). An even split by count left one thread most of the work where the
+// parts differ in length: sequences of mixed lengths, or a short prompt's rows (1, 2, ..., n positions).
+std::vector<int64_t> split_by_work(const std::vector<Part>& parts, int64_t bs, int64_t threads) {
+  const int64_t P = static_cast<int64_t>(parts.size());
+  std::vector<int64_t> done(P + 1, 0);  // work of parts [0, i)
+  for (int64_t i = 0; i < P; ++i)
+    done[i + 1] = done[i] + parts[i].end - parts[i].first * bs + PART_COST_POSITIONS;
+  std::vector<int64_t> bounds(std::max<int64_t>(threads, 1) + 1, P);
+  bounds[0] = 0;
+  for (int64_t t = 1; t < threads; ++t)  // the first part whose work starts at or past t / threads of the total
+    bounds[t] = std::lower_bound(done.begin(), done.end() - 1, done[P] * t / threads) - done.begin();
+  return bounds;
+}
+
 template <typename T>
 void run_any(const Part& part, const Shape& s, const T* qp, const T* kp, const T* vp, const int32_t* tp, int64_t i,
              std::vector<float>& m, std::vector<float>& l, std::vector<float>& acc, std::vector<float>& scratch) {
@@ -490,9 +509,10 @@ void decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_
   // Where every sequence is one part (short contexts, many sequences) a task finishes its sequence itself: the
   // combine below, run over one part, and one parallel region a layer fewer.
   const bool one_part_each = P == batch;
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<int64_t> runs = split_by_work(parts, s.block_size, std::min<int64_t>(at::get_num_threads(), P));
+  at::parallel_for(0, static_cast<int64_t>(runs.size()) - 1, 1, [&](int64_t first_run, int64_t last_run) {
     std::vector<float> scratch, total;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = runs[first_run]; i < runs[last_run]; ++i) {
       run_any(parts[i], s, qp, kp, vp, tp, i, m, l, acc, scratch);
       if (one_part_each) combine(parts[i].b, i, i + 1, heads, dim, m.data(), l.data(), acc.data(), op, total);
     }

@@ -205,10 +205,11 @@ def test_packed_k_matches_the_reference(packing, heads, kv_heads, dim, block_siz
     assert (got == rows).float().mean() >= 0.99
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_packed_k_on_contexts_cut_into_many_parts(packing, threads):
     """Over 8,192 positions in all: parts reach their cap (1,024 positions), and the scores pass prefetches K and V
-    pages ahead up to each part's end (shuffled pages, the last one partly filled)."""
+    pages ahead up to each part's end (shuffled pages, the last one partly filled). The threads split the parts
+    of these mixed lengths by work, not by count: every part must still be run once."""
     g = torch.Generator().manual_seed(threads)
     heads, kv_heads, dim, block_size = 9, 3, 64, 16
     lens = torch.tensor([3000, 2903, 17, 3100], dtype=torch.int32)
