@@ -39,15 +39,18 @@ class FreeList:
 
     def run_starts(self, lo: int, hi: int) -> Iterator[int]:
         """The free blocks in ``[lo, hi)`` that start a free run (block 0, or one after a block in use), in id
-        order. The flags are read as the generator goes: the caller may take blocks in the meantime."""
+        order. The flags are read as the generator goes: the caller may take blocks in the meantime (taking the
+        block just yielded makes the next one a run start, and it is yielded)."""
         flags = self.is_free
-        hi = min(hi, len(flags))
-        if lo <= 0 < hi and flags[0]:
+        lo, hi = max(lo, 0), min(hi, len(flags))
+        if lo >= hi:
+            return
+        if lo == 0 and flags[0]:
             yield 0
         i = flags.find(b"\x00\x01", max(lo - 1, 0), hi)  # block i in use, i + 1 free: i + 1 starts a run
         while i != -1:
             yield i + 1
-            i = flags.find(b"\x00\x01", i + 2, hi)
+            i = flags.find(b"\x00\x01", i + 1, hi)
 
     def first(self) -> int:
         if self.head == NONE:

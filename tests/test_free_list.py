@@ -95,4 +95,9 @@ def test_run_starts_match_a_plain_scan():
         f.remove(b)
     assert list(f.run_starts(0, 6)) == [1, 4] and list(f.run_starts(2, 6)) == [4] and list(f.run_starts(5, 6)) == []
     f.append(0)
-    assert list(f.run_starts(0, 6)) == [0, 4] and list(f.run_starts(0, 0)) == []
+    assert list(f.run_starts(0, 6)) == [0, 4] and list(f.run_starts(0, 0)) == [] and list(f.run_starts(0, -1)) == []
+    taken = []  # a caller that takes each block it is given: the next block starts a run in turn
+    for b in f.run_starts(0, 3):
+        f.remove(b)
+        taken.append(b)
+    assert taken == [0, 1, 2]
