@@ -1,6 +1,6 @@
 """One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
 
-    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax} [--model DIR] [--points 16x128 16x2048 1x4096]
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region} [--model DIR] [--points 16x128 16x2048 1x4096]
                             [--rounds 8] [--steps 4]
 
 Knobs (each changes timings only; the tests check the tokens):
@@ -8,6 +8,8 @@ Knobs (each changes timings only; the tests check the tokens):
   layout V has, as with ``ETR_CPU_PACK_K=0``). Every layer's K pool is converted between rounds.
 - ``gemm_prefetch``: the package's bf16 GEMM prefetching the next weight block while its later row tiles run
   (``cpu_bf16_linear.set_prefetch``; off: as with ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
+- ``step_region``: the CPU decode step's one parallel region a layer at 1-4 rows (kernels/cpu_decode_step.cpp,
+  ``set_region``; off: one op a linear, as with ``ETR_CPU_STEP_REGION=0``). It acts at batch 1-4.
 - ``cpu_argmax``: greedy sampling's argmax by the package's op (kernels/cpu_argmax.py; off: torch's
   ``max(dim=-1)``, as with ``ETR_CPU_ARGMAX=0``).
 
@@ -44,6 +46,11 @@ def set_gemm_prefetch(on: bool) -> None:
     cpu_bf16_linear.set_prefetch(on)
 
 
+def set_step_region(on: bool) -> None:
+    import torch
+    torch.ops.etr_cpu_step.set_region(on)
+
+
 def set_cpu_argmax(engine, on: bool) -> None:
     engine.sampler.cpu_argmax = on
 
@@ -62,6 +69,14 @@ def gemm_prefetch_missing(engine) -> str | None:
     return None
 
 
+def step_region_missing(engine) -> str | None:
+    step = engine.runner.native_step
+    if step is None or step.glue != "raw" or step.kind != "etr":
+        return ("this engine's decode step does not take the region here (it needs the step op's raw glue on the "
+                "package's bf16 GEMM)")
+    return None
+
+
 def cpu_argmax_missing(engine) -> str | None:
     from etr.kernels import cpu_argmax
     return None if engine.sampler.cpu_argmax else f"the argmax op is not in use here ({cpu_argmax.load_error()})"
@@ -73,6 +88,7 @@ KNOBS = {
     "gemm_prefetch": (lambda engine, on: set_gemm_prefetch(on), gemm_prefetch_missing, "prefetch",
                       "no prefetch"),
     "cpu_argmax": (set_cpu_argmax, cpu_argmax_missing, "op", "torch"),
+    "step_region": (lambda engine, on: set_step_region(on), step_region_missing, "region", "op a linear"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -38,9 +39,15 @@ class CppOp:
     def name(self) -> str:
         """The build's name: a new source, torch or CPU gets a new build (``-march=native`` fits one CPU)."""
         from etr.kernels.cpu_gemm import cpu_flags
-        key = (self.source.read_bytes() + torch.__version__.encode() + torch.__file__.encode()
-               + " ".join(sorted(cpu_flags())).encode())
+        key = (self.source.read_bytes() + b"".join(h.read_bytes() for h in self.headers())
+               + torch.__version__.encode() + torch.__file__.encode() + " ".join(sorted(cpu_flags())).encode())
         return f"etr_{self.source.stem}_" + hashlib.sha256(key).hexdigest()[:12]
+
+    def headers(self) -> list[Path]:
+        """The package's own headers the source includes (``#include "x.h"``, beside it): a changed header gets a
+        new build too."""
+        names = re.findall(r'^\s*#\s*include\s+"([^"]+)"', self.source.read_text(), re.MULTILINE)
+        return [self.source.with_name(n) for n in names]
 
     def available(self) -> bool:
         """Whether the op is loaded, compiling it first if needed (tens of seconds the first time on a

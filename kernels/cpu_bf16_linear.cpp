@@ -9,11 +9,14 @@
 // cpu_bf16_linear.py.
 //
 // Packed layout: [ceil(N / 32), ceil(K / 2), 32, 2] bf16; element [b, p, o, i] = W[32 b + o, 2 p + i], zero
-// past W's edges.
+// past W's edges. The tiles themselves are in cpu_bf16_tile.h, which the decode step
+// (cpu_decode_step.cpp) runs too.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "cpu_bf16_tile.h"
 
 #include <immintrin.h>
 
@@ -28,8 +31,9 @@
 
 namespace {
 
-using bf16 = c10::BFloat16;
-constexpr int64_t kBlock = 32;    // outputs per packed block: two registers of 16 float32 accumulators
+using etr_gemm::bf16;
+using etr_gemm::kBlock;
+using etr_gemm::kNative;
 constexpr int64_t kRowChunk = 48;  // input rows whose tiles a thread runs over one block before the next
 
 at::Tensor pack(const at::Tensor& weight) {
@@ -53,82 +57,6 @@ std::atomic<bool> g_prefetch{[] {
 bool set_prefetch(bool on) { return g_prefetch.exchange(on); }
 
 #if defined(__AVX512BF16__)
-constexpr bool kNative = true;
-
-// The 64-byte lines of memory one tile fetches into L2 while it runs, spread evenly over its pairs.
-struct Ahead {
-  const char* first;
-  int64_t lines;
-};
-
-// Rows [0, MT) of x (row stride `stride`, `pairs` pairs of inputs each) times one packed block `w`: out[m, :32].
-// Tiles that fetch nothing ahead (kFetch false) are built without the fetch bookkeeping: at 1 to 4 rows a tile
-// waits on memory, and with fewer instructions a pair the out-of-order window holds more pairs' loads in flight
-// (bench/RESULTS.md: the weights of a batch-1 step read ~10 % faster).
-template <int MT, bool kFetch>
-void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, const float* bias, bf16* y,
-          int64_t y_stride, int64_t count, Ahead ahead) {
-  __m512 acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  [[maybe_unused]] int64_t fetched = 0, due = 0;  // due / pairs lines are owed by now (no division in the loop)
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 64);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
-    if constexpr (kFetch)
-      for (due += ahead.lines; due >= pairs; due -= pairs) _mm_prefetch(ahead.first + 64 * fetched++, _MM_HINT_T1);
-    for (int m = 0; m < MT; ++m) {
-      int32_t pair;
-      std::memcpy(&pair, x + m * stride + 2 * p, sizeof(pair));
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
-    }
-  }
-  // Full and partial blocks round alike (the instruction's nearest even, which flushes denormals to zero): a
-  // partial block is rounded whole and its first `count` values are copied.
-  for (int m = 0; m < MT; ++m) {
-    const __m512 lo = bias ? _mm512_add_ps(acc[m][0], _mm512_loadu_ps(bias)) : acc[m][0];
-    const __m512 hi = bias ? _mm512_add_ps(acc[m][1], _mm512_loadu_ps(bias + 16)) : acc[m][1];
-    bf16* out = y + m * y_stride;
-    if (count == kBlock) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(lo));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), (__m256i)_mm512_cvtneps_pbh(hi));
-    } else {
-      alignas(64) bf16 rounded[kBlock];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(rounded), (__m256i)_mm512_cvtneps_pbh(lo));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + 16), (__m256i)_mm512_cvtneps_pbh(hi));
-      std::memcpy(out, rounded, count * sizeof(bf16));
-    }
-  }
-}
-
-// Rows [0, rows_n) times one packed block, as tiles of 8 rows (the rest as 4, 2, 1; 5 to 8 rows as 4 and the
-// rest). Where there are more than 4 rows the block is walked by two tiles or more: the first reads it from
-// memory, the others from L2, and with nothing else to fetch the memory would idle during those. So the tiles
-// prefetch the next block (the next in memory: the one this thread runs next, as a rule), each a share in
-// proportion to its rows, and the stream runs through the whole block's time. With 4 rows or fewer the block is
-// read at about the stream's rate in one walk, and prefetching more did not pay (bench/RESULTS.md).
-void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
-          bf16* y, int64_t y_stride, int64_t count) {
-  const bool fetch = rows_n > 4 && g_prefetch.load(std::memory_order_relaxed);
-  const int64_t lines = fetch ? pairs * 2 * kBlock * static_cast<int64_t>(sizeof(bf16)) / 64 : 0;
-  const char* next = reinterpret_cast<const char*>(w + pairs * 2 * kBlock);
-  int64_t m = 0;
-  auto run = [&](auto size) {
-    constexpr int MT = decltype(size)::value;
-    const Ahead ahead{next + 64 * (lines * m / rows_n), lines * (m + MT) / rows_n - lines * m / rows_n};
-    if (ahead.lines)
-      tile<MT, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
-    else
-      tile<MT, false>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
-    m += MT;
-  };
-  if (rows_n > 4 && rows_n <= 8) run(std::integral_constant<int, 4>());
-  while (rows_n - m >= 8) run(std::integral_constant<int, 8>());
-  if (rows_n - m >= 4) run(std::integral_constant<int, 4>());
-  if (rows_n - m >= 2) run(std::integral_constant<int, 2>());
-  if (rows_n - m >= 1) run(std::integral_constant<int, 1>());
-}
 
 // The bf16 dot instruction's rate on this CPU, all threads (GFLOP/s, 2 per multiply-add): `iterations` rounds
 // of 16 independent accumulator chains per thread, registers only, so no memory in the way. bench/scaling.py
@@ -169,28 +97,7 @@ double dot_peak(int64_t iterations) {  // no instruction: no figure (cpu_bf16_li
               1 << 22, " (float32 sums stay exact), got ", iterations);
   return 0.;
 }
-constexpr bool kNative = false;  // correct everywhere, fast only with the instruction (cpu_bf16_linear.py asks)
 
-// Rounds 16 float32 to bf16, nearest even, and stores the first `count`.
-inline void store16(bf16* out, const float* acc, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) out[i] = bf16(acc[i]);
-}
-
-void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
-          bf16* y, int64_t y_stride, int64_t count) {
-  for (int64_t m = 0; m < rows_n; ++m) {
-    float out[kBlock];
-    for (int64_t o = 0; o < kBlock; ++o) {
-      float acc = 0.f;
-      for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t i = 0; i < 2; ++i)
-          acc += static_cast<float>(w[(p * kBlock + o) * 2 + i]) * static_cast<float>(x[m * stride + 2 * p + i]);
-      out[o] = bias ? acc + bias[o] : acc;
-    }
-    store16(y + m * y_stride, out, std::min<int64_t>(count, 16));
-    if (count > 16) store16(y + m * y_stride + 16, out + 16, count - 16);
-  }
-}
 #endif
 
 bool native() { return kNative; }
@@ -198,39 +105,14 @@ bool native() { return kNative; }
 // run_block(b) for every output block b in [0, blocks) on `threads` threads, each thread first its own contiguous
 // run (so that a thread reads its weights as one stream and prefetches the block it runs next), then blocks from
 // the ends of runs not yet done. The two cores of a VM drift apart by several per cent for stretches (perf: one
-// thread or the other idling ~10 % of a GEMM at 40 rows), and a static split waits for the slower. A run is
-// one atomic word: its next untaken block (low half) and its end (high half); the owner takes from the front
-// and a thread that is done takes half of what is left from the back. Which thread runs a block does not
-// change its bits.
+// thread or the other idling ~10 % of a GEMM at 40 rows), and a static split waits for the slower (the runs:
+// etr_gemm::Run in cpu_bf16_tile.h).
 template <typename F>
 void balanced_runs(int64_t blocks, int64_t threads, const F& run_block) {
-  struct alignas(64) Run {
-    std::atomic<uint64_t> span;
-  };
-  std::vector<Run> runs(threads);
-  for (int64_t t = 0; t < threads; ++t)
-    runs[t].span.store(static_cast<uint64_t>(blocks * t / threads) | static_cast<uint64_t>(blocks * (t + 1) / threads) << 32);
-  auto next_of = [](uint64_t s) { return s & 0xFFFFFFFFu; };
+  std::vector<etr_gemm::Run> runs(threads);
+  etr_gemm::split_runs(runs.data(), blocks, threads);
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      std::atomic<uint64_t>& own = runs[t].span;
-      for (uint64_t s = own.load(std::memory_order_relaxed); next_of(s) < s >> 32;)
-        if (own.compare_exchange_weak(s, s + 1, std::memory_order_relaxed)) {
-          run_block(static_cast<int64_t>(next_of(s)));
-          s = own.load(std::memory_order_relaxed);
-        }
-      for (int64_t o = 1; o < threads; ++o) {
-        std::atomic<uint64_t>& other = runs[(t + o) % threads].span;
-        // The last untaken block stays with the owner, which is running the one before it or about to take it.
-        for (uint64_t s = other.load(std::memory_order_relaxed); (s >> 32) > next_of(s) + 1;) {
-          const uint64_t end = s >> 32, from = end - (end - next_of(s)) / 2;
-          if (other.compare_exchange_weak(s, next_of(s) | from << 32, std::memory_order_relaxed)) {
-            for (uint64_t b = from; b < end; ++b) run_block(static_cast<int64_t>(b));
-            s = other.load(std::memory_order_relaxed);
-          }
-        }
-      }
-    }
+    for (int64_t t = first; t < last; ++t) etr_gemm::own_then_others(runs.data(), t, threads, run_block);
   });
 }
 
@@ -268,11 +150,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   bf16* yp = y.data_ptr<bf16>();
   const float* bp = bias ? b32.data() : nullptr;
   const int64_t chunks = (m_rows + kRowChunk - 1) / kRowChunk;
+  const bool prefetch = g_prefetch.load(std::memory_order_relaxed);
   auto run = [&](int64_t chunk_i, int64_t blk) {
     const int64_t m0 = chunk_i * kRowChunk;
-    rows(xp + m0 * stride, std::min(kRowChunk, m_rows - m0), stride, pairs, wp + blk * pairs * kBlock * 2,
-         bp ? bp + blk * kBlock : nullptr, yp + m0 * out_features + blk * kBlock, out_features,
-         std::min(kBlock, out_features - blk * kBlock));
+    etr_gemm::rows(xp + m0 * stride, std::min(kRowChunk, m_rows - m0), stride, pairs,
+                   wp + blk * pairs * kBlock * 2, bp ? bp + blk * kBlock : nullptr,
+                   yp + m0 * out_features + blk * kBlock, out_features, std::min(kBlock, out_features - blk * kBlock),
+                   prefetch);
   };
   const int64_t threads = at::get_num_threads();
   if (chunks == 1 && m_rows > 4 && threads > 1 && blocks >= 2 * threads && blocks < (int64_t{1} << 31)) {

@@ -13,15 +13,22 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/library.h>
+
+#include "cpu_bf16_tile.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -246,16 +253,10 @@ constexpr bool kRawGlue = false;
 bool raw_glue() { return kRawGlue; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// One layer with the raw glue: `x` is the last layer's MLP output (null at the first layer), `residual` the
-// residual stream (updated in place), `h` and `act` scratch rows. Returns the MLP output.
-at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, at::Tensor& h, at::Tensor& act,
-                     const at::Tensor* w, const std::optional<at::Tensor>* b, const at::Tensor& k_pages,
-                     const at::Tensor& v_pages) {
-  const int64_t B = residual.size(0), n = s.hidden, D = s.head_dim;
-  const int64_t q_size = s.heads * D, kv_size = s.kv_heads * D, width = q_size + 2 * kv_size;
-  add_rms_norm(x ? x->data_ptr<bf16>() : nullptr, residual.data_ptr<bf16>(), w[0].data_ptr<bf16>(),
-               h.data_ptr<bf16>(), B, n, static_cast<float>(s.eps));
-  at::Tensor qkv = linear(h, w[1], b[0], s.kind, width);
+// Each row of `qkv` [B, q + 2 kv] rotated in place (q and K), its K and V written into its slot.
+void rope_write(const Step& s, const at::Tensor& qkv, const at::Tensor& k_pages, const at::Tensor& v_pages) {
+  const int64_t B = qkv.size(0), D = s.head_dim, q_size = s.heads * D, kv_size = s.kv_heads * D;
+  const int64_t width = q_size + 2 * kv_size;
   bf16* qp = qkv.data_ptr<bf16>();
   const bf16 *cos = s.cos.data_ptr<bf16>(), *sin = s.sin.data_ptr<bf16>();
   // Every slot is inside the pool (raw_layers checked) and each row's own (a new position of its sequence).
@@ -263,7 +264,6 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
   bf16 *kp = k_pages.data_ptr<bf16>(), *vp = v_pages.data_ptr<bf16>();
   const bool packed = k_pages.dim() == 5;
   const int64_t half = D / 2, bs = packed ? k_pages.size(3) : 0;
-  // Each row's rotary, then its K and V into its slot.
   each_row(B, width, [&](int64_t r) {
     bf16* row = qp + r * width;
     rotary_row(row, cos + r * D, sin + r * D, s.heads + s.kv_heads, D);
@@ -274,8 +274,27 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
     }
     std::memcpy(vp + slots[r] * kv_size, row + q_size + kv_size, kv_size * sizeof(bf16));
   });
-  at::Tensor q = qkv.view({B, s.heads + 2 * s.kv_heads, D}).narrow(1, 0, s.heads);
-  at::Tensor out = paged_decode(q, k_pages, v_pages, s.tables, s.lens, s.scale);
+}
+
+// rope_write, then the attention of the rotated queries over each sequence's pages: [B, heads, head_dim].
+at::Tensor rope_write_attend(const Step& s, const at::Tensor& qkv, const at::Tensor& k_pages,
+                             const at::Tensor& v_pages) {
+  rope_write(s, qkv, k_pages, v_pages);
+  const at::Tensor q = qkv.view({qkv.size(0), s.heads + 2 * s.kv_heads, s.head_dim}).narrow(1, 0, s.heads);
+  return paged_decode(q, k_pages, v_pages, s.tables, s.lens, s.scale);
+}
+
+// One layer with the raw glue: `x` is the last layer's MLP output (null at the first layer), `residual` the
+// residual stream (updated in place), `h` and `act` scratch rows. Returns the MLP output.
+at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, at::Tensor& h, at::Tensor& act,
+                     const at::Tensor* w, const std::optional<at::Tensor>* b, const at::Tensor& k_pages,
+                     const at::Tensor& v_pages) {
+  const int64_t B = residual.size(0), n = s.hidden, D = s.head_dim;
+  const int64_t q_size = s.heads * D, kv_size = s.kv_heads * D, width = q_size + 2 * kv_size;
+  add_rms_norm(x ? x->data_ptr<bf16>() : nullptr, residual.data_ptr<bf16>(), w[0].data_ptr<bf16>(),
+               h.data_ptr<bf16>(), B, n, static_cast<float>(s.eps));
+  at::Tensor qkv = linear(h, w[1], b[0], s.kind, width);
+  at::Tensor out = rope_write_attend(s, qkv, k_pages, v_pages);
   at::Tensor o = linear(out.view({B, q_size}), w[2], b[1], s.kind, n);
   add_rms_norm(o.data_ptr<bf16>(), residual.data_ptr<bf16>(), w[3].data_ptr<bf16>(), h.data_ptr<bf16>(), B, n,
                static_cast<float>(s.eps));
@@ -283,6 +302,182 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
   silu_mul(gate_up.data_ptr<bf16>(), act.data_ptr<bf16>(), B, s.intermediate);
   return linear(act, w[5], b[3], s.kind, n);
 }
+
+// ---- One parallel region a layer at 1-4 rows ----
+// At 1-4 rows a step is the stream of its weights, and each linear as its own op is a parallel region of its own:
+// between two of them the first thread runs the glue, the attention of a short context and the op's own call
+// while the others wait in the OpenMP runtime and the memory idles (bench/RESULTS.md: ~15 % of a batch-1 step).
+// Here the threads stay in one region for a layer's four linears. While the first runs the glue, the others
+// prefetch the start of their run of the next linear's weights into L2 until it is done; then every thread runs
+// its run and takes blocks from the ends of the others' (etr_gemm::own_then_others), so that threads which
+// start ahead finish the work of those behind. The linears run the tiles of the linear op (cpu_bf16_tile.h) over
+// the same blocks, so the output is the same bits. Taken by bf16 models on the package's own GEMM without biases
+// (SmolLM2, Llama) where the build has the bf16 dot instruction; ETR_CPU_STEP_REGION=0 or set_region(false)
+// keeps one op a linear.
+std::atomic<bool> g_region{[] {
+  const char* v = std::getenv("ETR_CPU_STEP_REGION");
+  return !(v && std::strcmp(v, "0") == 0);
+}()};
+
+bool set_region(bool on) { return g_region.exchange(on); }
+
+// Steps that took the region since the op was loaded (so that tests and benchmarks can tell which path ran).
+std::atomic<int64_t> g_region_steps{0};
+
+int64_t region_steps() { return g_region_steps.load(); }
+
+#if defined(__AVX512BF16__)
+constexpr int64_t kRegionRows = 4;                // the tiles that wait on memory (cpu_bf16_tile.h)
+constexpr int64_t kAheadBytes = 512 * 1024;       // the most of its next run a thread prefetches during the glue
+constexpr int64_t kInlineAttentionPositions = 256;  // one context this short: its attention runs in the region
+
+// y [rows, out] = x [rows, 2 * pairs] times a packed weight [blocks, pairs, 32, 2]; x may be set by the glue
+// that runs before it (the attention's output).
+struct RegionLinear {
+  const bf16* x;
+  const bf16* w;
+  bf16* y;
+  int64_t rows, pairs, blocks, out;
+
+  void block(int64_t b) const {
+    etr_gemm::rows(x, rows, 2 * pairs, pairs, w + b * pairs * 2 * etr_gemm::kBlock, nullptr,
+                   y + b * etr_gemm::kBlock, out, std::min(etr_gemm::kBlock, out - b * etr_gemm::kBlock), false);
+  }
+  // Thread t's run's first bytes into L2 (prefetch hints: nothing waits on them) until `done` says the glue is.
+  void fetch_ahead(int64_t t, int64_t threads, const std::atomic<int64_t>& phase, int64_t done) const {
+    const int64_t block_bytes = pairs * 2 * etr_gemm::kBlock * static_cast<int64_t>(sizeof(bf16));
+    const int64_t first = blocks * t / threads, last = blocks * (t + 1) / threads;
+    const char* p = reinterpret_cast<const char*>(w) + first * block_bytes;
+    const int64_t bytes = std::min(kAheadBytes, (last - first) * block_bytes);
+    for (int64_t at = 0; at < bytes; at += 64) {
+      if (at % 2048 == 0 && phase.load(std::memory_order_acquire) >= done) return;
+      _mm_prefetch(p + at, _MM_HINT_T1);
+    }
+  }
+};
+
+// The threads of one region: a phase counter the first thread advances after each glue, a barrier after each
+// linear (the next glue reads its output), and the first error the glue threw (the others stop at the next phase).
+struct Team {
+  std::atomic<int64_t> phase{0}, arrived{0}, generation{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::vector<etr_gemm::Run> runs;
+
+  explicit Team(int64_t threads) : runs(threads) {}
+
+  void barrier(int64_t threads) {
+    const int64_t g = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.fetch_add(1, std::memory_order_release);
+    } else {
+      while (generation.load(std::memory_order_acquire) == g) _mm_pause();
+    }
+  }
+};
+
+// A phase: glue on the first thread (none where empty), then a linear on all (none where `linear` is null).
+struct Phase {
+  std::function<void()> glue;
+  RegionLinear* linear;
+};
+
+// The phases in order in one parallel region; rethrows what a glue threw, after every thread has stopped.
+void run_region(const std::vector<Phase>& phases) {
+  const int64_t wanted = at::get_num_threads();
+  Team team(wanted);
+#pragma omp parallel num_threads(wanted)
+  {
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    for (int64_t k = 0; k < static_cast<int64_t>(phases.size()); ++k) {
+      const Phase& ph = phases[k];
+      if (t == 0) {
+        try {
+          if (ph.glue) ph.glue();
+        } catch (...) {
+          team.error = std::current_exception();
+          team.failed.store(true, std::memory_order_relaxed);
+        }
+        if (ph.linear) etr_gemm::split_runs(team.runs.data(), ph.linear->blocks, threads);
+        team.phase.store(k + 1, std::memory_order_release);
+      } else {
+        if (ph.linear) ph.linear->fetch_ahead(t, threads, team.phase, k + 1);
+        while (team.phase.load(std::memory_order_acquire) < k + 1) _mm_pause();
+      }
+      if (team.failed.load(std::memory_order_relaxed)) break;
+      if (ph.linear) {
+        etr_gemm::own_then_others(team.runs.data(), t, threads, [&](int64_t b) { ph.linear->block(b); });
+        team.barrier(threads);
+      }
+    }
+  }
+  if (team.error) std::rethrow_exception(team.error);
+}
+
+RegionLinear region_linear(const at::Tensor& packed, const bf16* x, at::Tensor& y) {
+  return {x, packed.data_ptr<bf16>(), y.data_ptr<bf16>(), y.size(0), packed.size(1), packed.size(0), y.size(1)};
+}
+
+// Whether a step takes region_layers: see the comment above g_region.
+bool region_fits(const Step& s, int64_t rows, at::TensorList weights, const std::vector<std::optional<at::Tensor>>& b) {
+  if (!g_region.load(std::memory_order_relaxed) || s.kind != kEtr || rows > kRegionRows || at::in_parallel_region() ||
+      at::get_num_threads() < 2 || s.hidden % 2 || s.intermediate % 2 || (s.heads * s.head_dim) % 2)
+    return false;
+  for (const auto& bias : b)
+    if (bias) return false;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t j = static_cast<int64_t>(i) % kWeightsPerLayer;
+    if (j != 0 && j != 3 && (weights[i].dim() != 4 || weights[i].size(2) != etr_gemm::kBlock)) return false;
+  }
+  return true;
+}
+
+// raw_layer for every layer, as region phases: the same glue functions and the linear op's tiles.
+at::Tensor region_layers(const Step& s, at::Tensor& residual, at::TensorList weights, at::TensorList k_pages,
+                         at::TensorList v_pages) {
+  const int64_t B = residual.size(0), n = s.hidden, q_size = s.heads * s.head_dim;
+  const int64_t width = q_size + 2 * s.kv_heads * s.head_dim;
+  const at::TensorOptions opt = residual.options();
+  at::Tensor h = at::empty({B, n}, opt), qkv = at::empty({B, width}, opt), o = at::empty({B, n}, opt);
+  at::Tensor gate_up = at::empty({B, 2 * s.intermediate}, opt), act = at::empty({B, s.intermediate}, opt);
+  at::Tensor x = at::empty({B, n}, opt), attn;
+  const bool inline_attention = B == 1 && s.lens.scalar_type() == at::kInt &&
+                                s.lens.data_ptr<int32_t>()[0] <= kInlineAttentionPositions;
+  const float eps = static_cast<float>(s.eps);
+  bf16 *res = residual.data_ptr<bf16>(), *hp = h.data_ptr<bf16>(), *xp = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < static_cast<int64_t>(k_pages.size()); ++i) {
+    const at::Tensor* w = weights.data() + kWeightsPerLayer * i;
+    const at::Tensor &kp = k_pages[i], &vp = v_pages[i];
+    RegionLinear qkv_l = region_linear(w[1], hp, qkv), o_l = region_linear(w[2], nullptr, o);
+    RegionLinear gate_up_l = region_linear(w[4], hp, gate_up), down_l = region_linear(w[5], act.data_ptr<bf16>(), x);
+    auto norm1 = [&, i] { add_rms_norm(i ? xp : nullptr, res, w[0].data_ptr<bf16>(), hp, B, n, eps); };
+    auto attend = [&] {
+      attn = rope_write_attend(s, qkv, kp, vp);
+      o_l.x = attn.data_ptr<bf16>();
+    };
+    auto norm2 = [&] { add_rms_norm(o.data_ptr<bf16>(), res, w[3].data_ptr<bf16>(), hp, B, n, eps); };
+    auto silu = [&] { silu_mul(gate_up.data_ptr<bf16>(), act.data_ptr<bf16>(), B, s.intermediate); };
+    if (inline_attention) {
+      run_region({{norm1, &qkv_l}, {attend, &o_l}, {norm2, &gate_up_l}, {silu, &down_l}});
+    } else {
+      run_region({{norm1, &qkv_l}, {[&] { rope_write(s, qkv, kp, vp); }, nullptr}});
+      attn = paged_decode(qkv.view({B, s.heads + 2 * s.kv_heads, s.head_dim}).narrow(1, 0, s.heads), kp, vp,
+                          s.tables, s.lens, s.scale);
+      o_l.x = attn.data_ptr<bf16>();
+      run_region({{nullptr, &o_l}, {norm2, &gate_up_l}, {silu, &down_l}});
+    }
+  }
+  return x;
+}
+#else
+bool region_fits(const Step&, int64_t, at::TensorList, const std::vector<std::optional<at::Tensor>>&) {
+  return false;
+}
+at::Tensor region_layers(const Step&, at::Tensor&, at::TensorList, at::TensorList, at::TensorList) {
+  TORCH_CHECK(false, "decode_layers: the step's region needs a build with the bf16 dot instruction");
+}
+#endif
 
 // Everything the raw loops index, checked before anything is written (the ATen path gets these checks from its
 // ops; the loops would read or write out of bounds instead).
@@ -324,11 +519,15 @@ at::Tensor raw_layers(const Step& s, const at::Tensor& input_ids, const at::Tens
                       at::TensorList v_pages, const at::Tensor& final_norm) {
   check_raw(s, input_ids, weights, k_pages, v_pages, final_norm);
   at::Tensor residual = at::embedding(embed, input_ids).contiguous(), x;
-  at::Tensor h = at::empty_like(residual), act = at::empty({residual.size(0), s.intermediate}, residual.options());
-  const int64_t layers = static_cast<int64_t>(k_pages.size());
-  for (int64_t i = 0; i < layers; ++i) {
-    x = raw_layer(s, i ? &x : nullptr, residual, h, act, weights.data() + kWeightsPerLayer * i,
-                  b.data() + kBiasesPerLayer * i, k_pages[i], v_pages[i]);
+  if (region_fits(s, residual.size(0), weights, b)) {
+    x = region_layers(s, residual, weights, k_pages, v_pages);
+    g_region_steps.fetch_add(1);
+  } else {
+    at::Tensor h = at::empty_like(residual), act = at::empty({residual.size(0), s.intermediate}, residual.options());
+    for (int64_t i = 0; i < static_cast<int64_t>(k_pages.size()); ++i) {
+      x = raw_layer(s, i ? &x : nullptr, residual, h, act, weights.data() + kWeightsPerLayer * i,
+                    b.data() + kBiasesPerLayer * i, k_pages[i], v_pages[i]);
+    }
   }
   at::Tensor out = at::empty_like(residual);
   add_rms_norm(x.data_ptr<bf16>(), residual.data_ptr<bf16>(), final_norm.data_ptr<bf16>(), out.data_ptr<bf16>(),
@@ -415,6 +614,8 @@ TORCH_LIBRARY(etr_cpu_step, m) {
         "Tensor block_tables, Tensor context_lens, Tensor final_norm, int heads, int kv_heads, int head_dim, "
         "int intermediate, float eps, float scale, int linear_kind, int glue) -> Tensor");
   m.def("raw_glue() -> bool", &raw_glue);
+  m.def("set_region(bool on) -> bool", &set_region);
+  m.def("region_steps() -> int", &region_steps);
 }
 
 // Every backend: prepacked oneDNN weights are MkldnnCPU tensors, and the dispatcher keys on them too.

@@ -14,6 +14,10 @@ GEMM of kernels/cpu_bf16_linear.py).
 bf16 models take the op's raw glue where it is built (AVX-512): the elementwise work between the linears as
 loops of its own instead of ATen ops (``glue`` "raw"; close to the forward, not its bits: the tests state the
 tolerance). ``ETR_CPU_STEP_GLUE=aten`` keeps the ATen ops, which are the forward's bits.
+
+With the raw glue on the package's bf16 GEMM, steps of 1-4 rows run each layer in one parallel region (the op's
+``set_region``; ``ETR_CPU_STEP_REGION=0`` off; ``region_steps`` counts the steps that took it): the same bits as
+one op a linear, with the memory kept busy during the glue (cpu_decode_step.cpp says how).
 """
 
 from __future__ import annotations

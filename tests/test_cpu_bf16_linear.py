@@ -6,6 +6,8 @@ from the same bf16 inputs. The first term is one rounding to bf16 (half an ulp: 
 second bounds float32 accumulation over up to 1,536 terms (k * 2**-24 * sum |w x| <= 9.2e-5 of it, which the
 rounding can grow by 2**-8 of itself). On CPUs without AVX512-BF16 the tests run the op's plain C++ loop."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,3 +177,20 @@ def test_dot_peak_is_a_rate_where_the_instruction_is(op):
     for bad in (0, 2**22 + 1):  # the plain build checks its argument alike
         with pytest.raises(RuntimeError, match=rf"iterations must be in 1 \.\. 4194304 .*, got {bad}"):
             torch.ops.etr_cpu_linear.dot_peak(bad)
+
+
+def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
+    """The GEMM's tiles live in a header that the linear and the decode-step ops both include: a changed header
+    must give both a new build, or one of them would keep running the old tiles."""
+    from etr.kernels import cpu_decode_step
+    from etr.kernels.cpp_op import CppOp
+    tile = Path(L.__file__).with_name("cpu_bf16_tile.h")
+    assert tile in L.OP.headers() and tile in cpu_decode_step.OP.headers()
+    op = CppOp("unused.cpp", "a test op", "ETR_TEST_OP")
+    op.source = tmp_path / "op.cpp"
+    op.source.write_text('#include <vector>\n  #  include "local.h"\nint f() { return LOCAL; }\n')
+    (tmp_path / "local.h").write_text("#define LOCAL 1\n")
+    first = op.name()
+    assert op.headers() == [tmp_path / "local.h"]
+    (tmp_path / "local.h").write_text("#define LOCAL 2\n")
+    assert op.name() != first

@@ -30,7 +30,7 @@ def packed_k(r, dtype) -> bool:
     return dtype == torch.bfloat16 and r.config.head_dim % 32 == 0 and cpu_paged_decode.bf16_path(r.config.head_dim)
 
 
-def runner(path, dtype, linears, monkeypatch, glue="aten"):
+def runner(path, dtype, linears, monkeypatch, glue="aten", max_model_len=256):
     """A runner whose linears are plain, oneDNN-prepacked or packed for the package's own bf16 GEMM, whatever
     this CPU would pick, and whose step takes ``glue`` where it can."""
     import etr.engine.model_runner as M
@@ -45,8 +45,8 @@ def runner(path, dtype, linears, monkeypatch, glue="aten"):
         monkeypatch.setattr(cpu_bf16_linear, "available", lambda: False)
     monkeypatch.setattr(M, "wants_fp32_gemm", lambda *a: False)
     monkeypatch.setattr(M, "wants_packed_bf16", lambda *a: packed)
-    r = ModelRunner(EngineConfig(model=str(path), dtype=dtype, max_model_len=256, max_num_seqs=8), str(path),
-                    torch.device("cpu"))
+    r = ModelRunner(EngineConfig(model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=8),
+                    str(path), torch.device("cpu"))
     assert any(isinstance(m, PackedBf16Linear) for m in r.model.modules()) == packed
     r.allocate_kv(64)
     return r
@@ -201,6 +201,70 @@ def test_glue_choice(op, tiny_dir, monkeypatch):
     monkeypatch.setenv("ETR_CPU_STEP_GLUE", "fast")
     with pytest.raises(ValueError, match="ETR_CPU_STEP_GLUE='fast': expected one of"):
         K.glue_for(torch.bfloat16)
+
+
+@pytest.fixture()
+def region(raw):
+    """The step's region (one parallel region a layer at 1-4 rows) where this build has it; switched back on after."""
+    from etr.kernels import cpu_bf16_linear
+    if not cpu_bf16_linear.available():
+        pytest.skip(f"the step's region runs the package's bf16 GEMM: {cpu_bf16_linear.load_error()}")
+    yield torch.ops.etr_cpu_step.set_region
+    torch.ops.etr_cpu_step.set_region(True)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("lengths", [[23], [300], [9, 30], [1, 17, 5, 40]],
+                         ids=["batch1-attention-in-region", "batch1-attention-between", "batch2", "batch4"])
+def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, tiny_dir, monkeypatch, lengths, threads):
+    """The region runs the linear op's tiles over the same blocks and the same glue, whichever thread takes a
+    block: its hidden states and the KV it writes are the same bits as one op a linear, at 1-4 rows, with the
+    attention in the region (one short context) or between two regions, on 2 and 3 threads."""
+    r = runner(tiny_dir("llama_untied_hd48"), torch.bfloat16, "etr", monkeypatch, glue="raw", max_model_len=512)
+    seqs = prefilled(r, lengths, torch.Generator().manual_seed(sum(lengths)))
+    ids, positions, meta = r.prepare_decode(seqs)
+    r.backend.prepare(meta)
+    nan = torch.full((len(meta.slot_mapping), r.config.num_key_value_heads, r.config.head_dim), float("nan"),
+                     dtype=torch.bfloat16)
+    for pages in (p for kv in r.kv_caches for p in kv):  # this step's rows cleared: freed memory may hold them
+        write_slots(pages, meta.slot_mapping, nan)
+    before = [(k.clone(), v.clone()) for k, v in r.kv_caches]
+    outs, pools = [], []
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for on in (False, True):
+            for (k, v), (k0, v0) in zip(r.kv_caches, before):
+                k.copy_(k0)
+                v.copy_(v0)
+            region(on)
+            steps = torch.ops.etr_cpu_step.region_steps()
+            outs.append(r.native_step(ids, positions, meta, r.kv_caches))
+            assert torch.ops.etr_cpu_step.region_steps() == steps + on  # the path asked for is the one that ran
+            pools.append([(k.clone(), v.clone()) for k, v in r.kv_caches])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+               for (k, v), (k2, v2) in zip(*pools) for a, b in ((k, k2), (v, v2)))
+    assert any(not torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # the step did write this step's KV
+               for (k, v), (k2, v2) in zip(pools[1], before) for a, b in ((k, k2), (v, v2)))
+
+
+def test_an_error_inside_the_region_is_raised_not_hung(region, tiny_dir, monkeypatch):
+    """The attention of one short context runs inside the region, on its first thread; what it refuses there
+    (a context length of 0) comes back as the op's error while the other threads stop, and the next step runs."""
+    r = runner(tiny_dir("llama_untied_hd48"), torch.bfloat16, "etr", monkeypatch, glue="raw")
+    seqs = prefilled(r, [23], torch.Generator().manual_seed(0))
+    ids, positions, meta = r.prepare_decode(seqs)
+    r.backend.prepare(meta)
+    region(True)
+    lens = meta.context_lens
+    meta.context_lens = torch.zeros_like(lens)
+    with pytest.raises(RuntimeError, match=r"context_lens\[0\] = 0 \(must be >= 1\)"):
+        r.native_step(ids, positions, meta, r.kv_caches)
+    meta.context_lens = lens
+    assert torch.isfinite(r.native_step(ids, positions, meta, r.kv_caches).float()).all()
 
 
 def test_raw_glue_refuses_float32_by_name(raw, tiny_dir, monkeypatch):

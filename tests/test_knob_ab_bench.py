@@ -61,3 +61,36 @@ def test_the_argmax_knob_prints_its_table(tiny_dir, capsys):
                        "--rounds", "2", "--steps", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 | 20 |")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 9
+
+
+def test_switching_the_step_region_mid_generation_keeps_the_tokens(gemm, tiny_dir, capsys):
+    """The region is the same bits as one op a linear (tests/test_cpu_decode_step.py): a greedy batch of 3
+    switched at every step keeps its tokens, and the region ran on the steps it was on. Then the knob's table."""
+    import torch
+    from etr import LLM, SamplingParams
+    bench = load_bench("knob_ab")
+    path = str(tiny_dir("llama_tied_gqa"))  # no biases: the region's models
+    prompts = [list(range(10 + i, 30 + 7 * i)) for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(path, dtype="bfloat16")
+    if bench.step_region_missing(llm.engine):
+        pytest.skip(bench.step_region_missing(llm.engine))
+    want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    engine = llm.engine
+    seqs = [engine.add_request(p, params) for p in prompts]
+    steps, before = 0, torch.ops.etr_cpu_step.region_steps()
+    try:
+        while not all(s.is_finished for s in seqs):
+            bench.set_step_region(steps % 2 == 0)
+            engine.step()
+            steps += 1
+    finally:
+        bench.set_step_region(True)
+    assert [s.output_token_ids for s in seqs] == want
+    # The first step prefills; every other decode step took the region.
+    assert torch.ops.etr_cpu_step.region_steps() - before == len(range(2, steps, 2))
+    assert bench.main(["--knob", "step_region", "--model", path, "--points", "2x20", "--rounds", "2",
+                       "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 20 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
+    assert torch.ops.etr_cpu_step.set_region(True) is True  # the run leaves it on
