@@ -70,10 +70,13 @@ def gemm_prefetch_missing(engine) -> str | None:
 
 
 def step_region_missing(engine) -> str | None:
+    import torch
     step = engine.runner.native_step
-    if step is None or step.glue != "raw" or step.kind != "etr":
+    if step is None or step.glue != "raw" or step.kind != "etr" or any(b is not None for b in step.biases):
         return ("this engine's decode step does not take the region here (it needs the step op's raw glue on the "
-                "package's bf16 GEMM)")
+                "package's bf16 GEMM, and a model without biases)")
+    if torch.get_num_threads() < 2:
+        return "the region needs two threads or more; torch runs 1"
     return None
 
 

@@ -44,10 +44,17 @@ class CppOp:
         return f"etr_{self.source.stem}_" + hashlib.sha256(key).hexdigest()[:12]
 
     def headers(self) -> list[Path]:
-        """The package's own headers the source includes (``#include "x.h"``, beside it): a changed header gets a
-        new build too."""
-        names = re.findall(r'^\s*#\s*include\s+"([^"]+)"', self.source.read_text(), re.MULTILINE)
-        return [self.source.with_name(n) for n in names]
+        """The package's own headers the source includes (``#include "x.h"``, found beside it, and what they
+        include in turn): a changed header gets a new build too."""
+        found, todo = [], [self.source]
+        while todo:
+            text = todo.pop().read_text()
+            for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', text, re.MULTILINE):
+                path = self.source.parent / name
+                if path.is_file() and path not in found:
+                    found.append(path)
+                    todo.append(path)
+        return found
 
     def available(self) -> bool:
         """Whether the op is loaded, compiling it first if needed (tens of seconds the first time on a

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <thread>
 #include <optional>
 #include <string>
 #include <vector>
@@ -329,7 +330,10 @@ int64_t region_steps() { return g_region_steps.load(); }
 #if defined(__AVX512BF16__)
 constexpr int64_t kRegionRows = 4;                // the tiles that wait on memory (cpu_bf16_tile.h)
 constexpr int64_t kAheadBytes = 512 * 1024;       // the most of its next run a thread prefetches during the glue
-constexpr int64_t kInlineAttentionPositions = 256;  // one context this short: its attention runs in the region
+// One context this short runs its attention in the region, on the first thread. The attention op cuts a context
+// into parts of at least MIN_PART_POSITIONS (256, cpu_paged_decode.cpp), so up to here it runs one part on one
+// thread anyway and loses nothing by running inside.
+constexpr int64_t kInlineAttentionPositions = 256;
 
 // y [rows, out] = x [rows, 2 * pairs] times a packed weight [blocks, pairs, 32, 2]; x may be set by the glue
 // that runs before it (the attention's output).
@@ -356,11 +360,23 @@ struct RegionLinear {
   }
 };
 
+// A spinning wait's turn: a pause, and after many of them the core to another thread (more threads than cores, or
+// a thread of the team descheduled, would otherwise spin through whole time slices).
+inline void wait_a_little(int64_t& spins) {
+  if (++spins < (int64_t{1} << 14)) {
+    _mm_pause();
+  } else {
+    std::this_thread::yield();
+  }
+}
+
 // The threads of one region: a phase counter the first thread advances after each glue, a barrier after each
 // linear (the next glue reads its output), and the first error the glue threw (the others stop at the next phase).
 struct Team {
-  std::atomic<int64_t> phase{0}, arrived{0}, generation{0};
-  std::atomic<bool> failed{false};
+  alignas(64) std::atomic<int64_t> phase{0};
+  alignas(64) std::atomic<int64_t> arrived{0};
+  alignas(64) std::atomic<int64_t> generation{0};
+  alignas(64) std::atomic<bool> failed{false};
   std::exception_ptr error;
   std::vector<etr_gemm::Run> runs;
 
@@ -372,7 +388,7 @@ struct Team {
       arrived.store(0, std::memory_order_relaxed);
       generation.fetch_add(1, std::memory_order_release);
     } else {
-      while (generation.load(std::memory_order_acquire) == g) _mm_pause();
+      for (int64_t spins = 0; generation.load(std::memory_order_acquire) == g;) wait_a_little(spins);
     }
   }
 };
@@ -385,11 +401,10 @@ struct Phase {
 
 // The phases in order in one parallel region; rethrows what a glue threw, after every thread has stopped.
 void run_region(const std::vector<Phase>& phases) {
-  const int64_t wanted = at::get_num_threads();
-  Team team(wanted);
-#pragma omp parallel num_threads(wanted)
+  Team team(omp_get_max_threads());  // the team's size at most (ATen's regions take the default team, too)
+#pragma omp parallel
   {
-    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    const int64_t t = omp_get_thread_num(), threads = std::min<int64_t>(omp_get_num_threads(), team.runs.size());
     for (int64_t k = 0; k < static_cast<int64_t>(phases.size()); ++k) {
       const Phase& ph = phases[k];
       if (t == 0) {
@@ -403,7 +418,7 @@ void run_region(const std::vector<Phase>& phases) {
         team.phase.store(k + 1, std::memory_order_release);
       } else {
         if (ph.linear) ph.linear->fetch_ahead(t, threads, team.phase, k + 1);
-        while (team.phase.load(std::memory_order_acquire) < k + 1) _mm_pause();
+        for (int64_t spins = 0; team.phase.load(std::memory_order_acquire) < k + 1;) wait_a_little(spins);
       }
       if (team.failed.load(std::memory_order_relaxed)) break;
       if (ph.linear) {
@@ -420,15 +435,27 @@ RegionLinear region_linear(const at::Tensor& packed, const bf16* x, at::Tensor& 
 }
 
 // Whether a step takes region_layers: see the comment above g_region.
+// Whether packed [blocks, pairs, 32, 2] weight `w` takes `in` inputs to `out` outputs, as the linear op checks.
+bool packed_for(const at::Tensor& w, int64_t in, int64_t out) {
+  return w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(2) == etr_gemm::kBlock &&
+         w.size(3) == 2 && 2 * w.size(1) == in && out > (w.size(0) - 1) * etr_gemm::kBlock &&
+         out <= w.size(0) * etr_gemm::kBlock;
+}
+
+// Whether a step takes region_layers: see the comment above g_region. Whatever it turns down runs one op a linear,
+// whose checks name what is wrong.
 bool region_fits(const Step& s, int64_t rows, at::TensorList weights, const std::vector<std::optional<at::Tensor>>& b) {
+  const int64_t q_size = s.heads * s.head_dim, width = q_size + 2 * s.kv_heads * s.head_dim;
   if (!g_region.load(std::memory_order_relaxed) || s.kind != kEtr || rows > kRegionRows || at::in_parallel_region() ||
-      at::get_num_threads() < 2 || s.hidden % 2 || s.intermediate % 2 || (s.heads * s.head_dim) % 2)
+      at::get_num_threads() < 2 || s.hidden % 2 || s.intermediate % 2 || q_size % 2 || s.lens.numel() != rows)
     return false;
   for (const auto& bias : b)
     if (bias) return false;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const int64_t j = static_cast<int64_t>(i) % kWeightsPerLayer;
-    if (j != 0 && j != 3 && (weights[i].dim() != 4 || weights[i].size(2) != etr_gemm::kBlock)) return false;
+  for (size_t i = 0; i + kWeightsPerLayer <= weights.size(); i += kWeightsPerLayer) {
+    const at::Tensor* w = weights.data() + i;
+    if (!packed_for(w[1], s.hidden, width) || !packed_for(w[2], q_size, s.hidden) ||
+        !packed_for(w[4], s.hidden, 2 * s.intermediate) || !packed_for(w[5], s.intermediate, s.hidden))
+      return false;
   }
   return true;
 }

@@ -387,7 +387,7 @@ bool fast_bf16_dim(int64_t) { return false; }
 // are about TASKS_PER_THREAD tasks per thread when sequences are few and long, and of at most
 // MAX_PART_POSITIONS, so that the V pages the scores pass prefetches (384 KB at 1,024 positions of SmolLM2) are
 // still in L2 when the values pass reads them.
-constexpr int64_t MIN_PART_POSITIONS = 256;
+constexpr int64_t MIN_PART_POSITIONS = 256;  // cpu_decode_step.cpp's kInlineAttentionPositions relies on it
 constexpr int64_t MAX_PART_POSITIONS = 1024;
 constexpr int64_t TASKS_PER_THREAD = 4;
 

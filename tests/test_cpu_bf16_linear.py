@@ -188,9 +188,10 @@ def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
     assert tile in L.OP.headers() and tile in cpu_decode_step.OP.headers()
     op = CppOp("unused.cpp", "a test op", "ETR_TEST_OP")
     op.source = tmp_path / "op.cpp"
-    op.source.write_text('#include <vector>\n  #  include "local.h"\nint f() { return LOCAL; }\n')
-    (tmp_path / "local.h").write_text("#define LOCAL 1\n")
+    op.source.write_text('#include <vector>\n  #  include "local.h"\n#include "absent.h"\nint f() { return LOCAL; }\n')
+    (tmp_path / "local.h").write_text('#include "inner.h"\n#define LOCAL INNER\n')
+    (tmp_path / "inner.h").write_text("#define INNER 1\n")
     first = op.name()
-    assert op.headers() == [tmp_path / "local.h"]
-    (tmp_path / "local.h").write_text("#define LOCAL 2\n")
+    assert op.headers() == [tmp_path / "local.h", tmp_path / "inner.h"]  # what is not beside it is not ours
+    (tmp_path / "inner.h").write_text("#define INNER 2\n")
     assert op.name() != first

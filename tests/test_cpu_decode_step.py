@@ -205,22 +205,47 @@ def test_glue_choice(op, tiny_dir, monkeypatch):
 
 @pytest.fixture()
 def region(raw):
-    """The step's region (one parallel region a layer at 1-4 rows) where this build has it; switched back on after."""
+    """The step's region (one parallel region a layer at 1-4 rows) where this build has it; its setting restored
+    after."""
     from etr.kernels import cpu_bf16_linear
     if not cpu_bf16_linear.available():
         pytest.skip(f"the step's region runs the package's bf16 GEMM: {cpu_bf16_linear.load_error()}")
+    before = torch.ops.etr_cpu_step.set_region(True)
     yield torch.ops.etr_cpu_step.set_region
-    torch.ops.etr_cpu_step.set_region(True)
+    torch.ops.etr_cpu_step.set_region(before)
 
 
-@pytest.mark.parametrize("threads", [2, 3])
+@pytest.fixture()
+def threads():
+    """Sets torch's thread count for a test (more than this machine's cores is allowed) and restores it."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+@pytest.fixture()
+def watchdog():
+    """A hang in the region's spinning waits would stall the whole run: SIGALRM (no handler) ends the process."""
+    import signal
+    signal.alarm(300)
+    yield
+    signal.alarm(0)
+
+
+@pytest.mark.parametrize("name", ["llama_untied_hd48", "llama3_rope", "llama_awkward"])
+@pytest.mark.parametrize("count", [2, 3])
 @pytest.mark.parametrize("lengths", [[23], [300], [9, 30], [1, 17, 5, 40]],
                          ids=["batch1-attention-in-region", "batch1-attention-between", "batch2", "batch4"])
-def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, tiny_dir, monkeypatch, lengths, threads):
+def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, threads, watchdog, tiny_dir, llama_awkward,
+                                                          monkeypatch, name, lengths, count):
     """The region runs the linear op's tiles over the same blocks and the same glue, whichever thread takes a
     block: its hidden states and the KV it writes are the same bits as one op a linear, at 1-4 rows, with the
-    attention in the region (one short context) or between two regions, on 2 and 3 threads."""
-    r = runner(tiny_dir("llama_untied_hd48"), torch.bfloat16, "etr", monkeypatch, glue="raw", max_model_len=512)
+    attention in the region (one short context) or between two regions, on 2 and 3 threads; with K pages packed
+    (head size 32), partial blocks of outputs (the awkward sizes: 272 q/k/v outputs) and neither. Three runs each,
+    since which thread takes which block changes from run to run."""
+    path = llama_awkward if name == "llama_awkward" else tiny_dir(name)
+    r = runner(path, torch.bfloat16, "etr", monkeypatch, glue="raw", max_model_len=512)
+    assert r.kv_caches[0][0].dim() == (5 if packed_k(r, torch.bfloat16) else 4)
     seqs = prefilled(r, lengths, torch.Generator().manual_seed(sum(lengths)))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
@@ -229,42 +254,42 @@ def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, tiny_dir, monke
     for pages in (p for kv in r.kv_caches for p in kv):  # this step's rows cleared: freed memory may hold them
         write_slots(pages, meta.slot_mapping, nan)
     before = [(k.clone(), v.clone()) for k, v in r.kv_caches]
+    threads(count)
     outs, pools = [], []
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for on in (False, True):
-            for (k, v), (k0, v0) in zip(r.kv_caches, before):
-                k.copy_(k0)
-                v.copy_(v0)
-            region(on)
-            steps = torch.ops.etr_cpu_step.region_steps()
-            outs.append(r.native_step(ids, positions, meta, r.kv_caches))
-            assert torch.ops.etr_cpu_step.region_steps() == steps + on  # the path asked for is the one that ran
-            pools.append([(k.clone(), v.clone()) for k, v in r.kv_caches])
-    finally:
-        torch.set_num_threads(old)
-    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-               for (k, v), (k2, v2) in zip(*pools) for a, b in ((k, k2), (v, v2)))
+    for on in (False, True, True, True):
+        for (k, v), (k0, v0) in zip(r.kv_caches, before):
+            k.copy_(k0)
+            v.copy_(v0)
+        region(on)
+        steps = torch.ops.etr_cpu_step.region_steps()
+        outs.append(r.native_step(ids, positions, meta, r.kv_caches))
+        assert torch.ops.etr_cpu_step.region_steps() == steps + on  # the path asked for is the one that ran
+        pools.append([(k.clone(), v.clone()) for k, v in r.kv_caches])
+    for out, pool in zip(outs[1:], pools[1:]):
+        assert torch.equal(outs[0].view(torch.int16), out.view(torch.int16))
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                   for (k, v), (k2, v2) in zip(pools[0], pool) for a, b in ((k, k2), (v, v2)))
     assert any(not torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # the step did write this step's KV
                for (k, v), (k2, v2) in zip(pools[1], before) for a, b in ((k, k2), (v, v2)))
 
 
-def test_an_error_inside_the_region_is_raised_not_hung(region, tiny_dir, monkeypatch):
+def test_an_error_inside_the_region_is_raised_not_hung(region, threads, watchdog, tiny_dir, monkeypatch):
     """The attention of one short context runs inside the region, on its first thread; what it refuses there
-    (a context length of 0) comes back as the op's error while the other threads stop, and the next step runs."""
+    (a context length of 0) comes back as the op's error while the other threads stop, and the next step, with
+    the same sizes and threads, runs in the region."""
     r = runner(tiny_dir("llama_untied_hd48"), torch.bfloat16, "etr", monkeypatch, glue="raw")
     seqs = prefilled(r, [23], torch.Generator().manual_seed(0))
     ids, positions, meta = r.prepare_decode(seqs)
     r.backend.prepare(meta)
-    region(True)
+    threads(2)
     lens = meta.context_lens
     meta.context_lens = torch.zeros_like(lens)
     with pytest.raises(RuntimeError, match=r"context_lens\[0\] = 0 \(must be >= 1\)"):
         r.native_step(ids, positions, meta, r.kv_caches)
     meta.context_lens = lens
+    steps = torch.ops.etr_cpu_step.region_steps()
     assert torch.isfinite(r.native_step(ids, positions, meta, r.kv_caches).float()).all()
+    assert torch.ops.etr_cpu_step.region_steps() == steps + 1
 
 
 def test_raw_glue_refuses_float32_by_name(raw, tiny_dir, monkeypatch):
