@@ -405,7 +405,7 @@ void run_region(const std::vector<Phase>& phases) {
 #pragma omp parallel
   {
     const int64_t t = omp_get_thread_num(), threads = std::min<int64_t>(omp_get_num_threads(), team.runs.size());
-    for (int64_t k = 0; k < static_cast<int64_t>(phases.size()); ++k) {
+    for (int64_t k = 0; t < threads && k < static_cast<int64_t>(phases.size()); ++k) {
       const Phase& ph = phases[k];
       if (t == 0) {
         try {
@@ -434,7 +434,6 @@ RegionLinear region_linear(const at::Tensor& packed, const bf16* x, at::Tensor& 
   return {x, packed.data_ptr<bf16>(), y.data_ptr<bf16>(), y.size(0), packed.size(1), packed.size(0), y.size(1)};
 }
 
-// Whether a step takes region_layers: see the comment above g_region.
 // Whether packed [blocks, pairs, 32, 2] weight `w` takes `in` inputs to `out` outputs, as the linear op checks.
 bool packed_for(const at::Tensor& w, int64_t in, int64_t out) {
   return w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(2) == etr_gemm::kBlock &&
