@@ -1,6 +1,6 @@
 """One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
 
-    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region} [--model DIR] [--points 16x128 16x2048 1x4096]
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages} [--model DIR] [--points 16x128 16x2048 1x4096]
                             [--rounds 8] [--steps 4]
 
 Knobs (each changes timings only; the tests check the tokens):
@@ -10,6 +10,9 @@ Knobs (each changes timings only; the tests check the tokens):
   (``cpu_bf16_linear.set_prefetch``; off: as with ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
 - ``step_region``: the CPU decode step's one parallel region a layer at 1-4 rows (kernels/cpu_decode_step.cpp,
   ``set_region``; off: one op a linear, as with ``ETR_CPU_STEP_REGION=0``). It acts at batch 1-4.
+- ``huge_pages``: the package's packed weights in one mapping on transparent huge pages (kernels/huge_pages.py;
+  off: copies of them on torch's 4 KB pages, as with ``ETR_CPU_HUGE_PAGES=0``). Both copies are kept, so the
+  process holds the weights twice. It acts at every batch size.
 - ``cpu_argmax``: greedy sampling's argmax by the package's op (kernels/cpu_argmax.py; off: torch's
   ``max(dim=-1)``, as with ``ETR_CPU_ARGMAX=0``).
 
@@ -51,6 +54,26 @@ def set_step_region(on: bool) -> None:
     torch.ops.etr_cpu_step.set_region(on)
 
 
+SMALL_PAGE_COPIES: dict[int, dict[int, object]] = {}  # engine id -> huge copy's address -> (huge copy, 4 KB copy)
+
+
+def set_huge_pages(engine, on: bool) -> None:
+    """Point the step op and every packed linear at the huge-page copies of the weights (on) or at copies on
+    torch's pages (off; made on first use)."""
+    runner = engine.runner
+    linears = [m for m in runner.model.modules() if getattr(m, "kind", None) == "etr"]
+    if id(engine) not in SMALL_PAGE_COPIES:
+        SMALL_PAGE_COPIES[id(engine)] = {m.packed.data_ptr(): (m.packed, m.packed.clone()) for m in linears}
+    pairs = SMALL_PAGE_COPIES[id(engine)]
+    side = {ptr: pair[0 if on else 1] for ptr, pair in pairs.items()}
+    side.update({pair[1].data_ptr(): pair[0 if on else 1] for pair in pairs.values()})
+    for m in linears:
+        m.packed = side[m.packed.data_ptr()]
+    step = runner.native_step
+    if step is not None:
+        step.weights = [side.get(w.data_ptr(), w) for w in step.weights]
+
+
 def set_cpu_argmax(engine, on: bool) -> None:
     engine.sampler.cpu_argmax = on
 
@@ -80,6 +103,15 @@ def step_region_missing(engine) -> str | None:
     return None
 
 
+def huge_pages_missing(engine) -> str | None:
+    from etr.kernels import huge_pages
+    head = engine.runner.model.head_proj
+    if getattr(head, "kind", None) != "etr" or not huge_pages.huge_bytes(head.packed):
+        return ("this engine's packed weights are not on huge pages here (they need the package's bf16 GEMM and "
+                "transparent huge pages; ETR_CPU_HUGE_PAGES=0 turns them off)")
+    return None
+
+
 def cpu_argmax_missing(engine) -> str | None:
     from etr.kernels import cpu_argmax
     return None if engine.sampler.cpu_argmax else f"the argmax op is not in use here ({cpu_argmax.load_error()})"
@@ -90,6 +122,7 @@ KNOBS = {
     "pack_k": (lambda engine, on: set_layout(engine.runner, on), pack_k_missing, "packed", "rows"),
     "gemm_prefetch": (lambda engine, on: set_gemm_prefetch(on), gemm_prefetch_missing, "prefetch",
                       "no prefetch"),
+    "huge_pages": (set_huge_pages, huge_pages_missing, "huge pages", "4 KB pages"),
     "cpu_argmax": (set_cpu_argmax, cpu_argmax_missing, "op", "torch"),
     "step_region": (lambda engine, on: set_step_region(on), step_region_missing, "region", "op a linear"),
 }

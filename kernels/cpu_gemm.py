@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from etr.kernels import huge_pages
+
 MIN_ROWS = 8  # the crossover of a 49152x576 head (layers cross earlier); bench/RESULTS.md
 
 
@@ -121,8 +123,13 @@ class PackedBf16Linear(nn.Module):
 
 def use_packed_bf16(model: nn.Module) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` (in place) for a prepacked one, and pack a copy of the LM head
-    (the plain head stays: the embedding may share it, and the expert head reads it)."""
-    return _swap_linears(model, PackedBf16Linear)
+    (the plain head stays: the embedding may share it, and the expert head reads it). The package's packed
+    weights then move into one mapping on huge pages, in the order a step reads them (kernels/huge_pages.py)."""
+    _swap_linears(model, PackedBf16Linear)
+    packed = [m for m in model.modules() if isinstance(m, PackedBf16Linear) and m.kind == "etr"]
+    for m, w in zip(packed, huge_pages.together([m.packed for m in packed])):
+        m.packed = w
+    return model
 
 
 def _swap_linears(model: nn.Module, cls) -> nn.Module:

@@ -94,3 +94,35 @@ def test_switching_the_step_region_mid_generation_keeps_the_tokens(gemm, tiny_di
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 20 |")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 9
     assert torch.ops.etr_cpu_step.set_region(True) is True  # the run leaves it on
+
+
+def test_switching_huge_pages_mid_generation_keeps_the_tokens(gemm, tiny_dir, capsys):
+    """The weights on huge pages or on torch's pages are the same bits: a greedy batch switched at every step
+    keeps its tokens, and each side's linears and step op read their own copy. Then the knob's table."""
+    from etr import LLM, SamplingParams
+    bench = load_bench("knob_ab")
+    path = str(tiny_dir("llama_tied_gqa"))
+    prompts = [list(range(10 + i, 30 + 7 * i)) for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(path, dtype="bfloat16")
+    if bench.huge_pages_missing(llm.engine):
+        pytest.skip(bench.huge_pages_missing(llm.engine))
+    want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    engine = llm.engine
+    huge = engine.runner.model.head_proj.packed
+    seqs = [engine.add_request(p, params) for p in prompts]
+    steps = 0
+    while not all(s.is_finished for s in seqs):
+        bench.set_huge_pages(engine, steps % 2 == 0)
+        on = steps % 2 == 0
+        assert (engine.runner.model.head_proj.packed is huge) is on
+        assert all((w.untyped_storage().data_ptr() == huge.untyped_storage().data_ptr()) is on
+                   for w in engine.runner.native_step.weights[1::6])
+        engine.step()
+        steps += 1
+    bench.set_huge_pages(engine, True)
+    assert [s.output_token_ids for s in seqs] == want
+    assert bench.main(["--knob", "huge_pages", "--model", path, "--points", "2x20", "--rounds", "2",
+                       "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 20 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
