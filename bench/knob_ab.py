@@ -1,6 +1,6 @@
 """One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
 
-    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages} [--model DIR] [--points 16x128 16x2048 1x4096]
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages,huge_kv} [--model DIR] [--points 16x128 16x2048 1x4096]
                             [--rounds 8] [--steps 4]
 
 Knobs (each changes timings only; the tests check the tokens):
@@ -13,6 +13,9 @@ Knobs (each changes timings only; the tests check the tokens):
 - ``huge_pages``: the package's packed weights in one mapping on transparent huge pages (kernels/huge_pages.py;
   off: copies of them on torch's 4 KB pages, as with ``ETR_CPU_HUGE_PAGES=0``). Both copies are kept, so the
   process holds the weights twice. It acts at every batch size.
+- ``huge_kv``: the KV pool on transparent huge pages (kernels/huge_pages.py; off: a pool on torch's pages, as
+  with ``ETR_CPU_HUGE_PAGES=0``). The pool is copied to the other side at each switch (outside the timing), so
+  the process holds it twice. It acts most with long contexts.
 - ``cpu_argmax``: greedy sampling's argmax by the package's op (kernels/cpu_argmax.py; off: torch's
   ``max(dim=-1)``, as with ``ETR_CPU_ARGMAX=0``).
 
@@ -74,6 +77,25 @@ def set_huge_pages(engine, on: bool) -> None:
         step.weights = [side.get(w.data_ptr(), w) for w in step.weights]
 
 
+KV_POOLS: dict[int, dict[bool, object]] = {}  # engine id -> the pool on huge pages (True) and on torch's (False)
+
+
+def set_huge_kv(engine, on: bool) -> None:
+    """Move the engine's KV (every block, every layer) into the huge-page pool (on) or a pool on torch's pages
+    (off; made on first use), and point the runner's layer views at it."""
+    import torch
+    runner = engine.runner
+    pools = KV_POOLS.setdefault(id(engine), {True: runner.kv_pool, False: None})
+    if pools[False] is None:
+        pools[False] = torch.empty_like(runner.kv_pool)
+    target = pools[on]
+    if target is runner.kv_pool:
+        return
+    target.copy_(runner.kv_pool)
+    runner.pool_layers = [(target[i, 0].view(k.shape), target[i, 1]) for i, (k, _) in enumerate(runner.pool_layers)]
+    runner.kv_caches, runner.kv_pool = runner.pool_layers, target
+
+
 def set_cpu_argmax(engine, on: bool) -> None:
     engine.sampler.cpu_argmax = on
 
@@ -112,6 +134,15 @@ def huge_pages_missing(engine) -> str | None:
     return None
 
 
+def huge_kv_missing(engine) -> str | None:
+    from etr.kernels import huge_pages
+    if engine.device.type != "cpu" or not huge_pages.supported():
+        return "this engine's KV pool is not on huge pages here (a CPU engine with transparent huge pages needed)"
+    if engine.runner.kv_caches is not engine.runner.pool_layers:
+        return "this engine's layers do not read the pool's own views"
+    return None
+
+
 def cpu_argmax_missing(engine) -> str | None:
     from etr.kernels import cpu_argmax
     return None if engine.sampler.cpu_argmax else f"the argmax op is not in use here ({cpu_argmax.load_error()})"
@@ -123,6 +154,7 @@ KNOBS = {
     "gemm_prefetch": (lambda engine, on: set_gemm_prefetch(on), gemm_prefetch_missing, "prefetch",
                       "no prefetch"),
     "huge_pages": (set_huge_pages, huge_pages_missing, "huge pages", "4 KB pages"),
+    "huge_kv": (set_huge_kv, huge_kv_missing, "huge pages", "4 KB pages"),
     "cpu_argmax": (set_cpu_argmax, cpu_argmax_missing, "op", "torch"),
     "step_region": (lambda engine, on: set_step_region(on), step_region_missing, "region", "op a linear"),
 }

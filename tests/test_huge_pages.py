@@ -90,3 +90,28 @@ def test_a_packed_model_reads_its_weights_from_huge_pages(tiny_dir):
     assert ptrs == sorted(ptrs) and len({p.untyped_storage().data_ptr() for p in packed}) == 1
     assert huge_pages.huge_bytes(packed[0]) > 0
     assert torch.equal(model.compute_logits(hidden), want)
+
+
+@needs_thp
+def test_empty_is_zeros_on_huge_pages_once_touched():
+    t = huge_pages.empty((5, 3 << 18), torch.bfloat16)  # 7.5 MB
+    assert t.shape == (5, 3 << 18) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % huge_pages.HUGE_PAGE == 0 and not t.any()
+    t.fill_(1)
+    assert huge_pages.huge_bytes(t) >= 3 * huge_pages.HUGE_PAGE
+
+
+def test_empty_off_by_the_environment_is_torchs(monkeypatch):
+    monkeypatch.setenv("ETR_CPU_HUGE_PAGES", "0")
+    t = huge_pages.empty((4, 3), torch.float32)
+    assert t.shape == (4, 3) and t.untyped_storage().nbytes() == 48
+
+
+@needs_thp
+def test_a_cpu_kv_pool_lies_on_huge_pages(tiny_dir):
+    from etr import LLM, SamplingParams
+    llm = LLM(str(tiny_dir("llama_tied_gqa")), dtype="bfloat16", num_kv_blocks=64)
+    pool = llm.engine.runner.kv_pool
+    assert pool.data_ptr() % huge_pages.HUGE_PAGE == 0
+    llm.generate([list(range(5, 40))], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert huge_pages.huge_bytes(pool) > 0

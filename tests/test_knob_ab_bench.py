@@ -126,3 +126,35 @@ def test_switching_huge_pages_mid_generation_keeps_the_tokens(gemm, tiny_dir, ca
                        "--steps", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 20 |")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 9
+
+
+def test_switching_the_kv_pool_mid_generation_keeps_the_tokens(tiny_dir, capsys):
+    """The KV moves whole between the huge-page pool and one on torch's pages: a greedy batch switched at every
+    step keeps its tokens, and each side's layers read their own pool. Then the knob's table."""
+    from etr import LLM, SamplingParams
+    bench = load_bench("knob_ab")
+    path = str(tiny_dir("llama_tied_gqa"))
+    prompts = [list(range(10 + i, 30 + 7 * i)) for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(path, dtype="bfloat16", num_kv_blocks=64)
+    if bench.huge_kv_missing(llm.engine):
+        pytest.skip(bench.huge_kv_missing(llm.engine))
+    want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    engine, huge = llm.engine, llm.engine.runner.kv_pool
+    seqs = [engine.add_request(p, params) for p in prompts]
+    steps = 0
+    while not all(s.is_finished for s in seqs):
+        on = steps % 2 == 0
+        bench.set_huge_kv(engine, on)
+        runner = engine.runner
+        assert (runner.kv_pool is huge) is on and runner.kv_caches is runner.pool_layers
+        assert all(k.untyped_storage().data_ptr() == runner.kv_pool.untyped_storage().data_ptr()
+                   for k, _ in runner.kv_caches)
+        engine.step()
+        steps += 1
+    bench.set_huge_kv(engine, True)
+    assert [s.output_token_ids for s in seqs] == want
+    assert bench.main(["--knob", "huge_kv", "--model", path, "--points", "2x20", "--rounds", "2",
+                       "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 20 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
