@@ -5,11 +5,11 @@ torch allocates a tensor on the host's 4 KB pages unless the process was started
 ~66,000 pages, far more than the TLB holds. Each new page needs a page walk, and the hardware
 prefetchers stop at the page's edge. So ``together`` copies the weights into one anonymous private mapping,
 advised ``MADV_HUGEPAGE`` before anything touches it. In the order a step reads them, the weights then sit on
-2 MB pages, one stream after the other. That made a batch-1 step ~3-5 % faster (bench/RESULTS.md,
+2 MB pages, one stream after the other: faster decode steps at every batch size measured (bench/RESULTS.md,
 ``bench/knob_ab.py --knob huge_pages``).
 
-``empty`` allocates a CPU KV pool the same way: a step reads its sequences' pages all over the pool (batch
-16 at 1,024-2,048 positions: ~4 % faster; batch 1: no change).
+``empty`` allocates a CPU KV pool the same way: a step reads its sequences' pages all over the pool, which paid
+at batch 16 and long contexts (``--knob huge_kv``).
 
 The bits are unchanged, and so is every shape and stride. Where the kernel has no transparent huge pages
 (``supported``), or where ``ETR_CPU_HUGE_PAGES=0``, the tensors are left as they are.
