@@ -159,8 +159,8 @@ def main(argv=None) -> int:
     vocab = llm.engine.model_config.vocab_size
     tmp = tempfile.TemporaryDirectory()
     gguf = llama_gguf(args.llama_python, args.llama_gguf, tmp.name) if args.llama_python else None
-    from scaling import bracketed
-    probe = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
+    from scaling import bracketed, probe_tensor
+    probe = probe_tensor(args.bandwidth_gib)
     rows = []
     for batch in args.batch:
         rounds = prompt_rounds(batch, args.prompt_len, vocab, args.repeats)
