@@ -1,6 +1,6 @@
 """One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
 
-    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages,huge_kv} [--model DIR] [--points 16x128 16x2048 1x4096]
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages,huge_kv,stream_hint} [--model DIR] [--points 16x128 16x2048 1x4096]
                             [--rounds 8] [--steps 4]
 
 Knobs (each changes timings only; the tests check the tokens):
@@ -16,6 +16,9 @@ Knobs (each changes timings only; the tests check the tokens):
 - ``huge_kv``: the KV pool on transparent huge pages (kernels/huge_pages.py; off: a pool on torch's pages, as
   with ``ETR_CPU_HUGE_PAGES=0``). The pool is copied to the other side at each switch (outside the timing), so
   the process holds it twice. It acts most with long contexts.
+- ``stream_hint``: the GEMM's 1-4 row tiles prefetching the weights they stream with the non-temporal hint, in
+  the linear op and the decode step's op alike (``set_stream_hint`` of each; off: plain loads only, as with
+  ``ETR_CPU_GEMM_NTA=0``). It acts at batch 1-4.
 - ``cpu_argmax``: greedy sampling's argmax by the package's op (kernels/cpu_argmax.py; off: torch's
   ``max(dim=-1)``, as with ``ETR_CPU_ARGMAX=0``).
 
@@ -96,6 +99,13 @@ def set_huge_kv(engine, on: bool) -> None:
     runner.kv_caches, runner.kv_pool = runner.pool_layers, target
 
 
+def set_stream_hint(on: bool) -> None:
+    from etr.kernels import cpu_bf16_linear, cpu_decode_step
+    cpu_bf16_linear.set_stream_hint(on)
+    if cpu_decode_step.available():
+        cpu_decode_step.set_stream_hint(on)
+
+
 def set_cpu_argmax(engine, on: bool) -> None:
     engine.sampler.cpu_argmax = on
 
@@ -155,6 +165,7 @@ KNOBS = {
                       "no prefetch"),
     "huge_pages": (set_huge_pages, huge_pages_missing, "huge pages", "4 KB pages"),
     "huge_kv": (set_huge_kv, huge_kv_missing, "huge pages", "4 KB pages"),
+    "stream_hint": (lambda engine, on: set_stream_hint(on), gemm_prefetch_missing, "non-temporal", "plain"),
     "cpu_argmax": (set_cpu_argmax, cpu_argmax_missing, "op", "torch"),
     "step_region": (lambda engine, on: set_step_region(on), step_region_missing, "region", "op a linear"),
 }

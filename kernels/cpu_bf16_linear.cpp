@@ -186,6 +186,7 @@ TORCH_LIBRARY(etr_cpu_linear, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("native() -> bool", &native);
   m.def("set_prefetch(bool on) -> bool", &set_prefetch);
+  m.def("set_stream_hint(bool on) -> bool", &etr_gemm::set_stream_hint);
   m.def("dot_peak(int iterations) -> float", &dot_peak);
 }
 

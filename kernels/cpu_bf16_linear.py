@@ -5,7 +5,8 @@ Measured against oneDNN's prepacked bf16 GEMM on a Zen 4 CPU it is faster at eve
 decode step at batch 1, where it streams the weights at close to the read bandwidth) to 1,024 (a prefill)
 (bench/RESULTS.md). ``PackedBf16Linear`` (kernels/cpu_gemm.py) uses it where ``available()``; on CPUs with AMX
 oneDNN's AMX GEMM stays (not measured against this one). Built on first use (kernels/cpp_op.py);
-``ETR_CPU_LINEAR=0`` turns it off, ``ETR_CPU_GEMM_PREFETCH=0`` only its prefetch (``set_prefetch``).
+``ETR_CPU_LINEAR=0`` turns it off, ``ETR_CPU_GEMM_PREFETCH=0`` only its prefetch (``set_prefetch``),
+``ETR_CPU_GEMM_NTA=0`` only its non-temporal hint at 1-4 rows (``set_stream_hint``).
 ``reference`` is the plain-torch computation it is tested against.
 """
 
@@ -65,6 +66,15 @@ def set_prefetch(on: bool) -> bool:
     more than 4 rows a weight block is walked by two row tiles or more, and the tiles fetch the next block into
     L2 meanwhile, so that the weight stream does not idle while the later tiles run (bench/RESULTS.md)."""
     return bool(torch.ops.etr_cpu_linear.set_prefetch(bool(on)))
+
+
+def set_stream_hint(on: bool) -> bool:
+    """Turn the non-temporal hint of the GEMM's 1-4 row tiles on or off (process-wide, this op only: the decode
+    step's op has its own, ``cpu_decode_step.set_stream_hint``; on unless ``ETR_CPU_GEMM_NTA=0``) and return the
+    previous setting. It changes timings only, never a result: the tiles prefetch the weights they stream with
+    the non-temporal hint, so that a step's ~270 MB of weights do not evict from L2 and L3 what the glue and the
+    Python between steps use next (cpu_bf16_tile.h, bench/RESULTS.md)."""
+    return bool(torch.ops.etr_cpu_linear.set_stream_hint(bool(on)))
 
 
 def dot_peak(iterations: int = 2_000_000) -> float | None:

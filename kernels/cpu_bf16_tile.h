@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -19,8 +20,19 @@ namespace etr_gemm {
 using bf16 = c10::BFloat16;
 constexpr int64_t kBlock = 32;  // outputs per packed block: two registers of 16 float32 accumulators
 
+// Whether 1-4 row tiles mark the weights they stream as non-temporal (see tile()): on unless ETR_CPU_GEMM_NTA=0.
+// Each op that includes this file has its own copy, switched by its own set_stream_hint. It changes no result.
+inline std::atomic<bool> g_stream_hint{[] {
+  const char* v = std::getenv("ETR_CPU_GEMM_NTA");
+  return !(v && std::strcmp(v, "0") == 0);
+}()};
+
+inline bool set_stream_hint(bool on) { return g_stream_hint.exchange(on); }
+
 #if defined(__AVX512BF16__)
 constexpr bool kNative = true;
+// How far ahead of its loads a streaming tile issues its non-temporal prefetches (bench/RESULTS.md).
+constexpr int64_t kStreamAhead = 4096;
 
 // The 64-byte lines of memory one tile fetches into L2 while it runs, spread evenly over its pairs.
 struct Ahead {
@@ -32,7 +44,12 @@ struct Ahead {
 // Tiles that fetch nothing ahead (kFetch false) are built without the fetch bookkeeping: at 1 to 4 rows a tile
 // waits on memory, and with fewer instructions a pair the out-of-order window holds more pairs' loads in flight
 // (bench/RESULTS.md: the weights of a batch-1 step read ~10 % faster).
-template <int MT, bool kFetch>
+// Streaming tiles (kStream: 1-4 rows) prefetch their own block kStreamAhead bytes ahead with the non-temporal
+// hint. A batch-1 step reads ~270 MB of weights once each; through plain loads every line of them passes
+// through L2 and L3 and evicts what the glue, the attention and the Python between two steps use next (the
+// activations, the KV pages, the interpreter's own data). Marked non-temporal, the weights leave the caches
+// to those (bench/RESULTS.md, bench/knob_ab.py --knob stream_hint).
+template <int MT, bool kFetch, bool kStream = false>
 inline void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, const float* bias, bf16* y,
           int64_t y_stride, int64_t count, Ahead ahead) {
   __m512 acc[MT][2];
@@ -43,6 +60,11 @@ inline void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, co
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
     if constexpr (kFetch)
       for (due += ahead.lines; due >= pairs; due -= pairs) _mm_prefetch(ahead.first + 64 * fetched++, _MM_HINT_T1);
+    if constexpr (kStream) {  // a pair is two lines; past the block's end this reads into the next (a hint only)
+      const char* line = reinterpret_cast<const char*>(w + p * 64) + kStreamAhead;
+      _mm_prefetch(line, _MM_HINT_NTA);
+      _mm_prefetch(line + 64, _MM_HINT_NTA);
+    }
     for (int m = 0; m < MT; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * stride + 2 * p, sizeof(pair));
@@ -78,6 +100,7 @@ inline void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, co
 inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
                  bf16* y, int64_t y_stride, int64_t count, bool prefetch) {
   const bool fetch = rows_n > 4 && prefetch;
+  const bool stream = rows_n <= 4 && g_stream_hint.load(std::memory_order_relaxed);
   const int64_t lines = fetch ? pairs * 2 * kBlock * static_cast<int64_t>(sizeof(bf16)) / 64 : 0;
   const char* next = reinterpret_cast<const char*>(w + pairs * 2 * kBlock);
   int64_t m = 0;
@@ -86,6 +109,8 @@ inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, c
     const Ahead ahead{next + 64 * (lines * m / rows_n), lines * (m + MT) / rows_n - lines * m / rows_n};
     if (ahead.lines)
       tile<MT, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
+    else if (stream)
+      tile<MT, false, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     else
       tile<MT, false>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     m += MT;

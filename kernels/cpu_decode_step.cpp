@@ -642,6 +642,7 @@ TORCH_LIBRARY(etr_cpu_step, m) {
   m.def("raw_glue() -> bool", &raw_glue);
   m.def("set_region(bool on) -> bool", &set_region);
   m.def("region_steps() -> int", &region_steps);
+  m.def("set_stream_hint(bool on) -> bool", &etr_gemm::set_stream_hint);
 }
 
 // Every backend: prepacked oneDNN weights are MkldnnCPU tensors, and the dispatcher keys on them too.

@@ -17,7 +17,8 @@ tolerance). ``ETR_CPU_STEP_GLUE=aten`` keeps the ATen ops, which are the forward
 
 With the raw glue on the package's bf16 GEMM, steps of 1-4 rows run each layer in one parallel region (the op's
 ``set_region``; ``ETR_CPU_STEP_REGION=0`` off; ``region_steps`` counts the steps that took it): the same bits as
-one op a linear, with the memory kept busy during the glue (cpu_decode_step.cpp says how).
+one op a linear, with the memory kept busy during the glue (cpu_decode_step.cpp says how). Their tiles mark the
+weights non-temporal as the linear op's do (``set_stream_hint``; ``ETR_CPU_GEMM_NTA=0`` off).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def load_error() -> str | None:
 
 KINDS = {"plain": 0, "onednn": 1, "etr": 2}  # the op's linear_kind
 GLUES = {"aten": 0, "raw": 1}  # the op's glue
+
+
+def set_stream_hint(on: bool) -> bool:
+    """The decode step's own copy of the GEMM tiles' non-temporal hint at 1-4 rows (see
+    ``cpu_bf16_linear.set_stream_hint``, which switches the linear op's); returns the previous setting."""
+    return bool(torch.ops.etr_cpu_step.set_stream_hint(bool(on)))
 
 
 def glue_for(dtype: torch.dtype) -> str:

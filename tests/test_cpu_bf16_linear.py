@@ -195,3 +195,23 @@ def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
     assert op.headers() == [tmp_path / "local.h", tmp_path / "inner.h"]  # what is not beside it is not ours
     (tmp_path / "inner.h").write_text("#define INNER 2\n")
     assert op.name() != first
+
+
+@pytest.mark.parametrize("out, k", [(40, 576), (577, 1536), (3, 9)])
+def test_the_stream_hint_changes_no_bit(op, out, k):
+    """The 1-4 row tiles with and without their non-temporal prefetches (which reach past the weight's end on
+    its last block: a hint, never a fault) give the same bits; set_stream_hint returns the previous setting."""
+    g = torch.Generator().manual_seed(out + k)
+    w = torch.randn(out, k, generator=g).bfloat16()
+    packed = L.pack(w)
+    x = torch.randn(4, k, generator=g).bfloat16()
+    before = L.set_stream_hint(True)
+    try:
+        on = [L.linear(x[:rows], packed, None, out) for rows in (1, 2, 3, 4)]
+        assert L.set_stream_hint(False) is True
+        off = [L.linear(x[:rows], packed, None, out) for rows in (1, 2, 3, 4)]
+        assert L.set_stream_hint(True) is False
+    finally:
+        L.set_stream_hint(before)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+    assert all(within_tolerance(a, x[:a.shape[0]], w, None) for a in on)

@@ -158,3 +158,34 @@ def test_switching_the_kv_pool_mid_generation_keeps_the_tokens(tiny_dir, capsys)
                        "--steps", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 20 |")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 9
+
+
+def test_switching_the_stream_hint_mid_generation_keeps_the_tokens(gemm, tiny_dir, capsys):
+    """The non-temporal hint changes no bit: a greedy batch of 3 (the step's region and the linear op's 1-4 row
+    tiles) switched at every step keeps its tokens. Then the knob's table, and both ops left on."""
+    from etr import LLM, SamplingParams
+    from etr.kernels import cpu_decode_step
+    bench = load_bench("knob_ab")
+    path = str(tiny_dir("llama_tied_gqa"))
+    prompts = [list(range(10 + i, 30 + 7 * i)) for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(path, dtype="bfloat16")
+    want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    engine = llm.engine
+    seqs = [engine.add_request(p, params) for p in prompts]
+    steps = 0
+    try:
+        while not all(s.is_finished for s in seqs):
+            bench.set_stream_hint(steps % 2 == 0)
+            engine.step()
+            steps += 1
+    finally:
+        bench.set_stream_hint(True)
+    assert [s.output_token_ids for s in seqs] == want
+    assert bench.main(["--knob", "stream_hint", "--model", path, "--points", "2x20", "--rounds", "2",
+                       "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 20 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
+    assert cpu_bf16_linear.set_stream_hint(True) is True
+    if cpu_decode_step.available():
+        assert cpu_decode_step.set_stream_hint(True) is True
