@@ -13,9 +13,9 @@ Knobs (each changes timings only; the tests check the tokens):
 - ``huge_pages``: the package's packed weights in one mapping on transparent huge pages (kernels/huge_pages.py;
   off: copies of them on torch's 4 KB pages, as with ``ETR_CPU_HUGE_PAGES=0``). Both copies are kept, so the
   process holds the weights twice. It acts at every batch size.
-- ``huge_kv``: the KV pool on transparent huge pages (kernels/huge_pages.py; off: a pool on torch's pages, as
-  with ``ETR_CPU_HUGE_PAGES=0``). The pool is copied to the other side at each switch (outside the timing), so
-  the process holds it twice. It acts most with long contexts.
+- ``huge_kv``: the KV pool on transparent huge pages (kernels/huge_pages.py, as with ``ETR_CPU_HUGE_KV=1``;
+  off: a pool on torch's pages, the default). The whole pool is copied to the other side at each switch
+  (outside the timing), so the process holds it twice, both resident. It acts most with long contexts.
 - ``stream_hint``: the GEMM's 1-4 row tiles prefetching the weights they stream with the non-temporal hint, in
   the linear op and the decode step's op alike (``set_stream_hint`` of each; off: plain loads only, as with
   ``ETR_CPU_GEMM_NTA=0``). It acts at batch 1-4.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,17 +61,20 @@ def set_step_region(on: bool) -> None:
     torch.ops.etr_cpu_step.set_region(on)
 
 
-SMALL_PAGE_COPIES: dict[int, dict[int, object]] = {}  # engine id -> huge copy's address -> (huge copy, 4 KB copy)
+# engine -> the huge copy's address -> (huge copy, copy on torch's pages); engine -> {on huge pages: pool}
+SMALL_PAGE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+KV_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def set_huge_pages(engine, on: bool) -> None:
     """Point the step op and every packed linear at the huge-page copies of the weights (on) or at copies on
-    torch's pages (off; made on first use)."""
+    torch's pages (off; made on first use, one allocation each: this side also loses the step-order layout, and
+    on a host whose THP setting is "always" torch's own large allocations may get huge pages too)."""
     runner = engine.runner
     linears = [m for m in runner.model.modules() if getattr(m, "kind", None) == "etr"]
-    if id(engine) not in SMALL_PAGE_COPIES:
-        SMALL_PAGE_COPIES[id(engine)] = {m.packed.data_ptr(): (m.packed, m.packed.clone()) for m in linears}
-    pairs = SMALL_PAGE_COPIES[id(engine)]
+    if engine not in SMALL_PAGE_COPIES:
+        SMALL_PAGE_COPIES[engine] = {m.packed.data_ptr(): (m.packed, m.packed.clone()) for m in linears}
+    pairs = SMALL_PAGE_COPIES[engine]
     side = {ptr: pair[0 if on else 1] for ptr, pair in pairs.items()}
     side.update({pair[1].data_ptr(): pair[0 if on else 1] for pair in pairs.values()})
     for m in linears:
@@ -80,18 +84,19 @@ def set_huge_pages(engine, on: bool) -> None:
         step.weights = [side.get(w.data_ptr(), w) for w in step.weights]
 
 
-KV_POOLS: dict[int, dict[bool, object]] = {}  # engine id -> the pool on huge pages (True) and on torch's (False)
-
-
 def set_huge_kv(engine, on: bool) -> None:
-    """Move the engine's KV (every block, every layer) into the huge-page pool (on) or a pool on torch's pages
-    (off; made on first use), and point the runner's layer views at it."""
+    """Move the engine's KV (every block, every layer) into a pool on huge pages (on) or on torch's pages (off),
+    the side the engine did not start with made on first use, and point the runner's layer views at it."""
     import torch
+    from etr.engine.kv_cache import wants_huge_pages
+    from etr.kernels import huge_pages
     runner = engine.runner
-    pools = KV_POOLS.setdefault(id(engine), {True: runner.kv_pool, False: None})
-    if pools[False] is None:
-        pools[False] = torch.empty_like(runner.kv_pool)
-    target = pools[on]
+    if engine not in KV_POOLS:
+        start = wants_huge_pages(engine.device)
+        other = (torch.empty_like(runner.kv_pool) if start
+                 else huge_pages.empty(tuple(runner.kv_pool.shape), runner.kv_pool.dtype))
+        KV_POOLS[engine] = {start: runner.kv_pool, not start: other}
+    target = KV_POOLS[engine][on]
     if target is runner.kv_pool:
         return
     target.copy_(runner.kv_pool)

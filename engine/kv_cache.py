@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from etr.errors import KVCacheError
@@ -9,8 +11,7 @@ from etr.kernels import huge_pages
 from etr.models.config import ModelConfig
 
 # Share of free memory the pool may take when its size is not given. On the CPU the pool is allocated
-# untouched (on huge pages where the host has them: kernels/huge_pages.py), so pages the engine never
-# touches cost no resident memory.
+# untouched, so pages the engine never touches cost no resident memory.
 CPU_MEMORY_FRACTION = 0.3
 GPU_MEMORY_FRACTION = 0.85
 
@@ -58,6 +59,12 @@ def size_kv_pools(engines: list) -> None:
             e.init_kv(blocks)
 
 
+def wants_huge_pages(device: torch.device) -> bool:
+    """Whether a pool on ``device`` goes on transparent huge pages: on the CPU with ``ETR_CPU_HUGE_KV=1``
+    (kernels/huge_pages.py says why not by default)."""
+    return device.type == "cpu" and os.environ.get("ETR_CPU_HUGE_KV") == "1"
+
+
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                       packed_k: bool = False) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The pool ``[layers, 2, num_blocks, ...]`` and, per layer, views ``(k_pages, v_pages)`` of it, each
@@ -69,10 +76,9 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
         raise KVCacheError(f"num_kv_blocks={num_blocks} must be >= 1")
     shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
     try:
-        # On the CPU a step reads its sequences' pages all over the pool: 2 MB pages spare it most TLB misses.
-        pool = huge_pages.empty(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype,
-                                                                                      device=device)
-    except (RuntimeError, OSError, torch.OutOfMemoryError) as e:
+        pool = huge_pages.empty(shape, dtype) if wants_huge_pages(device) else torch.empty(shape, dtype=dtype,
+                                                                                           device=device)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
         raise KVCacheError(f"cannot allocate {num_blocks} KV blocks on {device}: {e}") from None
     if not packed_k:
         return pool, [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_hidden_layers)]

@@ -16,18 +16,21 @@
 #include <type_traits>
 
 namespace etr_gemm {
+namespace {  // each op's own copy of everything (see g_stream_hint)
 
 using bf16 = c10::BFloat16;
 constexpr int64_t kBlock = 32;  // outputs per packed block: two registers of 16 float32 accumulators
 
 // Whether 1-4 row tiles mark the weights they stream as non-temporal (see tile()): on unless ETR_CPU_GEMM_NTA=0.
-// Each op that includes this file has its own copy, switched by its own set_stream_hint. It changes no result.
-inline std::atomic<bool> g_stream_hint{[] {
+// Each op that includes this file has its own copy (everything here has internal linkage: an inline variable would
+// be one symbol, which the dynamic linker shares between the ops), switched by its own set_stream_hint. It
+// changes no result.
+std::atomic<bool> g_stream_hint{[] {
   const char* v = std::getenv("ETR_CPU_GEMM_NTA");
   return !(v && std::strcmp(v, "0") == 0);
 }()};
 
-inline bool set_stream_hint(bool on) { return g_stream_hint.exchange(on); }
+bool set_stream_hint(bool on) { return g_stream_hint.exchange(on); }
 
 #if defined(__AVX512BF16__)
 constexpr bool kNative = true;
@@ -100,6 +103,7 @@ inline void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, co
 inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
                  bf16* y, int64_t y_stride, int64_t count, bool prefetch) {
   const bool fetch = rows_n > 4 && prefetch;
+  // Only the first tile of a block streams it: at 3 rows a later tile walks the block again, from the caches.
   const bool stream = rows_n <= 4 && g_stream_hint.load(std::memory_order_relaxed);
   const int64_t lines = fetch ? pairs * 2 * kBlock * static_cast<int64_t>(sizeof(bf16)) / 64 : 0;
   const char* next = reinterpret_cast<const char*>(w + pairs * 2 * kBlock);
@@ -109,7 +113,7 @@ inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, c
     const Ahead ahead{next + 64 * (lines * m / rows_n), lines * (m + MT) / rows_n - lines * m / rows_n};
     if (ahead.lines)
       tile<MT, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
-    else if (stream)
+    else if (stream && m == 0)
       tile<MT, false, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     else
       tile<MT, false>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
@@ -184,4 +188,5 @@ void own_then_others(Run* runs, int64_t t, int64_t threads, const F& run_block) 
   }
 }
 
+}  // namespace
 }  // namespace etr_gemm

@@ -126,9 +126,7 @@ def use_packed_bf16(model: nn.Module) -> nn.Module:
     (the plain head stays: the embedding may share it, and the expert head reads it). The package's packed
     weights then move into one mapping on huge pages, in the order a step reads them (kernels/huge_pages.py)."""
     _swap_linears(model, PackedBf16Linear)
-    packed = [m for m in model.modules() if isinstance(m, PackedBf16Linear) and m.kind == "etr"]
-    for m, w in zip(packed, huge_pages.together([m.packed for m in packed])):
-        m.packed = w
+    huge_pages.move([m for m in model.modules() if isinstance(m, PackedBf16Linear) and m.kind == "etr"], "packed")
     return model
 
 

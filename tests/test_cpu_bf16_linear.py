@@ -201,6 +201,8 @@ def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
 def test_the_stream_hint_changes_no_bit(op, out, k):
     """The 1-4 row tiles with and without their non-temporal prefetches (which reach past the weight's end on
     its last block: a hint, never a fault) give the same bits; set_stream_hint returns the previous setting."""
+    if not torch.ops.etr_cpu_linear.native():
+        pytest.skip("built without the bf16 dot instruction: no streaming tiles to switch")
     g = torch.Generator().manual_seed(out + k)
     w = torch.randn(out, k, generator=g).bfloat16()
     packed = L.pack(w)
@@ -215,3 +217,20 @@ def test_the_stream_hint_changes_no_bit(op, out, k):
         L.set_stream_hint(before)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
     assert all(within_tolerance(a, x[:a.shape[0]], w, None) for a in on)
+
+
+def test_each_op_has_its_own_stream_hint(op):
+    """The linear op and the decode step's op each switch their own copy of the hint (the GEMM's header gives
+    its globals internal linkage: one shared symbol would let either op switch both)."""
+    from etr.kernels import cpu_decode_step
+    if not cpu_decode_step.available():
+        pytest.skip(f"the decode-step op is not built here: {cpu_decode_step.load_error()}")
+    before = (L.set_stream_hint(True), cpu_decode_step.set_stream_hint(True))
+    try:
+        L.set_stream_hint(False)
+        assert cpu_decode_step.set_stream_hint(True) is True
+        cpu_decode_step.set_stream_hint(False)
+        assert L.set_stream_hint(True) is False
+    finally:
+        L.set_stream_hint(before[0])
+        cpu_decode_step.set_stream_hint(before[1])
