@@ -94,7 +94,7 @@ inline void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, co
   }
 }
 
-// Rows [0, rows_n) times one packed block, as tiles of 8 rows (the rest as 4, 2, 1; 5 to 8 rows as 4 and the
+// Rows [0, rows_n) times one packed block, as tiles of 8 rows (the rest as 4, 3, 2, 1; 5 to 8 rows as 4 and the
 // rest). Where there are more than 4 rows the block is walked by two tiles or more: the first reads it from
 // memory, the others from L2, and with nothing else to fetch the memory would idle during those. So the tiles
 // prefetch the next block (the next in memory: the one this thread runs next, as a rule), each a share in
@@ -103,7 +103,7 @@ inline void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, co
 inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
                  bf16* y, int64_t y_stride, int64_t count, bool prefetch) {
   const bool fetch = rows_n > 4 && prefetch;
-  // Only the first tile of a block streams it: at 3 rows a later tile walks the block again, from the caches.
+  // 1-4 rows are one tile; should a later tile walk the block again, it reads it from the caches, unhinted.
   const bool stream = rows_n <= 4 && g_stream_hint.load(std::memory_order_relaxed);
   const int64_t lines = fetch ? pairs * 2 * kBlock * static_cast<int64_t>(sizeof(bf16)) / 64 : 0;
   const char* next = reinterpret_cast<const char*>(w + pairs * 2 * kBlock);
@@ -122,6 +122,7 @@ inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, c
   if (rows_n > 4 && rows_n <= 8) run(std::integral_constant<int, 4>());
   while (rows_n - m >= 8) run(std::integral_constant<int, 8>());
   if (rows_n - m >= 4) run(std::integral_constant<int, 4>());
+  if (rows_n - m == 3) run(std::integral_constant<int, 3>());  // one walk of the block, not two (2 + 1)
   if (rows_n - m >= 2) run(std::integral_constant<int, 2>());
   if (rows_n - m >= 1) run(std::integral_constant<int, 1>());
 }
