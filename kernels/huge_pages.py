@@ -4,7 +4,7 @@ Unless the process was started with ``THP_MEM_ALLOC_ENABLE=1`` or the host's THP
 puts a tensor on the host's 4 KB pages. A batch-1 decode step then crosses every page of its ~270 MB of weights
 once: ~66,000 pages, far more than the TLB holds, each new one a page walk. So ``move`` copies the weights into
 one anonymous private mapping, advised ``MADV_HUGEPAGE`` before anything touches it. The weights then sit on
-huge pages, in the order a step reads them: faster decode steps at batch 1-16 on this project's machines
+huge pages, in the order a step reads them: faster decode steps at batch 1-16 on this project's Zen 5 machine
 (bench/RESULTS.md, ``bench/knob_ab.py --knob huge_pages``).
 
 ``empty`` allocates the same way. The engine uses it for a CPU KV pool only when ``ETR_CPU_HUGE_KV=1``
