@@ -1,6 +1,6 @@
 """One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
 
-    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages,huge_kv,stream_hint} [--model DIR] [--points 16x128 16x2048 1x4096]
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages,huge_kv,stream_hint,v_stream} [--model DIR] [--points 16x128 16x2048 1x4096]
                             [--rounds 8] [--steps 4]
 
 Knobs (each changes timings only; the tests check the tokens):
@@ -19,6 +19,9 @@ Knobs (each changes timings only; the tests check the tokens):
 - ``stream_hint``: the GEMM's 1-4 row tiles prefetching the weights they stream with the non-temporal hint, in
   the linear op and the decode step's op alike (``set_stream_hint`` of each; off: plain loads only, as with
   ``ETR_CPU_GEMM_NTA=0``). It acts at batch 1-4.
+- ``v_stream``: the decode attention's values pass streaming its own V rows into L2 ahead of its loads
+  (``cpu_paged_decode.set_values_stream``; off: the scores pass fetches the V pages a page ahead of its own and
+  the values pass finds them in L2, as with ``ETR_CPU_ATTN_V_STREAM=0``). It acts most with long contexts.
 - ``cpu_argmax``: greedy sampling's argmax by the package's op (kernels/cpu_argmax.py; off: torch's
   ``max(dim=-1)``, as with ``ETR_CPU_ARGMAX=0``).
 
@@ -111,6 +114,11 @@ def set_stream_hint(on: bool) -> None:
         cpu_decode_step.set_stream_hint(on)
 
 
+def set_values_stream(on: bool) -> None:
+    from etr.kernels import cpu_paged_decode
+    cpu_paged_decode.set_values_stream(on)
+
+
 def set_cpu_argmax(engine, on: bool) -> None:
     engine.sampler.cpu_argmax = on
 
@@ -119,6 +127,17 @@ def pack_k_missing(engine) -> str | None:
     if engine.runner.kv_caches[0][0].dim() != 5:
         return ("this engine's K pool is not packed here (cpu_paged_decode.packs_k: the op's bf16 path, pages of a "
                 "multiple of 16, ETR_CPU_PACK_K)")
+    return None
+
+
+def v_stream_missing(engine) -> str | None:
+    import torch
+    from etr.kernels import cpu_paged_decode as K
+    k = engine.runner.kv_caches[0][0]
+    if engine.device.type != "cpu" or not K.available():
+        return "this engine's decode attention is not the package's CPU op here"
+    if k.dtype != torch.bfloat16 or not K.bf16_path(engine.runner.kv_caches[0][1].shape[-1]):
+        return "this engine's decode attention does not take the op's bf16 path (a bf16 pool, head size 32-128)"
     return None
 
 
@@ -172,6 +191,8 @@ KNOBS = {
     "huge_kv": (set_huge_kv, huge_kv_missing, "huge pages", "4 KB pages"),
     "stream_hint": (lambda engine, on: set_stream_hint(on), gemm_prefetch_missing, "non-temporal", "plain"),
     "cpu_argmax": (set_cpu_argmax, cpu_argmax_missing, "op", "torch"),
+    "v_stream": (lambda engine, on: set_values_stream(on), v_stream_missing, "values pass streams V",
+                 "scores pass fetches V"),
     "step_region": (lambda engine, on: set_step_region(on), step_region_missing, "region", "op a linear"),
 }
 

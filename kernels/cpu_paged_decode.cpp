@@ -19,8 +19,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -133,6 +135,19 @@ void run_part(const Part& part, const Shape& s, const T* q_all, const T* k_pages
   });
 }
 
+// Whether the values pass streams its V rows into L2 itself, kValuesAhead positions ahead of its loads, rather than
+// finding them where the scores pass fetched them one page ahead of its own (plus a fetch into L1 a page ahead).
+// Fetched by the scores pass, the memory idled through the values pass, and the scores pass fetched twice its
+// own bytes; streamed by each pass, both passes overlap their reads with their arithmetic (bench/RESULTS.md,
+// bench/knob_ab.py --knob v_stream). On unless ETR_CPU_ATTN_V_STREAM=0; it changes no result.
+std::atomic<bool> g_values_stream{[] {
+  const char* v = std::getenv("ETR_CPU_ATTN_V_STREAM");
+  return !(v && std::strcmp(v, "0") == 0);
+}()};
+constexpr int64_t kValuesAhead = 64;
+
+bool set_values_stream(bool on) { return g_values_stream.exchange(on); }
+
 #if defined(__AVX512BF16__)
 // The bf16 path of run_part for head sizes of 32, 64, 96 or 128 on CPUs with AVX512-BF16. Scores: each key row
 // is multiplied with the unscaled bf16 query by the bf16 dot instruction (float32 products and sums), 16
@@ -183,7 +198,8 @@ void scores_bf16(const at::BFloat16* qh, const at::BFloat16* const* rows, int64_
   }
 }
 
-// Pages ahead of the scores pass that it prefetches: K pages for itself, V pages for the values pass.
+// Pages ahead of the scores pass that it prefetches: K pages for itself, and V pages for the values pass where
+// that pass does not stream its own (g_values_stream off).
 constexpr int64_t kKPagesAhead = 4;
 constexpr int64_t kVPagesAhead = 1;
 
@@ -221,11 +237,11 @@ inline void score_heads(const int32_t* kz, int64_t bs, int64_t pairs, const int3
 // file): per page and KV head, 16 positions at a time, one load per dimension pair shared by up to 4 query heads,
 // two accumulator chains each; the query's pair is broadcast. Garbage past `end` stays out of the stored lanes.
 // Meanwhile it prefetches into L2, two lines per dimension step spread over the page's work, the K page
-// kKPagesAhead on and the V page kVPagesAhead on, so that the values pass finds the part's V pages in cache
-// (a part is at most MAX_PART_POSITIONS). Prefetched in a burst at each page, or into L1, the lines
-// arrived no sooner than the loads that wanted them, and the passes' misses added to their arithmetic.
+// kKPagesAhead on and, where `fetch_v`, the V page kVPagesAhead on. Prefetched in a burst at each page, or into
+// L1, the lines arrived no sooner than the loads that wanted them, and the passes' misses added to their
+// arithmetic.
 void scores_packed(const Part& part, const Shape& s, const at::BFloat16* q, const at::BFloat16* k_pages,
-                   const at::BFloat16* v_pages, const int32_t* blocks, float* scores, int64_t n) {
+                   const at::BFloat16* v_pages, const int32_t* blocks, float* scores, int64_t n, bool fetch_v) {
   const int64_t D = s.dim, G = s.group, bs = s.block_size, page = bs * s.kv_heads * D, begin = part.first * bs;
   const int32_t* qw = reinterpret_cast<const int32_t*>(q);  // pairs of dimensions
   const __m512 sc = _mm512_set1_ps(s.scale);
@@ -235,7 +251,7 @@ void scores_packed(const Part& part, const Shape& s, const at::BFloat16* q, cons
   for (int64_t j = part.first; j < part.last; ++j) {
     const int32_t* kb = reinterpret_cast<const int32_t*>(k_pages + static_cast<int64_t>(blocks[j]) * page);
     const char* k_ahead = page_at(k_pages, j + kKPagesAhead);
-    const char* v_ahead = page_at(v_pages, j + kVPagesAhead);
+    const char* v_ahead = fetch_v ? page_at(v_pages, j + kVPagesAhead) : nullptr;
     for (int64_t t0 = 0; t0 < bs && j * bs + t0 < part.end; t0 += kPositions) {
       const int64_t count = std::min(kPositions, part.end - j * bs - t0);
       const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
@@ -268,10 +284,12 @@ constexpr int head_chunk(int kZ) { return kZ >= 8 ? 3 : kZ >= 6 ? 4 : 6; }
 // chunks of 32 values a row. p is bf16, [heads, n2] (n2 = n rounded up to even, 0 past n), read as pairs: the
 // dot instruction multiplies two positions' values by their two weights at once. Two value rows are
 // interleaved a 16-bit element at a time (unpack lo/hi within each 128-bit lane), so each 32-bit lane of an
-// accumulator holds one dimension, in the order unpack leaves them; the store puts them back in order.
+// accumulator holds one dimension, in the order unpack leaves them; the store puts them back in order. With
+// `stream` it prefetches its rows into L2 kValuesAhead positions ahead, else into L1 one page of 16 ahead.
 template <int kC>
 void values_bf16(const uint32_t* p, int64_t n2, int64_t n, int64_t heads, const at::BFloat16* const* rows,
-                 float* acc, int64_t dim) {
+                 float* acc, int64_t dim, bool stream) {
+  const int64_t ahead = stream ? kValuesAhead : kPositions;
   constexpr int kHC = head_chunk(2 * kC);
   __m512 a[kHC][2 * kC];
   for (int h = 0; h < kHC; ++h)
@@ -279,10 +297,17 @@ void values_bf16(const uint32_t* p, int64_t n2, int64_t n, int64_t heads, const 
   for (int64_t pos = 0; pos < n; pos += 2) {
     const at::BFloat16* r0 = rows[pos];
     const at::BFloat16* r1 = pos + 1 < n ? rows[pos + 1] : r0;  // weight 0 there; r0 is a real row, not garbage
-    if (pos + kPositions + 1 < n)
+    if (pos + ahead + 1 < n)
       for (int c = 0; c < kC; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[pos + kPositions] + 32 * c), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(rows[pos + kPositions + 1] + 32 * c), _MM_HINT_T0);
+        const char* r0 = reinterpret_cast<const char*>(rows[pos + ahead] + 32 * c);
+        const char* r1 = reinterpret_cast<const char*>(rows[pos + ahead + 1] + 32 * c);
+        if (stream) {
+          _mm_prefetch(r0, _MM_HINT_T1);
+          _mm_prefetch(r1, _MM_HINT_T1);
+        } else {
+          _mm_prefetch(r0, _MM_HINT_T0);
+          _mm_prefetch(r1, _MM_HINT_T0);
+        }
       }
     __m512i lo[kC], hi[kC];
     for (int c = 0; c < kC; ++c) {
@@ -349,7 +374,8 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
   thread_local std::vector<const at::BFloat16*> head_rows;
   head_rows.resize(static_cast<size_t>(n));
   const at::BFloat16* q = q_all + part.b * H * D;
-  if (s.packed_k) scores_packed(part, s, q, k_pages, v_pages, blocks, scores, n);
+  const bool stream = g_values_stream.load(std::memory_order_relaxed);
+  if (s.packed_k) scores_packed(part, s, q, k_pages, v_pages, blocks, scores, n, !stream);
   for (int64_t kh = 0; kh < (s.packed_k ? 0 : s.kv_heads); ++kh) {
     for (int64_t i = 0; i < n; ++i) head_rows[i] = rows[i] + kh * D;
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
@@ -371,10 +397,10 @@ void run_part_bf16(const Part& part, const Shape& s, const at::BFloat16* q_all, 
       const int64_t heads = std::min<int64_t>(chunk, (kh + 1) * G - h0);
       const uint32_t* ph = pairs + h0 * n2 / 2;
       switch (D / 32) {
-        case 1: values_bf16<1>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
-        case 2: values_bf16<2>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
-        case 3: values_bf16<3>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
-        default: values_bf16<4>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D); break;
+        case 1: values_bf16<1>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D, stream); break;
+        case 2: values_bf16<2>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D, stream); break;
+        case 3: values_bf16<3>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D, stream); break;
+        default: values_bf16<4>(ph, n2, n, heads, head_rows.data(), acc + h0 * D, D, stream); break;
       }
     }
   }
@@ -385,8 +411,8 @@ bool fast_bf16_dim(int64_t) { return false; }
 
 // Tasks: every sequence cut into runs of whole pages of at least MIN_PART_POSITIONS positions, so that there
 // are about TASKS_PER_THREAD tasks per thread when sequences are few and long, and of at most
-// MAX_PART_POSITIONS, so that the V pages the scores pass prefetches (384 KB at 1,024 positions of SmolLM2) are
-// still in L2 when the values pass reads them.
+// MAX_PART_POSITIONS, so that the part's V pages (384 KB at 1,024 positions of SmolLM2) are still in L2 when the
+// values pass reads them where the scores pass fetched them (g_values_stream off).
 constexpr int64_t MIN_PART_POSITIONS = 256;  // cpu_decode_step.cpp's kInlineAttentionPositions relies on it
 constexpr int64_t MAX_PART_POSITIONS = 1024;
 constexpr int64_t TASKS_PER_THREAD = 4;
@@ -575,6 +601,7 @@ TORCH_LIBRARY(etr_cpu, m) {
         "float scale) -> Tensor");
   m.def("bf16_path(int head_dim) -> bool", &bf16_path);
   m.def("packed_positions() -> int", &packed_positions);
+  m.def("set_values_stream(bool on) -> bool", &set_values_stream);
 }
 
 TORCH_LIBRARY_IMPL(etr_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -61,6 +61,15 @@ def reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, blo
     return out
 
 
+def set_values_stream(on: bool) -> bool:
+    """Turn the values pass's own prefetch of its V rows on or off (process-wide; on unless
+    ``ETR_CPU_ATTN_V_STREAM=0``) and return the previous setting. It changes timings only, never a result: on,
+    each of the bf16 path's two passes streams its own pages into L2 ahead of its loads, so that the memory
+    works through both; off, the scores pass also fetches the V pages one page ahead and the values pass finds
+    them in L2 (cpu_paged_decode.cpp, bench/RESULTS.md)."""
+    return bool(torch.ops.etr_cpu.set_values_stream(bool(on)))
+
+
 def packed_positions() -> int:
     """What a packed K pool's page size must be a multiple of (16: one 64-byte load holds one dimension pair of
     16 positions)."""

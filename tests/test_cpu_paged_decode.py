@@ -226,6 +226,30 @@ def test_packed_k_on_contexts_cut_into_many_parts(packing, threads):
     torch.testing.assert_close(got, K.reference(q, k_pages, v_pages, tables, lens, dim ** -0.5), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_values_stream_changes_no_bit(packing, packed):
+    """The values pass streaming its own V rows, or finding them where the scores pass fetched them, gives the
+    same bits (parts at their cap, shuffled pages, K packed or in rows); set_values_stream returns the previous
+    setting."""
+    g = torch.Generator().manual_seed(7)
+    lens = torch.tensor([2500, 70, 1030], dtype=torch.int32)
+    per_seq = -(-int(lens.max()) // 16)
+    k_pages, v_pages = pages(len(lens) * per_seq, 16, 3, 64, torch.bfloat16, g)
+    tables = torch.randperm(len(lens) * per_seq, generator=g).view(len(lens), -1).to(torch.int32)
+    q = torch.randn(len(lens), 9, 64, generator=g).to(torch.bfloat16) * 3
+    k = K.pack_k(k_pages) if packed else k_pages
+    before = K.set_values_stream(True)
+    try:
+        on = K.paged_decode(q, k, v_pages, tables, lens, 0.125)
+        assert K.set_values_stream(False) is True
+        off = K.paged_decode(q, k, v_pages, tables, lens, 0.125)
+        assert K.set_values_stream(True) is False
+    finally:
+        K.set_values_stream(before)
+    assert torch.equal(on, off)
+    torch.testing.assert_close(on, K.reference(q, k_pages, v_pages, tables, lens, 0.125), **TOL[torch.bfloat16])
+
+
 def test_packed_k_is_refused_where_the_bf16_path_does_not_read_it(packing):
     g = torch.Generator().manual_seed(0)
     tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)

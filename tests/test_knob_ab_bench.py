@@ -191,3 +191,34 @@ def test_switching_the_stream_hint_mid_generation_keeps_the_tokens(gemm, tiny_di
     assert cpu_bf16_linear.set_stream_hint(True) is True
     if cpu_decode_step.available():
         assert cpu_decode_step.set_stream_hint(True) is True
+
+
+def test_switching_the_values_stream_mid_generation_keeps_the_tokens(tiny_dir, capsys):
+    """The values pass streaming its own V rows changes no bit: a greedy batch of 3 with contexts past the
+    stream's reach (64 positions) switched at every step keeps its tokens. Then the knob's table, left on."""
+    from etr import LLM, SamplingParams
+    from etr.kernels import cpu_paged_decode
+    bench = load_bench("knob_ab")
+    path = str(tiny_dir("qwen2_tied_hd32"))  # head size 32: the op's bf16 path
+    prompts = [[(7 * i + 3 * j) % 250 + 1 for j in range(90 + 60 * i)] for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(path, dtype="bfloat16")
+    if bench.v_stream_missing(llm.engine):
+        pytest.skip(bench.v_stream_missing(llm.engine))
+    want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    engine = llm.engine
+    seqs = [engine.add_request(p, params) for p in prompts]
+    steps = 0
+    try:
+        while not all(s.is_finished for s in seqs):
+            bench.set_values_stream(steps % 2 == 0)
+            engine.step()
+            steps += 1
+    finally:
+        bench.set_values_stream(True)
+    assert [s.output_token_ids for s in seqs] == want
+    assert bench.main(["--knob", "v_stream", "--model", path, "--points", "2x100", "--rounds", "2",
+                       "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 100 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
+    assert cpu_paged_decode.set_values_stream(True) is True
