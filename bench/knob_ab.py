@@ -20,8 +20,9 @@ Knobs (each changes timings only; the tests check the tokens):
   the linear op and the decode step's op alike (``set_stream_hint`` of each; off: plain loads only, as with
   ``ETR_CPU_GEMM_NTA=0``). It acts at batch 1-4.
 - ``v_stream``: the decode attention's values pass streaming its own V rows into L2 ahead of its loads
-  (``cpu_paged_decode.set_values_stream``; off: the scores pass fetches the V pages a page ahead of its own and
-  the values pass finds them in L2, as with ``ETR_CPU_ATTN_V_STREAM=0``). It acts most with long contexts.
+  (``cpu_paged_decode.set_values_stream``; off, as with ``ETR_CPU_ATTN_V_STREAM=0``: the values pass fetches
+  its rows into L1 16 positions ahead, and with packed K, the engine's CPU default, the scores pass fetches the
+  V pages a page ahead of its own). It acts most with long contexts.
 - ``cpu_argmax``: greedy sampling's argmax by the package's op (kernels/cpu_argmax.py; off: torch's
   ``max(dim=-1)``, as with ``ETR_CPU_ARGMAX=0``).
 

@@ -135,15 +135,18 @@ void run_part(const Part& part, const Shape& s, const T* q_all, const T* k_pages
   });
 }
 
-// Whether the values pass streams its V rows into L2 itself, kValuesAhead positions ahead of its loads, rather than
-// finding them where the scores pass fetched them one page ahead of its own (plus a fetch into L1 a page ahead).
-// Fetched by the scores pass, the memory idled through the values pass, and the scores pass fetched twice its
-// own bytes; streamed by each pass, both passes overlap their reads with their arithmetic (bench/RESULTS.md,
-// bench/knob_ab.py --knob v_stream). On unless ETR_CPU_ATTN_V_STREAM=0; it changes no result.
+// Whether the bf16 path's values pass streams its V rows into L2 itself, kValuesAhead positions ahead of its loads.
+// Off, it fetches them into L1 kPositions (16) positions ahead, and with packed K the scores pass also fetches
+// the V pages into L2 one page ahead of its own (with K in rows it fetches no V either way). Fetched by the scores
+// pass, the memory idled through the values pass while the scores pass asked for twice its own bytes; streamed by
+// each pass, both passes overlap their reads with their arithmetic (bench/RESULTS.md, bench/knob_ab.py --knob
+// v_stream). On unless ETR_CPU_ATTN_V_STREAM=0; it changes no result.
 std::atomic<bool> g_values_stream{[] {
   const char* v = std::getenv("ETR_CPU_ATTN_V_STREAM");
   return !(v && std::strcmp(v, "0") == 0);
 }()};
+// 32 and 128 measured slower. Each KV head's sweep leaves its first kValuesAhead rows unfetched (fetching them at
+// the end of the sweep before measured within the noise), so parts of up to 65 positions get no V prefetch.
 constexpr int64_t kValuesAhead = 64;
 
 bool set_values_stream(bool on) { return g_values_stream.exchange(on); }
@@ -285,7 +288,7 @@ constexpr int head_chunk(int kZ) { return kZ >= 8 ? 3 : kZ >= 6 ? 4 : 6; }
 // dot instruction multiplies two positions' values by their two weights at once. Two value rows are
 // interleaved a 16-bit element at a time (unpack lo/hi within each 128-bit lane), so each 32-bit lane of an
 // accumulator holds one dimension, in the order unpack leaves them; the store puts them back in order. With
-// `stream` it prefetches its rows into L2 kValuesAhead positions ahead, else into L1 one page of 16 ahead.
+// `stream` it prefetches its rows into L2 kValuesAhead positions ahead, else into L1 kPositions ahead.
 template <int kC>
 void values_bf16(const uint32_t* p, int64_t n2, int64_t n, int64_t heads, const at::BFloat16* const* rows,
                  float* acc, int64_t dim, bool stream) {
@@ -299,14 +302,14 @@ void values_bf16(const uint32_t* p, int64_t n2, int64_t n, int64_t heads, const 
     const at::BFloat16* r1 = pos + 1 < n ? rows[pos + 1] : r0;  // weight 0 there; r0 is a real row, not garbage
     if (pos + ahead + 1 < n)
       for (int c = 0; c < kC; ++c) {
-        const char* r0 = reinterpret_cast<const char*>(rows[pos + ahead] + 32 * c);
-        const char* r1 = reinterpret_cast<const char*>(rows[pos + ahead + 1] + 32 * c);
+        const char* n0 = reinterpret_cast<const char*>(rows[pos + ahead] + 32 * c);
+        const char* n1 = reinterpret_cast<const char*>(rows[pos + ahead + 1] + 32 * c);
         if (stream) {
-          _mm_prefetch(r0, _MM_HINT_T1);
-          _mm_prefetch(r1, _MM_HINT_T1);
+          _mm_prefetch(n0, _MM_HINT_T1);
+          _mm_prefetch(n1, _MM_HINT_T1);
         } else {
-          _mm_prefetch(r0, _MM_HINT_T0);
-          _mm_prefetch(r1, _MM_HINT_T0);
+          _mm_prefetch(n0, _MM_HINT_T0);
+          _mm_prefetch(n1, _MM_HINT_T0);
         }
       }
     __m512i lo[kC], hi[kC];
@@ -411,8 +414,9 @@ bool fast_bf16_dim(int64_t) { return false; }
 
 // Tasks: every sequence cut into runs of whole pages of at least MIN_PART_POSITIONS positions, so that there
 // are about TASKS_PER_THREAD tasks per thread when sequences are few and long, and of at most
-// MAX_PART_POSITIONS, so that the part's V pages (384 KB at 1,024 positions of SmolLM2) are still in L2 when the
-// values pass reads them where the scores pass fetched them (g_values_stream off).
+// MAX_PART_POSITIONS, so that a part's scores and weights (9 heads x 1,024 positions: 55 KB) stay near L1 and,
+// with g_values_stream off, its V pages (384 KB) are still in L2 when the values pass reads them where the scores
+// pass fetched them. (The cap was chosen with the stream off; with it on, only one noisy run at 2,048 was made.)
 constexpr int64_t MIN_PART_POSITIONS = 256;  // cpu_decode_step.cpp's kInlineAttentionPositions relies on it
 constexpr int64_t MAX_PART_POSITIONS = 1024;
 constexpr int64_t TASKS_PER_THREAD = 4;

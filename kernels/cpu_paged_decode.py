@@ -62,11 +62,12 @@ def reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, blo
 
 
 def set_values_stream(on: bool) -> bool:
-    """Turn the values pass's own prefetch of its V rows on or off (process-wide; on unless
+    """Turn the bf16 path's values pass streaming its own V rows on or off (process-wide; on unless
     ``ETR_CPU_ATTN_V_STREAM=0``) and return the previous setting. It changes timings only, never a result: on,
-    each of the bf16 path's two passes streams its own pages into L2 ahead of its loads, so that the memory
-    works through both; off, the scores pass also fetches the V pages one page ahead and the values pass finds
-    them in L2 (cpu_paged_decode.cpp, bench/RESULTS.md)."""
+    each of the two passes streams its own pages into L2 ahead of its loads, so that the memory works through
+    both; off, the values pass fetches its rows into L1 16 positions ahead, and with packed K the scores pass
+    also fetches the V pages one page ahead (cpu_paged_decode.cpp, bench/RESULTS.md). Where the op does not
+    take its bf16 path (``bf16_path``), it switches nothing."""
     return bool(torch.ops.etr_cpu.set_values_stream(bool(on)))
 
 

@@ -206,10 +206,12 @@ def test_packed_k_matches_the_reference(packing, heads, kv_heads, dim, block_siz
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_packed_k_on_contexts_cut_into_many_parts(packing, threads):
-    """Over 8,192 positions in all: parts reach their cap (1,024 positions), and the scores pass prefetches K and V
-    pages ahead up to each part's end (shuffled pages, the last one partly filled). The threads split the parts
-    of these mixed lengths by work, not by count: every part must still be run once."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_packed_k_on_contexts_cut_into_many_parts(packing, threads, stream):
+    """Over 8,192 positions in all: parts reach their cap (1,024 positions), and the passes prefetch K pages and
+    V rows ahead up to each part's end, the values pass its own or the scores pass the V pages (``stream``;
+    shuffled pages, the last one partly filled). The threads split the parts of these mixed lengths by work, not
+    by count: every part must still be run once."""
     g = torch.Generator().manual_seed(threads)
     heads, kv_heads, dim, block_size = 9, 3, 64, 16
     lens = torch.tensor([3000, 2903, 17, 3100], dtype=torch.int32)
@@ -217,28 +219,30 @@ def test_packed_k_on_contexts_cut_into_many_parts(packing, threads):
     k_pages, v_pages = pages(len(lens) * per_seq + 1, block_size, kv_heads, dim, torch.bfloat16, g)
     tables = (torch.randperm(len(lens) * per_seq, generator=g).view(len(lens), -1) + 1).to(torch.int32)
     q = torch.randn(len(lens), heads, dim, generator=g).to(torch.bfloat16) * 3
-    before = torch.get_num_threads()
+    before, was = torch.get_num_threads(), K.set_values_stream(stream)
     torch.set_num_threads(threads)
     try:
         got = K.paged_decode(q, K.pack_k(k_pages), v_pages, tables, lens, dim ** -0.5)
     finally:
         torch.set_num_threads(before)
+        K.set_values_stream(was)
     torch.testing.assert_close(got, K.reference(q, k_pages, v_pages, tables, lens, dim ** -0.5), **TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_the_values_stream_changes_no_bit(packing, packed):
-    """The values pass streaming its own V rows, or finding them where the scores pass fetched them, gives the
-    same bits (parts at their cap, shuffled pages, K packed or in rows); set_values_stream returns the previous
-    setting."""
+    """The values pass streaming its own V rows, or the old fetches, give the same bits (one thread, so that
+    parts reach their cap of 1,024 positions; shuffled pages; K packed or in rows); set_values_stream returns the
+    previous setting."""
     g = torch.Generator().manual_seed(7)
-    lens = torch.tensor([2500, 70, 1030], dtype=torch.int32)
+    lens = torch.tensor([2500, 70, 3100], dtype=torch.int32)
     per_seq = -(-int(lens.max()) // 16)
     k_pages, v_pages = pages(len(lens) * per_seq, 16, 3, 64, torch.bfloat16, g)
     tables = torch.randperm(len(lens) * per_seq, generator=g).view(len(lens), -1).to(torch.int32)
     q = torch.randn(len(lens), 9, 64, generator=g).to(torch.bfloat16) * 3
     k = K.pack_k(k_pages) if packed else k_pages
-    before = K.set_values_stream(True)
+    before, threads = K.set_values_stream(True), torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         on = K.paged_decode(q, k, v_pages, tables, lens, 0.125)
         assert K.set_values_stream(False) is True
@@ -246,6 +250,7 @@ def test_the_values_stream_changes_no_bit(packing, packed):
         assert K.set_values_stream(True) is False
     finally:
         K.set_values_stream(before)
+        torch.set_num_threads(threads)
     assert torch.equal(on, off)
     torch.testing.assert_close(on, K.reference(q, k_pages, v_pages, tables, lens, 0.125), **TOL[torch.bfloat16])
 

@@ -208,17 +208,17 @@ def test_switching_the_values_stream_mid_generation_keeps_the_tokens(tiny_dir, c
     want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     engine = llm.engine
     seqs = [engine.add_request(p, params) for p in prompts]
-    steps = 0
+    steps, before = 0, cpu_paged_decode.set_values_stream(True)
     try:
         while not all(s.is_finished for s in seqs):
             bench.set_values_stream(steps % 2 == 0)
             engine.step()
             steps += 1
+        assert [s.output_token_ids for s in seqs] == want
+        assert bench.main(["--knob", "v_stream", "--model", path, "--points", "2x100", "--rounds", "2",
+                           "--steps", "1"]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 100 |")]
+        assert len(rows) == 1 and len(rows[0].split("|")) == 9
+        assert cpu_paged_decode.set_values_stream(True) is True  # the run leaves it on
     finally:
-        bench.set_values_stream(True)
-    assert [s.output_token_ids for s in seqs] == want
-    assert bench.main(["--knob", "v_stream", "--model", path, "--points", "2x100", "--rounds", "2",
-                       "--steps", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 100 |")]
-    assert len(rows) == 1 and len(rows[0].split("|")) == 9
-    assert cpu_paged_decode.set_values_stream(True) is True
+        cpu_paged_decode.set_values_stream(before)
