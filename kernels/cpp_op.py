@@ -37,23 +37,28 @@ class CppOp:
         self._loaded: bool | None = None
 
     def name(self) -> str:
-        """The build's name: a new source, torch or CPU gets a new build (``-march=native`` fits one CPU)."""
+        """The build's name: a new source, header, compiler flag, torch or CPU gets a new build (``-march=native``
+        fits one CPU)."""
         from etr.kernels.cpu_gemm import cpu_flags
         key = (self.source.read_bytes() + b"".join(h.read_bytes() for h in self.headers())
-               + torch.__version__.encode() + torch.__file__.encode() + " ".join(sorted(cpu_flags())).encode())
+               + " ".join(FLAGS).encode() + torch.__version__.encode() + torch.__file__.encode() + " ".join(sorted(cpu_flags())).encode())
         return f"etr_{self.source.stem}_" + hashlib.sha256(key).hexdigest()[:12]
 
     def headers(self) -> list[Path]:
-        """The package's own headers the source includes (``#include "x.h"``, found beside it, and what they
-        include in turn): a changed header gets a new build too."""
+        """The package's own headers the source includes (``#include "x.h"``, and what they include in turn),
+        each looked up as the compiler looks up a quoted include: beside the file that includes it, then beside
+        the source. A changed header gets a new build too; ``<x.h>`` headers are the system's, not followed."""
         found, todo = [], [self.source]
         while todo:
-            text = todo.pop().read_text()
-            for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', text, re.MULTILINE):
-                path = self.source.parent / name
-                if path.is_file() and path not in found:
-                    found.append(path)
-                    todo.append(path)
+            including = todo.pop()
+            for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', including.read_text(), re.MULTILINE):
+                for place in (including.parent, self.source.parent):
+                    path = (place / name).resolve()
+                    if path.is_file():
+                        if path not in found:
+                            found.append(path)
+                            todo.append(path)
+                        break
         return found
 
     def available(self) -> bool:

@@ -184,7 +184,7 @@ def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
     must give both a new build, or one of them would keep running the old tiles."""
     from etr.kernels import cpu_decode_step
     from etr.kernels.cpp_op import CppOp
-    tile = Path(L.__file__).with_name("cpu_bf16_tile.h")
+    tile = Path(L.__file__).with_name("cpu_bf16_tile.h").resolve()
     assert tile in L.OP.headers() and tile in cpu_decode_step.OP.headers()
     op = CppOp("unused.cpp", "a test op", "ETR_TEST_OP")
     op.source = tmp_path / "op.cpp"
@@ -194,6 +194,24 @@ def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
     first = op.name()
     assert op.headers() == [tmp_path / "local.h", tmp_path / "inner.h"]  # what is not beside it is not ours
     (tmp_path / "inner.h").write_text("#define INNER 2\n")
+    assert op.name() != first
+
+
+def test_a_header_is_looked_up_beside_the_file_that_includes_it(tmp_path):
+    """As the compiler resolves ``#include "x.h"``: first beside the including header (here in a folder of its
+    own), then beside the source; a header reached twice is read once."""
+    from etr.kernels.cpp_op import CppOp
+    op = CppOp("unused.cpp", "a test op", "ETR_TEST_OP")
+    op.source = tmp_path / "op.cpp"
+    (tmp_path / "sub").mkdir()
+    op.source.write_text('#include "sub/a.h"\n#include "top.h"\n')
+    (tmp_path / "sub" / "a.h").write_text('#include "b.h"\n#include "top.h"\n')  # sub/b.h, then ./top.h
+    (tmp_path / "sub" / "b.h").write_text("#define B 1\n")
+    (tmp_path / "b.h").write_text("#define B 2\n")  # shadowed for sub/a.h by sub/b.h
+    (tmp_path / "top.h").write_text("#define TOP 1\n")
+    assert op.headers() == [tmp_path / "sub" / "a.h", tmp_path / "top.h", tmp_path / "sub" / "b.h"]
+    first = op.name()
+    (tmp_path / "sub" / "b.h").write_text("#define B 3\n")
     assert op.name() != first
 
 
