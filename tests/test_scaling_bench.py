@@ -250,3 +250,38 @@ def test_roofline_takes_the_higher_floor():
     bound_by_math = scaling.Point("etr", 64, 8, 12.0, 5333.0, floor_ms=3.0, read_gb_s=40.0, compute_floor_ms=8.0)
     assert bound_by_memory.over_roofline == 2.0 and bound_by_math.over_roofline == 1.5
     assert bound_by_math.over_floor == 4.0  # the bandwidth ratio stays what it was
+
+
+def test_repeats_sweep_again_and_summarize_each_point(tmp_path, capsys):
+    """--repeats 2: every point measured in each of two whole sweeps (the JSON keeps both), a per-point table of
+    medians and ranges, and the plot drawn from each point's median run."""
+    scaling = load_bench("scaling")
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    assert scaling.main(["--model", str(path), "--dtype", "bfloat16", "--batches", "1", "--context", "8",
+                         "--contexts", "8", "16", "--context-batches", "1", "--steps", "2", "--bandwidth-gib", "0.05",
+                         "--no-hf", "--repeats", "2", "--json", str(out), "--png", str(png)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["batch"], r["context"], r["repeat"]) for r in rows) == [(1, 8, 0), (1, 8, 1), (1, 16, 0),
+                                                                             (1, 16, 1)]
+    assert [r["repeat"] for r in rows] == [0, 0, 1, 1]  # whole sweeps, one after the other
+    printed = capsys.readouterr().out
+    assert "sweep 2 of 2" in printed and "| engine | batch | context | runs | ms/step |" in printed
+    for context in (8, 16):
+        mine = [r for r in rows if r["context"] == context]
+        ms = sorted(r["ms_per_step"] for r in mine)
+        assert f"| etr | 1 | {context} | 2 | {(ms[0] + ms[1]) / 2:.1f} ({ms[0]:.1f} .. {ms[1]:.1f}) |" in printed
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        scaling.main(["--model", str(path), "--repeats", "0"])
+
+
+def test_a_points_median_run_is_one_of_its_runs():
+    scaling = load_bench("scaling")
+
+    def run(ms, repeat):
+        return scaling.Point("etr", 1, 8, ms, 1e3 / ms, 1.0, 50.0, repeat=repeat)
+    runs = [run(3.0, 0), run(1.0, 1), run(2.0, 2), run(9.0, 3)] + [scaling.Point("etr", 2, 8, 5.0, 400.0, 1.0, 50.0)]
+    picked = scaling.median_runs(runs)
+    assert [(r.batch, r.ms_per_step) for r in picked] == [(1, 2.0), (2, 5.0)]  # the lower middle of an even count
+    assert scaling.middle([3.0, 1.0, 2.0]) == "2.0 (1.0 .. 3.0)" and scaling.middle([1.0, 4.0]) == "2.5 (1.0 .. 4.0)"
