@@ -29,11 +29,12 @@ prefill's noise swamped the steps, and vLLM came out at 0.6 ms a step, below its
 embedded SmolLM2-135M-Instruct in bf16.
 
 One sweep gives each point one sample of a drifting machine: in one session's two sweeps minutes apart, 16 x 4,096
-read 1.6x and 2.4x its floor. ``--repeats R`` runs the engine's and HF's sweeps R times over (the whole sweep each
-time, so that a slow stretch falls on every point rather than on one) and ends with a table per point: the median
-and the range of its ms per step and of its ratios to the floors over the R sweeps. The table of every run is
-printed too, and the JSON holds every run (``repeat``); the plot draws each point's median run (by x floor).
-vLLM runs once, after them.
+read 1.6x and 2.4x its floor. ``--repeats R`` runs the engine's and HF's sweeps R times over, the whole sweep each
+time (so that a slow stretch costs each point at most one of its runs, rather than all the runs of one point),
+each sweep on prompts of its own (no prefix-cache hit from an earlier sweep), and after the table of every run
+prints one more with a row per point: the median and the range of its ms per step and of its ratios to the
+floors over the R sweeps. The JSON holds every run (``repeat``; vLLM's rows, run once after the sweeps, carry 0);
+the plot draws each point's median run (by x floor).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Point:
     compute_floor_ms: float = 0.0  # the step's FLOPs at the bf16 dot instruction's peak (0: not measured)
     tensor_floor_ms: float = 0.0  # the weights summed one tensor at a time by torch, plus the KV at the probe
     peak_gflop_s: float = 0.0  # the compute floor's peak, the higher of two bracketing the point (0: not measured)
-    repeat: int = 0  # which sweep of ``--repeats`` measured it
+    repeat: int = 0  # which sweep of ``--repeats`` measured it (vLLM's, run once after them: 0)
 
     @property
     def over_floor(self) -> float:
@@ -138,8 +139,10 @@ def matrix_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in read_parameters(model) if p.dim() == 2)
 
 
-def engine_ms(llm, batch: int, context: int, steps: int) -> float:
-    run, seqs = decode_steps(llm, batch, context, steps, seed=batch * 7919 + context)
+def engine_ms(llm, batch: int, context: int, steps: int, repeat: int = 0) -> float:
+    """ms per decode step of ``batch`` random prompts of ``context`` tokens; each ``repeat`` draws prompts of its
+    own, so that no sweep gets prefix-cache hits from an earlier one (the first draws ``scaling_prompt``'s)."""
+    run, seqs = decode_steps(llm, batch, context, steps, seed=batch * 7919 + context + 1_000_003 * repeat)
     try:
         return run() * 1e3
     finally:
@@ -198,9 +201,10 @@ def hf_ms(model, batch: int, context: int, steps: int, vocab: int) -> float:
 
 
 def grid(args) -> list[tuple[int, int]]:
+    """The batch sweep's points, then the context sweep's not already in it; a point given twice is run once."""
     points = [(b, args.context) for b in args.batches]
-    points += [(b, c) for b in args.context_batches for c in args.contexts if (b, c) not in points]
-    return points
+    points += [(b, c) for b in args.context_batches for c in args.contexts]
+    return list(dict.fromkeys(points))
 
 
 def main(argv=None) -> int:
@@ -251,11 +255,12 @@ def main(argv=None) -> int:
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
     rows = []
-    for repeat, (batch, context) in ((r, p) for r in range(args.repeats) for p in points):
-        if args.repeats > 1 and (batch, context) == points[0]:
+    for repeat, i in ((r, i) for r in range(args.repeats) for i in range(len(points))):
+        batch, context = points[i]
+        if args.repeats > 1 and i == 0:
             print(f"sweep {repeat + 1} of {args.repeats}", flush=True)
         nbytes = step_bytes(cfg, wbytes, batch, context, torch.finfo(dtype).bits // 8)
-        runs = [("etr", lambda: engine_ms(llm, batch, context, args.steps))]
+        runs = [("etr", lambda: engine_ms(llm, batch, context, args.steps, repeat))]
         if hf is not None:
             runs.append(("hf", lambda: hf_ms(hf, batch, context, args.steps, cfg.vocab_size)))
         for name, measure in runs:
@@ -284,6 +289,7 @@ def main(argv=None) -> int:
         plot(median_runs(rows), args, args.png)
     if args.json:
         Path(args.json).write_text(json.dumps({"read_bandwidth": bandwidth, "weight_bytes": wbytes,
+                                               "repeats": args.repeats,
                                                "dot_peak_gflop_s": peak,
                                                "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
@@ -370,8 +376,11 @@ def median_runs(rows: list[Point]) -> list[Point]:
 
 
 def middle(values: list[float]) -> str:
-    """"median (lowest .. highest)"."""
-    v = sorted(values)
+    """"median (lowest .. highest)" of the numbers among ``values`` (NaN, a floor not measured, left out). Of an
+    even count the median is the mean of the middle two, so it can differ from the plotted median run."""
+    v = sorted(x for x in values if x == x)
+    if not v:
+        return "-"
     mid = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
     return f"{mid:.1f} ({v[0]:.1f} .. {v[-1]:.1f})"
 

@@ -1,6 +1,7 @@
 """Torch C++ ops of this package, compiled on first use with the machine's C++ compiler (``-march=native``;
 each build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, in ``etr/``).
-A source, torch installation (each virtualenv its own) or CPU that changes gets a build of its own. Where an op
+A source, a header it includes, the compiler flags, the torch installation (each virtualenv its own) or the CPU
+that changes gets a build of its own. Where an op
 cannot be built, its caller keeps a plain-torch path; ``CppOp.available()`` says which, ``CppOp.error`` why.
 
 Processes that load an op at once (tests, Ray actors, several servers) take turns on an ``flock`` of its build
@@ -41,24 +42,25 @@ class CppOp:
         fits one CPU)."""
         from etr.kernels.cpu_gemm import cpu_flags
         key = (self.source.read_bytes() + b"".join(h.read_bytes() for h in self.headers())
-               + " ".join(FLAGS).encode() + torch.__version__.encode() + torch.__file__.encode() + " ".join(sorted(cpu_flags())).encode())
+               + " ".join(FLAGS).encode() + torch.__version__.encode() + torch.__file__.encode()
+               + " ".join(sorted(cpu_flags())).encode())
         return f"etr_{self.source.stem}_" + hashlib.sha256(key).hexdigest()[:12]
 
     def headers(self) -> list[Path]:
         """The package's own headers the source includes (``#include "x.h"``, and what they include in turn),
-        each looked up as the compiler looks up a quoted include: beside the file that includes it, then beside
-        the source. A changed header gets a new build too; ``<x.h>`` headers are the system's, not followed."""
-        found, todo = [], [self.source]
+        each found where the compiler finds a quoted include of ours (the build passes no ``-I`` of ours): beside
+        the file that includes it, as reached (a symlinked header's includes beside the link, not its target).
+        A header reached twice is listed once. A changed header gets a new build too; ``<x.h>`` headers are the
+        system's and are not followed."""
+        found, seen, todo = [], set(), [self.source]
         while todo:
             including = todo.pop()
             for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', including.read_text(), re.MULTILINE):
-                for place in (including.parent, self.source.parent):
-                    path = (place / name).resolve()
-                    if path.is_file():
-                        if path not in found:
-                            found.append(path)
-                            todo.append(path)
-                        break
+                path = including.parent / name
+                if path.is_file() and path.resolve() not in seen:
+                    seen.add(path.resolve())
+                    found.append(path)
+                    todo.append(path)
         return found
 
     def available(self) -> bool:

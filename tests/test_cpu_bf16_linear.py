@@ -184,7 +184,7 @@ def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
     must give both a new build, or one of them would keep running the old tiles."""
     from etr.kernels import cpu_decode_step
     from etr.kernels.cpp_op import CppOp
-    tile = Path(L.__file__).with_name("cpu_bf16_tile.h").resolve()
+    tile = Path(L.__file__).with_name("cpu_bf16_tile.h")
     assert tile in L.OP.headers() and tile in cpu_decode_step.OP.headers()
     op = CppOp("unused.cpp", "a test op", "ETR_TEST_OP")
     op.source = tmp_path / "op.cpp"
@@ -197,22 +197,38 @@ def test_a_header_an_op_includes_is_part_of_its_builds_name(tmp_path):
     assert op.name() != first
 
 
-def test_a_header_is_looked_up_beside_the_file_that_includes_it(tmp_path):
-    """As the compiler resolves ``#include "x.h"``: first beside the including header (here in a folder of its
-    own), then beside the source; a header reached twice is read once."""
-    from etr.kernels.cpp_op import CppOp
-    op = CppOp("unused.cpp", "a test op", "ETR_TEST_OP")
+def test_a_header_is_looked_up_beside_the_file_that_includes_it(tmp_path, monkeypatch):
+    """As the compiler resolves ``#include "x.h"`` in our builds: beside the including file as reached (a header in
+    a folder of its own finds its siblings there, ``..`` climbs from there, a symlinked header's includes are
+    looked up beside the link), each header once; and the compiler flags are part of the build's name."""
+    from etr.kernels import cpp_op
+    op = cpp_op.CppOp("unused.cpp", "a test op", "ETR_TEST_OP")
     op.source = tmp_path / "op.cpp"
-    (tmp_path / "sub").mkdir()
-    op.source.write_text('#include "sub/a.h"\n#include "top.h"\n')
-    (tmp_path / "sub" / "a.h").write_text('#include "b.h"\n#include "top.h"\n')  # sub/b.h, then ./top.h
+    for folder in ("sub", "other"):
+        (tmp_path / folder).mkdir()
+    op.source.write_text('#include "sub/a.h"\n#include "top.h"\n#include "link.h"\n')
+    (tmp_path / "sub" / "a.h").write_text('#include "b.h"\n#include "../top.h"\n#include "top.h"\n')
     (tmp_path / "sub" / "b.h").write_text("#define B 1\n")
-    (tmp_path / "b.h").write_text("#define B 2\n")  # shadowed for sub/a.h by sub/b.h
-    (tmp_path / "top.h").write_text("#define TOP 1\n")
-    assert op.headers() == [tmp_path / "sub" / "a.h", tmp_path / "top.h", tmp_path / "sub" / "b.h"]
+    (tmp_path / "b.h").write_text("#define B 2\n")  # not sub/a.h's b.h: that one is beside it
+    (tmp_path / "top.h").write_text("#define TOP 1\n")  # sub/a.h's "top.h" (no sub/top.h) is not found
+    (tmp_path / "other" / "real.h").write_text('#include "c.h"\n')
+    (tmp_path / "other" / "c.h").write_text("#define C 1\n")  # the link's target's sibling: not the one used
+    (tmp_path / "c.h").write_text("#define C 2\n")
+    (tmp_path / "link.h").symlink_to(tmp_path / "other" / "real.h")
+    got = op.headers()
+    assert got == [tmp_path / "sub" / "a.h", tmp_path / "top.h", tmp_path / "link.h", tmp_path / "c.h",
+                   tmp_path / "sub" / "b.h"]  # depth first from the last include; ../top.h once, as ./top.h
     first = op.name()
     (tmp_path / "sub" / "b.h").write_text("#define B 3\n")
     assert op.name() != first
+    second = op.name()
+    (tmp_path / "c.h").write_text("#define C 3\n")
+    assert op.name() != second
+    third = op.name()
+    (tmp_path / "other" / "c.h").write_text("#define C 4\n")  # not included by anything the compiler reads
+    assert op.name() == third
+    monkeypatch.setattr(cpp_op, "FLAGS", cpp_op.FLAGS + ["-DANOTHER_FLAG"])
+    assert op.name() != third
 
 
 @pytest.mark.parametrize("out, k", [(40, 576), (577, 1536), (3, 9)])

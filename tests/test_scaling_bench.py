@@ -252,16 +252,31 @@ def test_roofline_takes_the_higher_floor():
     assert bound_by_math.over_floor == 4.0  # the bandwidth ratio stays what it was
 
 
-def test_repeats_sweep_again_and_summarize_each_point(tmp_path, capsys):
+def test_repeats_sweep_again_and_summarize_each_point(tmp_path, capsys, monkeypatch):
     """--repeats 2: every point measured in each of two whole sweeps (the JSON keeps both), a per-point table of
     medians and ranges, and the plot drawn from each point's median run."""
     scaling = load_bench("scaling")
     path = make_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    measured, steps = [], scaling.decode_steps
+
+    def watched(llm, batch, context, n, seed):  # every sweep's prompts are new work: no prefix-cache hit
+        run, seqs = steps(llm, batch, context, n, seed=seed)
+        measured.append((context, [s.token_ids[:s.num_prompt_tokens] for s in seqs],
+                         [s.num_cached_tokens for s in seqs]))
+        return run, seqs
+    monkeypatch.setattr(scaling, "decode_steps", watched)
+    # 16 given twice (and as the batch sweep's context): measured once a sweep
     assert scaling.main(["--model", str(path), "--dtype", "bfloat16", "--batches", "1", "--context", "8",
-                         "--contexts", "8", "16", "--context-batches", "1", "--steps", "2", "--bandwidth-gib", "0.05",
-                         "--no-hf", "--repeats", "2", "--json", str(out), "--png", str(png)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+                         "--contexts", "8", "16", "16", "--context-batches", "1", "--steps", "2",
+                         "--bandwidth-gib", "0.05", "--no-hf", "--repeats", "2", "--json", str(out),
+                         "--png", str(png)]) == 0
+    assert [c for c, _, _ in measured] == [8, 16, 8, 16]
+    assert all(cached == [0] for _, _, cached in measured)
+    assert measured[0][1] != measured[2][1] and measured[1][1] != measured[3][1]
+    written = json.loads(out.read_text())
+    assert written["repeats"] == 2
+    rows = written["rows"]
     assert sorted((r["batch"], r["context"], r["repeat"]) for r in rows) == [(1, 8, 0), (1, 8, 1), (1, 16, 0),
                                                                              (1, 16, 1)]
     assert [r["repeat"] for r in rows] == [0, 0, 1, 1]  # whole sweeps, one after the other
@@ -279,9 +294,12 @@ def test_repeats_sweep_again_and_summarize_each_point(tmp_path, capsys):
 def test_a_points_median_run_is_one_of_its_runs():
     scaling = load_bench("scaling")
 
-    def run(ms, repeat):
-        return scaling.Point("etr", 1, 8, ms, 1e3 / ms, 1.0, 50.0, repeat=repeat)
-    runs = [run(3.0, 0), run(1.0, 1), run(2.0, 2), run(9.0, 3)] + [scaling.Point("etr", 2, 8, 5.0, 400.0, 1.0, 50.0)]
+    def run(ms, floor, repeat):
+        return scaling.Point("etr", 1, 8, ms, 1e3 / ms, floor, 50.0, repeat=repeat)
+    # x floor 2.0, 0.5, 3.0, 1.0: by x floor the lower middle is repeat 3 (by ms it would be repeat 1)
+    runs = [run(1.0, 0.5, 0), run(2.0, 4.0, 1), run(3.0, 1.0, 2), run(4.0, 4.0, 3)]
+    runs.append(scaling.Point("etr", 2, 8, 5.0, 400.0, 1.0, 50.0))
     picked = scaling.median_runs(runs)
-    assert [(r.batch, r.ms_per_step) for r in picked] == [(1, 2.0), (2, 5.0)]  # the lower middle of an even count
+    assert [(r.batch, r.repeat) for r in picked] == [(1, 3), (2, 0)]
     assert scaling.middle([3.0, 1.0, 2.0]) == "2.0 (1.0 .. 3.0)" and scaling.middle([1.0, 4.0]) == "2.5 (1.0 .. 4.0)"
+    assert scaling.middle([float("nan"), 2.0]) == "2.0 (2.0 .. 2.0)" and scaling.middle([float("nan")]) == "-"
