@@ -7,9 +7,10 @@ Knobs (each changes timings only; the tests check the tokens):
 - ``pack_k``: the K pool packed for the decode attention's bf16 path (``cpu_paged_decode.pack_k``; off: the row
   layout V has, as with ``ETR_CPU_PACK_K=0``). Every layer's K pool is converted between rounds.
 - ``gemm_prefetch``: the package's bf16 GEMM prefetching the next weight block while its later row tiles run
-  (``cpu_bf16_linear.set_prefetch``; off: as with ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
-- ``step_region``: the CPU decode step's one parallel region a layer at 1-4 rows (kernels/cpu_decode_step.cpp,
-  ``set_region``; off: one op a linear, as with ``ETR_CPU_STEP_REGION=0``). It acts at batch 1-4.
+  (``set_prefetch`` of the linear op and of the decode step's op alike; off: as with
+  ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
+- ``step_region``: the CPU decode step's one parallel region a layer at 1-64 rows (kernels/cpu_decode_step.cpp,
+  ``set_region``; off: one op a linear, as with ``ETR_CPU_STEP_REGION=0``). It acts at batch 1-64.
 - ``huge_pages``: the package's packed weights in one mapping on transparent huge pages (kernels/huge_pages.py;
   off: copies of them on torch's 4 KB pages, as with ``ETR_CPU_HUGE_PAGES=0``). Both copies are kept, so the
   process holds the weights twice. It acts at every batch size.
@@ -56,8 +57,10 @@ def set_layout(runner, packed: bool) -> None:
 
 
 def set_gemm_prefetch(on: bool) -> None:
-    from etr.kernels import cpu_bf16_linear
+    from etr.kernels import cpu_bf16_linear, cpu_decode_step
     cpu_bf16_linear.set_prefetch(on)
+    if cpu_decode_step.available():
+        cpu_decode_step.set_prefetch(on)
 
 
 def set_step_region(on: bool) -> None:

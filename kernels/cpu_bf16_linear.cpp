@@ -47,15 +47,6 @@ at::Tensor pack(const at::Tensor& weight) {
   return padded.view({blocks, kBlock, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// Whether row tiles prefetch the next block (rows()): on unless ETR_CPU_GEMM_PREFETCH=0; set_prefetch switches it
-// at run time, so that bench/knob_ab.py can time both in one process. It changes no result, only the timing.
-std::atomic<bool> g_prefetch{[] {
-  const char* v = std::getenv("ETR_CPU_GEMM_PREFETCH");
-  return !(v && std::strcmp(v, "0") == 0);
-}()};
-
-bool set_prefetch(bool on) { return g_prefetch.exchange(on); }
-
 #if defined(__AVX512BF16__)
 
 // The bf16 dot instruction's rate on this CPU, all threads (GFLOP/s, 2 per multiply-add): `iterations` rounds
@@ -150,7 +141,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   bf16* yp = y.data_ptr<bf16>();
   const float* bp = bias ? b32.data() : nullptr;
   const int64_t chunks = (m_rows + kRowChunk - 1) / kRowChunk;
-  const bool prefetch = g_prefetch.load(std::memory_order_relaxed);
+  const bool prefetch = etr_gemm::g_prefetch.load(std::memory_order_relaxed);
   auto run = [&](int64_t chunk_i, int64_t blk) {
     const int64_t m0 = chunk_i * kRowChunk;
     etr_gemm::rows(xp + m0 * stride, std::min(kRowChunk, m_rows - m0), stride, pairs,
@@ -185,7 +176,7 @@ TORCH_LIBRARY(etr_cpu_linear, m) {
   m.def("pack(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("native() -> bool", &native);
-  m.def("set_prefetch(bool on) -> bool", &set_prefetch);
+  m.def("set_prefetch(bool on) -> bool", &etr_gemm::set_prefetch);
   m.def("set_stream_hint(bool on) -> bool", &etr_gemm::set_stream_hint);
   m.def("dot_peak(int iterations) -> float", &dot_peak);
 }

@@ -32,6 +32,16 @@ std::atomic<bool> g_stream_hint{[] {
 
 bool set_stream_hint(bool on) { return g_stream_hint.exchange(on); }
 
+// Whether tiles of more than 4 rows prefetch the next block (rows()): on unless ETR_CPU_GEMM_PREFETCH=0; each op's
+// own copy, as g_stream_hint, switched at run time by its set_prefetch, so that bench/knob_ab.py can time both in
+// one process. It changes no result, only the timing.
+std::atomic<bool> g_prefetch{[] {
+  const char* v = std::getenv("ETR_CPU_GEMM_PREFETCH");
+  return !(v && std::strcmp(v, "0") == 0);
+}()};
+
+bool set_prefetch(bool on) { return g_prefetch.exchange(on); }
+
 #if defined(__AVX512BF16__)
 constexpr bool kNative = true;
 // How far ahead of its loads a streaming tile issues its non-temporal prefetches (bench/RESULTS.md).

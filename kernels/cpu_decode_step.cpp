@@ -255,8 +255,9 @@ bool raw_glue() { return kRawGlue; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // Each row of `qkv` [B, q + 2 kv] rotated in place (q and K), its K and V written into its slot.
-void rope_write(const Step& s, const at::Tensor& qkv, const at::Tensor& k_pages, const at::Tensor& v_pages) {
-  const int64_t B = qkv.size(0), D = s.head_dim, q_size = s.heads * D, kv_size = s.kv_heads * D;
+void rope_write(const Step& s, const at::Tensor& qkv, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                int64_t first = 0, int64_t last = -1) {
+  const int64_t B = last < 0 ? qkv.size(0) : last, D = s.head_dim, q_size = s.heads * D, kv_size = s.kv_heads * D;
   const int64_t width = q_size + 2 * kv_size;
   bf16* qp = qkv.data_ptr<bf16>();
   const bf16 *cos = s.cos.data_ptr<bf16>(), *sin = s.sin.data_ptr<bf16>();
@@ -265,7 +266,8 @@ void rope_write(const Step& s, const at::Tensor& qkv, const at::Tensor& k_pages,
   bf16 *kp = k_pages.data_ptr<bf16>(), *vp = v_pages.data_ptr<bf16>();
   const bool packed = k_pages.dim() == 5;
   const int64_t half = D / 2, bs = packed ? k_pages.size(3) : 0;
-  each_row(B, width, [&](int64_t r) {
+  each_row(B - first, width, [&](int64_t i) {
+    const int64_t r = first + i;
     bf16* row = qp + r * width;
     rotary_row(row, cos + r * D, sin + r * D, s.heads + s.kv_heads, D);
     if (packed) {
@@ -304,17 +306,19 @@ at::Tensor raw_layer(const Step& s, const at::Tensor* x, at::Tensor& residual, a
   return linear(act, w[5], b[3], s.kind, n);
 }
 
-// ---- One parallel region a layer at 1-4 rows ----
+// ---- One parallel region a layer at 1-64 rows ----
 // At 1-4 rows a step is the stream of its weights, and each linear as its own op is a parallel region of its own:
 // between two of them the first thread runs the glue, the attention of a short context and the op's own call
 // while the others wait in the OpenMP runtime and the memory idles (bench/RESULTS.md: ~15 % of a batch-1 step).
-// Here the threads stay in one region for a layer's four linears. While the first runs the glue, the others
-// prefetch the start of their run of the next linear's weights into L2 until it is done; then every thread runs
-// its run and takes blocks from the ends of the others' (etr_gemm::own_then_others), so that threads which
+// Here the threads stay in one region for a layer's four linears. At 1-4 rows, while the first runs the glue,
+// the others prefetch the start of their run of the next linear's weights into L2 until it is done. From 5 rows
+// up the glue is no longer short (at 16 rows the norms, rotary and SiLU on the first thread were ~10 % of its
+// step), so every thread runs it on its share of the rows and they meet before the linear. Then every thread
+// runs its run and takes blocks from the ends of the others' (etr_gemm::own_then_others), so that threads which
 // start ahead finish the work of those behind. The linears run the tiles of the linear op (cpu_bf16_tile.h) over
-// the same blocks, so the output is the same bits. Taken by bf16 models on the package's own GEMM without biases
-// (SmolLM2, Llama) where the build has the bf16 dot instruction; ETR_CPU_STEP_REGION=0 or set_region(false)
-// keeps one op a linear.
+// the same blocks, and the glue is the same per row, so the output is the same bits. Taken by bf16 models on the
+// package's own GEMM without biases (SmolLM2, Llama) where the build has the bf16 dot instruction;
+// ETR_CPU_STEP_REGION=0 or set_region(false) keeps one op a linear.
 std::atomic<bool> g_region{[] {
   const char* v = std::getenv("ETR_CPU_STEP_REGION");
   return !(v && std::strcmp(v, "0") == 0);
@@ -328,7 +332,9 @@ std::atomic<int64_t> g_region_steps{0};
 int64_t region_steps() { return g_region_steps.load(); }
 
 #if defined(__AVX512BF16__)
-constexpr int64_t kRegionRows = 4;                // the tiles that wait on memory (cpu_bf16_tile.h)
+// Up to here the region measured a few per cent faster than one op a linear (bench/RESULTS.md, 2026-12-08: 8-64
+// rows, and a 40-token prefill); more rows (a longer prefill) run one op a linear, as before (not measured).
+constexpr int64_t kRegionRows = 64;
 constexpr int64_t kAheadBytes = 512 * 1024;       // the most of its next run a thread prefetches during the glue
 // One context this short runs its attention in the region, on the first thread. The attention op cuts a context
 // into parts of at least MIN_PART_POSITIONS (256, cpu_paged_decode.cpp), so up to here it runs one part on one
@@ -345,7 +351,8 @@ struct RegionLinear {
 
   void block(int64_t b) const {
     etr_gemm::rows(x, rows, 2 * pairs, pairs, w + b * pairs * 2 * etr_gemm::kBlock, nullptr,
-                   y + b * etr_gemm::kBlock, out, std::min(etr_gemm::kBlock, out - b * etr_gemm::kBlock), false);
+                   y + b * etr_gemm::kBlock, out, std::min(etr_gemm::kBlock, out - b * etr_gemm::kBlock),
+                   etr_gemm::g_prefetch.load(std::memory_order_relaxed));
   }
   // Thread t's run's first bytes into L2 (prefetch hints: nothing waits on them) until `done` says the glue is.
   void fetch_ahead(int64_t t, int64_t threads, const std::atomic<int64_t>& phase, int64_t done) const {
@@ -393,23 +400,39 @@ struct Team {
   }
 };
 
-// A phase: glue on the first thread (none where empty), then a linear on all (none where `linear` is null).
+// A phase: glue over rows [first, last) (none where empty), then a linear on all threads (none where `linear` is
+// null).
 struct Phase {
-  std::function<void()> glue;
+  std::function<void(int64_t, int64_t)> glue;
   RegionLinear* linear;
 };
 
-// The phases in order in one parallel region; rethrows what a glue threw, after every thread has stopped.
-void run_region(const std::vector<Phase>& phases) {
+// Threads run a phase's glue on their share of the rows (then meet) from this many rows up; below, the first thread
+// runs it all while the others prefetch their next weights.
+constexpr int64_t kSplitGlueRows = 5;
+
+// The phases in order in one parallel region over `rows` rows; rethrows what a glue threw, after every thread has
+// stopped.
+void run_region(const std::vector<Phase>& phases, int64_t rows) {
   Team team(omp_get_max_threads());  // the team's size at most (ATen's regions take the default team, too)
+  const bool split = rows >= kSplitGlueRows;
 #pragma omp parallel
   {
     const int64_t t = omp_get_thread_num(), threads = std::min<int64_t>(omp_get_num_threads(), team.runs.size());
     for (int64_t k = 0; t < threads && k < static_cast<int64_t>(phases.size()); ++k) {
       const Phase& ph = phases[k];
-      if (t == 0) {
+      if (split) {
+        // The runs are free: every thread left the last linear at its barrier.
+        if (t == 0 && ph.linear) etr_gemm::split_runs(team.runs.data(), ph.linear->blocks, threads);
         try {
-          if (ph.glue) ph.glue();
+          if (ph.glue) ph.glue(rows * t / threads, rows * (t + 1) / threads);
+        } catch (...) {
+          if (!team.failed.exchange(true)) team.error = std::current_exception();
+        }
+        team.barrier(threads);
+      } else if (t == 0) {
+        try {
+          if (ph.glue) ph.glue(0, rows);
         } catch (...) {
           team.error = std::current_exception();
           team.failed.store(true, std::memory_order_relaxed);
@@ -477,21 +500,30 @@ at::Tensor region_layers(const Step& s, at::Tensor& residual, at::TensorList wei
     const at::Tensor &kp = k_pages[i], &vp = v_pages[i];
     RegionLinear qkv_l = region_linear(w[1], hp, qkv), o_l = region_linear(w[2], nullptr, o);
     RegionLinear gate_up_l = region_linear(w[4], hp, gate_up), down_l = region_linear(w[5], act.data_ptr<bf16>(), x);
-    auto norm1 = [&, i] { add_rms_norm(i ? xp : nullptr, res, w[0].data_ptr<bf16>(), hp, B, n, eps); };
-    auto attend = [&] {
+    auto norm1 = [&, i](int64_t r0, int64_t r1) {
+      add_rms_norm(i ? xp + r0 * n : nullptr, res + r0 * n, w[0].data_ptr<bf16>(), hp + r0 * n, r1 - r0, n, eps);
+    };
+    auto attend = [&](int64_t, int64_t) {  // one row (inline_attention)
       attn = rope_write_attend(s, qkv, kp, vp);
       o_l.x = attn.data_ptr<bf16>();
     };
-    auto norm2 = [&] { add_rms_norm(o.data_ptr<bf16>(), res, w[3].data_ptr<bf16>(), hp, B, n, eps); };
-    auto silu = [&] { silu_mul(gate_up.data_ptr<bf16>(), act.data_ptr<bf16>(), B, s.intermediate); };
+    bf16* op = o.data_ptr<bf16>();
+    auto norm2 = [&](int64_t r0, int64_t r1) {
+      add_rms_norm(op + r0 * n, res + r0 * n, w[3].data_ptr<bf16>(), hp + r0 * n, r1 - r0, n, eps);
+    };
+    auto silu = [&](int64_t r0, int64_t r1) {
+      silu_mul(gate_up.data_ptr<bf16>() + r0 * 2 * s.intermediate, act.data_ptr<bf16>() + r0 * s.intermediate,
+               r1 - r0, s.intermediate);
+    };
     if (inline_attention) {
-      run_region({{norm1, &qkv_l}, {attend, &o_l}, {norm2, &gate_up_l}, {silu, &down_l}});
+      run_region({{norm1, &qkv_l}, {attend, &o_l}, {norm2, &gate_up_l}, {silu, &down_l}}, B);
     } else {
-      run_region({{norm1, &qkv_l}, {[&] { rope_write(s, qkv, kp, vp); }, nullptr}});
+      run_region({{norm1, &qkv_l}, {[&](int64_t r0, int64_t r1) { rope_write(s, qkv, kp, vp, r0, r1); }, nullptr}},
+                 B);
       attn = paged_decode(qkv.view({B, s.heads + 2 * s.kv_heads, s.head_dim}).narrow(1, 0, s.heads), kp, vp,
                           s.tables, s.lens, s.scale);
       o_l.x = attn.data_ptr<bf16>();
-      run_region({{nullptr, &o_l}, {norm2, &gate_up_l}, {silu, &down_l}});
+      run_region({{nullptr, &o_l}, {norm2, &gate_up_l}, {silu, &down_l}}, B);
     }
   }
   return x;
@@ -643,6 +675,7 @@ TORCH_LIBRARY(etr_cpu_step, m) {
   m.def("set_region(bool on) -> bool", &set_region);
   m.def("region_steps() -> int", &region_steps);
   m.def("set_stream_hint(bool on) -> bool", &etr_gemm::set_stream_hint);
+  m.def("set_prefetch(bool on) -> bool", &etr_gemm::set_prefetch);
 }
 
 // Every backend: prepacked oneDNN weights are MkldnnCPU tensors, and the dispatcher keys on them too.

@@ -15,9 +15,10 @@ bf16 models take the op's raw glue where it is built (AVX-512): the elementwise 
 loops of its own instead of ATen ops (``glue`` "raw"; close to the forward, not its bits: the tests state the
 tolerance). ``ETR_CPU_STEP_GLUE=aten`` keeps the ATen ops, which are the forward's bits.
 
-With the raw glue on the package's bf16 GEMM, steps of 1-4 rows run each layer in one parallel region (the op's
+With the raw glue on the package's bf16 GEMM, steps of 1-64 rows run each layer in one parallel region (the op's
 ``set_region``; ``ETR_CPU_STEP_REGION=0`` off; ``region_steps`` counts the steps that took it): the same bits as
-one op a linear, with the memory kept busy during the glue (cpu_decode_step.cpp says how). Their tiles mark the
+one op a linear, with the memory kept busy during the glue at 1-4 rows and the glue split over the threads from 5
+rows up (cpu_decode_step.cpp says how). Their tiles mark the
 weights non-temporal as the linear op's do (``set_stream_hint``; ``ETR_CPU_GEMM_NTA=0`` off).
 """
 
@@ -55,6 +56,12 @@ def set_stream_hint(on: bool) -> bool:
     """The decode step's own copy of the GEMM tiles' non-temporal hint at 1-4 rows (see
     ``cpu_bf16_linear.set_stream_hint``, which switches the linear op's); returns the previous setting."""
     return bool(torch.ops.etr_cpu_step.set_stream_hint(bool(on)))
+
+
+def set_prefetch(on: bool) -> bool:
+    """The decode step's own copy of the GEMM tiles' prefetch of the next weight block from 5 rows up (see
+    ``cpu_bf16_linear.set_prefetch``, which switches the linear op's); returns the previous setting."""
+    return bool(torch.ops.etr_cpu_step.set_prefetch(bool(on)))
 
 
 def glue_for(dtype: torch.dtype) -> str:

@@ -253,18 +253,20 @@ def test_the_stream_hint_changes_no_bit(op, out, k):
     assert all(within_tolerance(a, x[:a.shape[0]], w, None) for a in on)
 
 
-def test_each_op_has_its_own_stream_hint(op):
-    """The linear op and the decode step's op each switch their own copy of the hint (the GEMM's header gives
-    its globals internal linkage: one shared symbol would let either op switch both)."""
+@pytest.mark.parametrize("switch", ["set_stream_hint", "set_prefetch"])
+def test_each_op_has_its_own_stream_hint_and_prefetch(op, switch):
+    """The linear op and the decode step's op each switch their own copy of the hint and of the prefetch (the
+    GEMM's header gives its globals internal linkage: one shared symbol would let either op switch both)."""
     from etr.kernels import cpu_decode_step
     if not cpu_decode_step.available():
         pytest.skip(f"the decode-step op is not built here: {cpu_decode_step.load_error()}")
-    before = (L.set_stream_hint(True), cpu_decode_step.set_stream_hint(True))
+    linear_op, step_op = getattr(L, switch), getattr(cpu_decode_step, switch)
+    before = (linear_op(True), step_op(True))
     try:
-        L.set_stream_hint(False)
-        assert cpu_decode_step.set_stream_hint(True) is True
-        cpu_decode_step.set_stream_hint(False)
-        assert L.set_stream_hint(True) is False
+        linear_op(False)
+        assert step_op(True) is True
+        step_op(False)
+        assert linear_op(True) is False
     finally:
-        L.set_stream_hint(before[0])
-        cpu_decode_step.set_stream_hint(before[1])
+        linear_op(before[0])
+        step_op(before[1])

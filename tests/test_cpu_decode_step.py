@@ -30,7 +30,7 @@ def packed_k(r, dtype) -> bool:
     return dtype == torch.bfloat16 and r.config.head_dim % 32 == 0 and cpu_paged_decode.bf16_path(r.config.head_dim)
 
 
-def runner(path, dtype, linears, monkeypatch, glue="aten", max_model_len=256):
+def runner(path, dtype, linears, monkeypatch, glue="aten", max_model_len=256, kv_blocks=64):
     """A runner whose linears are plain, oneDNN-prepacked or packed for the package's own bf16 GEMM, whatever
     this CPU would pick, and whose step takes ``glue`` where it can."""
     import etr.engine.model_runner as M
@@ -48,7 +48,7 @@ def runner(path, dtype, linears, monkeypatch, glue="aten", max_model_len=256):
     r = ModelRunner(EngineConfig(model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=8),
                     str(path), torch.device("cpu"))
     assert any(isinstance(m, PackedBf16Linear) for m in r.model.modules()) == packed
-    r.allocate_kv(64)
+    r.allocate_kv(kv_blocks)
     return r
 
 
@@ -205,7 +205,7 @@ def test_glue_choice(op, tiny_dir, monkeypatch):
 
 @pytest.fixture()
 def region(raw):
-    """The step's region (one parallel region a layer at 1-4 rows) where this build has it; its setting restored
+    """The step's region (one parallel region a layer at 1-64 rows) where this build has it; its setting restored
     after."""
     from etr.kernels import cpu_bf16_linear
     if not cpu_bf16_linear.available():
@@ -234,17 +234,20 @@ def watchdog():
 
 @pytest.mark.parametrize("name", ["llama_untied_hd48", "llama3_rope", "llama_awkward"])
 @pytest.mark.parametrize("count", [2, 3])
-@pytest.mark.parametrize("lengths", [[23], [300], [9, 30], [1, 17, 5, 40]],
-                         ids=["batch1-attention-in-region", "batch1-attention-between", "batch2", "batch4"])
+@pytest.mark.parametrize("lengths", [[23], [300], [9, 30], [1, 17, 5, 40], [3, 8, 1, 20, 7],
+                                     [2 + 3 * i for i in range(16)], [1 + (7 * i) % 45 for i in range(64)]],
+                         ids=["batch1-attention-in-region", "batch1-attention-between", "batch2", "batch4",
+                              "batch5-glue-split", "batch16", "batch64"])
 def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, threads, watchdog, tiny_dir, llama_awkward,
                                                           monkeypatch, name, lengths, count):
     """The region runs the linear op's tiles over the same blocks and the same glue, whichever thread takes a
-    block: its hidden states and the KV it writes are the same bits as one op a linear, at 1-4 rows, with the
-    attention in the region (one short context) or between two regions, on 2 and 3 threads; with K pages packed
+    block: its hidden states and the KV it writes are the same bits as one op a linear, at 1-64 rows (the glue
+    on the first thread at 1-4, split over the threads from 5), with the attention in the region (one short
+    context) or between two regions, on 2 and 3 threads; with K pages packed
     (head size 32), partial blocks of outputs (the awkward sizes: 272 q/k/v outputs) and neither. Three runs each,
     since which thread takes which block changes from run to run."""
     path = llama_awkward if name == "llama_awkward" else tiny_dir(name)
-    r = runner(path, torch.bfloat16, "etr", monkeypatch, glue="raw", max_model_len=512)
+    r = runner(path, torch.bfloat16, "etr", monkeypatch, glue="raw", max_model_len=512, kv_blocks=256)
     assert r.kv_caches[0][0].dim() == (5 if packed_k(r, torch.bfloat16) else 4)
     seqs = prefilled(r, lengths, torch.Generator().manual_seed(sum(lengths)))
     ids, positions, meta = r.prepare_decode(seqs)
