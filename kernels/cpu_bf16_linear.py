@@ -5,7 +5,8 @@ Measured against oneDNN's prepacked bf16 GEMM on a Zen 4 CPU it is faster at eve
 decode step at batch 1, where it streams the weights at close to the read bandwidth) to 1,024 (a prefill)
 (bench/RESULTS.md). ``PackedBf16Linear`` (kernels/cpu_gemm.py) uses it where ``available()``; on CPUs with AMX
 oneDNN's AMX GEMM stays (not measured against this one). Built on first use (kernels/cpp_op.py);
-``ETR_CPU_LINEAR=0`` turns it off, ``ETR_CPU_GEMM_PREFETCH=0`` only its prefetch (``set_prefetch``),
+``ETR_CPU_LINEAR=0`` turns it off, ``ETR_CPU_GEMM_PREFETCH=0`` only its prefetch (``set_prefetch``; the env
+variable turns off the decode step op's copy too),
 ``ETR_CPU_GEMM_NTA=0`` only its non-temporal hint at 1-4 rows (``set_stream_hint``).
 ``reference`` is the plain-torch computation it is tested against.
 """
@@ -61,8 +62,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
 
 
 def set_prefetch(on: bool) -> bool:
-    """Turn the GEMM's prefetch of the next weight block on or off (process-wide; on unless
-    ``ETR_CPU_GEMM_PREFETCH=0``) and return the previous setting. It changes timings only, never a result: with
+    """Turn the GEMM's prefetch of the next weight block on or off in this op (on unless
+    ``ETR_CPU_GEMM_PREFETCH=0``; the decode step's op has its own copy, ``cpu_decode_step.set_prefetch``) and
+    return the previous setting. It changes timings only, never a result: with
     more than 4 rows a weight block is walked by two row tiles or more, and the tiles fetch the next block into
     L2 meanwhile, so that the weight stream does not idle while the later tiles run (bench/RESULTS.md)."""
     return bool(torch.ops.etr_cpu_linear.set_prefetch(bool(on)))

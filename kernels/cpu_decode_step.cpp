@@ -254,10 +254,12 @@ constexpr bool kRawGlue = false;
 bool raw_glue() { return kRawGlue; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// Each row of `qkv` [B, q + 2 kv] rotated in place (q and K), its K and V written into its slot.
+// Rows [first, last) of `qkv` [B, q + 2 kv] (all where last < 0) rotated in place (q and K), each one's K and V
+// written into its slot.
 void rope_write(const Step& s, const at::Tensor& qkv, const at::Tensor& k_pages, const at::Tensor& v_pages,
                 int64_t first = 0, int64_t last = -1) {
-  const int64_t B = last < 0 ? qkv.size(0) : last, D = s.head_dim, q_size = s.heads * D, kv_size = s.kv_heads * D;
+  const int64_t end = last < 0 ? qkv.size(0) : last;
+  const int64_t D = s.head_dim, q_size = s.heads * D, kv_size = s.kv_heads * D;
   const int64_t width = q_size + 2 * kv_size;
   bf16* qp = qkv.data_ptr<bf16>();
   const bf16 *cos = s.cos.data_ptr<bf16>(), *sin = s.sin.data_ptr<bf16>();
@@ -266,7 +268,7 @@ void rope_write(const Step& s, const at::Tensor& qkv, const at::Tensor& k_pages,
   bf16 *kp = k_pages.data_ptr<bf16>(), *vp = v_pages.data_ptr<bf16>();
   const bool packed = k_pages.dim() == 5;
   const int64_t half = D / 2, bs = packed ? k_pages.size(3) : 0;
-  each_row(B - first, width, [&](int64_t i) {
+  each_row(end - first, width, [&](int64_t i) {
     const int64_t r = first + i;
     bf16* row = qp + r * width;
     rotary_row(row, cos + r * D, sin + r * D, s.heads + s.kv_heads, D);
@@ -491,6 +493,7 @@ at::Tensor region_layers(const Step& s, at::Tensor& residual, at::TensorList wei
   at::Tensor h = at::empty({B, n}, opt), qkv = at::empty({B, width}, opt), o = at::empty({B, n}, opt);
   at::Tensor gate_up = at::empty({B, 2 * s.intermediate}, opt), act = at::empty({B, s.intermediate}, opt);
   at::Tensor x = at::empty({B, n}, opt), attn;
+  static_assert(kSplitGlueRows > 1, "the inline attention's glue (one row) must run on the first thread alone");
   const bool inline_attention = B == 1 && s.lens.scalar_type() == at::kInt &&
                                 s.lens.data_ptr<int32_t>()[0] <= kInlineAttentionPositions;
   const float eps = static_cast<float>(s.eps);
