@@ -1,6 +1,6 @@
 """One speed knob of the CPU engine on against off in whole engine decode steps, interleaved in one process.
 
-    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,cpu_argmax,step_region,huge_pages,huge_kv,stream_hint,v_stream} [--model DIR] [--points 16x128 16x2048 1x4096]
+    python bench/knob_ab.py --knob {pack_k,gemm_prefetch,one_walk,cpu_argmax,step_region,huge_pages,huge_kv,stream_hint,v_stream} [--model DIR] [--points 16x128 16x2048 1x4096]
                             [--rounds 8] [--steps 4]
 
 Knobs (each changes timings only; the tests check the tokens):
@@ -9,6 +9,9 @@ Knobs (each changes timings only; the tests check the tokens):
 - ``gemm_prefetch``: the package's bf16 GEMM prefetching the next weight block while its later row tiles run
   (``set_prefetch`` of the linear op and of the decode step's op alike; off: as with
   ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
+- ``one_walk``: the package's bf16 GEMM running up to 12 rows as one row tile (``set_one_walk`` of the linear op
+  and of the decode step's op alike; off: tiles of 8, 4 and less, 5-8 rows as 4 and the rest, as with
+  ``ETR_CPU_GEMM_ONE_WALK=0``). It acts at 5-12 rows, and at more unless they are a multiple of 8.
 - ``step_region``: the CPU decode step's one parallel region a layer at 1-64 rows (kernels/cpu_decode_step.cpp,
   ``set_region``; off: one op a linear, as with ``ETR_CPU_STEP_REGION=0``). It acts at batch 1-64.
 - ``huge_pages``: the package's packed weights in one mapping on transparent huge pages (kernels/huge_pages.py;
@@ -61,6 +64,13 @@ def set_gemm_prefetch(on: bool) -> None:
     cpu_bf16_linear.set_prefetch(on)
     if cpu_decode_step.available():
         cpu_decode_step.set_prefetch(on)
+
+
+def set_one_walk(on: bool) -> None:
+    from etr.kernels import cpu_bf16_linear, cpu_decode_step
+    cpu_bf16_linear.set_one_walk(on)
+    if cpu_decode_step.available():
+        cpu_decode_step.set_one_walk(on)
 
 
 def set_step_region(on: bool) -> None:
@@ -191,6 +201,7 @@ KNOBS = {
     "pack_k": (lambda engine, on: set_layout(engine.runner, on), pack_k_missing, "packed", "rows"),
     "gemm_prefetch": (lambda engine, on: set_gemm_prefetch(on), gemm_prefetch_missing, "prefetch",
                       "no prefetch"),
+    "one_walk": (lambda engine, on: set_one_walk(on), gemm_prefetch_missing, "one walk", "tiles of 8, 4 and less"),
     "huge_pages": (set_huge_pages, huge_pages_missing, "huge pages", "4 KB pages"),
     "huge_kv": (set_huge_kv, huge_kv_missing, "huge pages", "4 KB pages"),
     "stream_hint": (lambda engine, on: set_stream_hint(on), gemm_prefetch_missing, "non-temporal", "plain"),

@@ -1,7 +1,7 @@
 // bf16 linear layers on CPUs with AVX512-BF16 (and no AMX): y = x W^T + b for any number of rows, on weights
 // packed once so that one 64-byte load holds 16 outputs' pairs of consecutive inputs, the operand layout of
-// the bf16 dot instruction (VDPBF16PS). A tile of up to 8 input rows times 32 outputs keeps its 16 float32
-// accumulators in registers while the weights stream through once per tile, so no horizontal sums are needed
+// the bf16 dot instruction (VDPBF16PS). A tile of up to 12 input rows times 32 outputs keeps its float32
+// accumulators (2 a row) in registers while the weights stream through once per tile, so no horizontal sums are needed
 // and a thread reads its outputs' weights as one sequential run. Measured against oneDNN's prepacked bf16
 // GEMM on the same CPU it is faster from 1 row (a decode step at batch 1, where it streams the weights at
 // close to the read bandwidth) to 1,024 (bench/RESULTS.md). Products and sums are float32, the bias is added in
@@ -178,6 +178,7 @@ TORCH_LIBRARY(etr_cpu_linear, m) {
   m.def("native() -> bool", &native);
   m.def("set_prefetch(bool on) -> bool", &etr_gemm::set_prefetch);
   m.def("set_stream_hint(bool on) -> bool", &etr_gemm::set_stream_hint);
+  m.def("set_one_walk(bool on) -> bool", &etr_gemm::set_one_walk);
   m.def("dot_peak(int iterations) -> float", &dot_peak);
 }
 

@@ -7,7 +7,8 @@ decode step at batch 1, where it streams the weights at close to the read bandwi
 oneDNN's AMX GEMM stays (not measured against this one). Built on first use (kernels/cpp_op.py);
 ``ETR_CPU_LINEAR=0`` turns it off, ``ETR_CPU_GEMM_PREFETCH=0`` only its prefetch (``set_prefetch``; the env
 variable turns off the decode step op's copy too),
-``ETR_CPU_GEMM_NTA=0`` only its non-temporal hint at 1-4 rows (``set_stream_hint``).
+``ETR_CPU_GEMM_NTA=0`` only its non-temporal hint at 1-4 rows (``set_stream_hint``), ``ETR_CPU_GEMM_ONE_WALK=0``
+only its one tile for 5-12 rows (``set_one_walk``; both ops, as the prefetch's variable).
 ``reference`` is the plain-torch computation it is tested against.
 """
 
@@ -64,9 +65,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
 def set_prefetch(on: bool) -> bool:
     """Turn the GEMM's prefetch of the next weight block on or off in this op (on unless
     ``ETR_CPU_GEMM_PREFETCH=0``; the decode step's op has its own copy, ``cpu_decode_step.set_prefetch``) and
-    return the previous setting. It changes timings only, never a result: with
-    more than 4 rows a weight block is walked by two row tiles or more, and the tiles fetch the next block into
-    L2 meanwhile, so that the weight stream does not idle while the later tiles run (bench/RESULTS.md)."""
+    return the previous setting. It changes timings only, never a result: with more than 4 rows the tiles fetch
+    the next block into L2 while they run, so that the weight stream does not idle while a block's later tiles
+    read it from the caches (bench/RESULTS.md)."""
     return bool(torch.ops.etr_cpu_linear.set_prefetch(bool(on)))
 
 
@@ -77,6 +78,16 @@ def set_stream_hint(on: bool) -> bool:
     the non-temporal hint, so that a step's ~270 MB of weights do not evict from L2 and L3 what the glue and the
     Python between steps use next (cpu_bf16_tile.h, bench/RESULTS.md)."""
     return bool(torch.ops.etr_cpu_linear.set_stream_hint(bool(on)))
+
+
+def set_one_walk(on: bool) -> bool:
+    """Turn the GEMM's one tile for up to 12 rows on or off in this op (on unless ``ETR_CPU_GEMM_ONE_WALK=0``; the
+    decode step's op has its own copy, ``cpu_decode_step.set_one_walk``) and return the previous setting. It
+    changes timings only, never a result: on, up to 12 rows (and the last up-to-12 rows of more) run as one row
+    tile, one walk of each weight block; off, as tiles of 8, 4 and less (5-8 rows as 4 and the rest), whose
+    smaller tiles walk the block again at a rate the dot instruction's latency sets (cpu_bf16_tile.h,
+    bench/RESULTS.md)."""
+    return bool(torch.ops.etr_cpu_linear.set_one_walk(bool(on)))
 
 
 def dot_peak(iterations: int = 2_000_000) -> float | None:

@@ -42,6 +42,17 @@ std::atomic<bool> g_prefetch{[] {
 
 bool set_prefetch(bool on) { return g_prefetch.exchange(on); }
 
+// Whether rows() runs up to 12 rows (kOneWalkRows) as one tile, one walk of the block, rather than as tiles of 8,
+// 4 and less: on unless ETR_CPU_GEMM_ONE_WALK=0; each op's own copy, as g_stream_hint, switched at run time by its
+// set_one_walk, so that bench/knob_ab.py can time both in one process. It changes no result: each output's sum
+// runs over the pairs in the same order either way.
+std::atomic<bool> g_one_walk{[] {
+  const char* v = std::getenv("ETR_CPU_GEMM_ONE_WALK");
+  return !(v && std::strcmp(v, "0") == 0);
+}()};
+
+bool set_one_walk(bool on) { return g_one_walk.exchange(on); }
+
 #if defined(__AVX512BF16__)
 constexpr bool kNative = true;
 // How far ahead of its loads a streaming tile issues its non-temporal prefetches (bench/RESULTS.md).
@@ -104,12 +115,38 @@ inline void tile(const bf16* x, int64_t stride, int64_t pairs, const bf16* w, co
   }
 }
 
-// Rows [0, rows_n) times one packed block, as tiles of 8 rows (the rest as 4, 3, 2, 1; 5 to 8 rows as 4 and the
-// rest). Where there are more than 4 rows the block is walked by two tiles or more: the first reads it from
-// memory, the others from L2, and with nothing else to fetch the memory would idle during those. So the tiles
-// prefetch the next block (the next in memory: the one this thread runs next, as a rule), each a share in
-// proportion to its rows, and the stream runs through the whole block's time. With 4 rows or fewer the block is
-// read at about the stream's rate in one walk, and prefetching more did not pay (bench/RESULTS.md).
+// The most rows one tile takes: 2 x 12 accumulators, 2 registers of weights and the broadcast input fit the 32.
+constexpr int64_t kOneWalkRows = 12;
+
+// f(std::integral_constant<int, n>()) for n in 1 .. kOneWalkRows.
+template <typename F>
+inline void with_rows(int64_t n, const F& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 9: f(std::integral_constant<int, 9>()); break;
+    case 10: f(std::integral_constant<int, 10>()); break;
+    case 11: f(std::integral_constant<int, 11>()); break;
+    default: f(std::integral_constant<int, 12>()); break;
+  }
+}
+
+// Rows [0, rows_n) times one packed block. Up to kOneWalkRows rows are one tile; more run as tiles of 8 until at
+// most kOneWalkRows are left, which are one tile. Each tile walks the whole block, so a tile of its own for a
+// few rows (8 + 4, or 4 + 1) walked it again at a rate set by the dot instruction's latency (a 4-row tile's 8
+// chains cannot fill its pipes). One walk was faster from memory and from L3 at every row count tried where the
+// plan changes (5, 6, 8, 10, 12, 13, 20; bench/RESULTS.md). With g_one_walk off, the plan before that: tiles of 8
+// rows, the rest as 4, 3, 2, 1, and 5 to 8 rows as 4 and the rest.
+// Where there are more than 4 rows the tiles prefetch the next block (the next in memory: the one this thread runs
+// next, as a rule), each a share in proportion to its rows, so the stream runs through the whole block's time, also
+// while a later tile reads the block from L2. With 4 rows or fewer the block is read at about the stream's rate in
+// one walk, and prefetching more did not pay (bench/RESULTS.md).
 inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
                  bf16* y, int64_t y_stride, int64_t count, bool prefetch) {
   const bool fetch = rows_n > 4 && prefetch;
@@ -124,11 +161,16 @@ inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, c
     if (ahead.lines)
       tile<MT, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     else if (stream && m == 0)
-      tile<MT, false, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
+      tile<MT, false, (MT <= 4)>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     else
       tile<MT, false>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     m += MT;
   };
+  if (g_one_walk.load(std::memory_order_relaxed)) {
+    while (rows_n - m > kOneWalkRows) run(std::integral_constant<int, 8>());
+    if (rows_n > m) with_rows(rows_n - m, run);
+    return;
+  }
   if (rows_n > 4 && rows_n <= 8) run(std::integral_constant<int, 4>());
   while (rows_n - m >= 8) run(std::integral_constant<int, 8>());
   if (rows_n - m >= 4) run(std::integral_constant<int, 4>());

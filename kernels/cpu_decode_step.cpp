@@ -679,6 +679,7 @@ TORCH_LIBRARY(etr_cpu_step, m) {
   m.def("region_steps() -> int", &region_steps);
   m.def("set_stream_hint(bool on) -> bool", &etr_gemm::set_stream_hint);
   m.def("set_prefetch(bool on) -> bool", &etr_gemm::set_prefetch);
+  m.def("set_one_walk(bool on) -> bool", &etr_gemm::set_one_walk);
 }
 
 // Every backend: prepacked oneDNN weights are MkldnnCPU tensors, and the dispatcher keys on them too.

@@ -64,6 +64,12 @@ def set_prefetch(on: bool) -> bool:
     return bool(torch.ops.etr_cpu_step.set_prefetch(bool(on)))
 
 
+def set_one_walk(on: bool) -> bool:
+    """The decode step's own copy of the GEMM's one tile for up to 12 rows (see ``cpu_bf16_linear.set_one_walk``,
+    which switches the linear op's); returns the previous setting."""
+    return bool(torch.ops.etr_cpu_step.set_one_walk(bool(on)))
+
+
 def glue_for(dtype: torch.dtype) -> str:
     """The glue a model of ``dtype`` takes: "raw" for bf16 where the op has it, unless ``ETR_CPU_STEP_GLUE``
     says "aten"; "aten" otherwise."""

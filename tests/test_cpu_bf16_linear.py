@@ -50,16 +50,23 @@ def test_linear_matches_exact_arithmetic(op, out, k, bias):
         assert within_tolerance(want, x, w, b) and within_tolerance(got, x, w, b, want, times=2)
 
 
-def test_a_row_does_not_depend_on_how_many_rows_run_with_it(op):
-    """Every row count runs as its own mix of row tiles (8, 4, 2, 1; 5 to 8 rows as 4 and the rest), and each
-    tile sums in the same order, so every row's bits equal those of the row run alone."""
+@pytest.mark.parametrize("one_walk", [True, False])
+def test_a_row_does_not_depend_on_how_many_rows_run_with_it(op, one_walk):
+    """Every row count runs as its own mix of row tiles (one walk: up to 12 rows as one tile, more as 8s and then
+    the rest as one; without: 8, 4, 2, 1, and 5 to 8 rows as 4 and the rest), and each tile sums in the same
+    order, so every row's bits equal those of the row run alone, either way."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(70, 123, generator=g).bfloat16()
     packed = L.pack(w)
     x = torch.randn(50, 123, generator=g).bfloat16()
-    alone = torch.cat([L.linear(x[i:i + 1], packed, None, 70) for i in range(50)])
-    for rows in list(range(1, 18)) + [24, 47, 48, 49, 50]:
-        assert torch.equal(L.linear(x[:rows], packed, None, 70), alone[:rows]), rows
+    before = L.set_one_walk(one_walk)
+    try:
+        alone = torch.cat([L.linear(x[i:i + 1], packed, None, 70) for i in range(50)])
+        for rows in list(range(1, 30)) + [36, 44, 47, 48, 49, 50]:
+            assert torch.equal(L.linear(x[:rows], packed, None, 70), alone[:rows]), rows
+        assert L.set_one_walk(not one_walk) is one_walk
+    finally:
+        L.set_one_walk(before)
 
 
 @pytest.mark.parametrize("out", [40, 600])
@@ -253,10 +260,11 @@ def test_the_stream_hint_changes_no_bit(op, out, k):
     assert all(within_tolerance(a, x[:a.shape[0]], w, None) for a in on)
 
 
-@pytest.mark.parametrize("switch", ["set_stream_hint", "set_prefetch"])
+@pytest.mark.parametrize("switch", ["set_stream_hint", "set_prefetch", "set_one_walk"])
 def test_each_op_has_its_own_stream_hint_and_prefetch(op, switch):
-    """The linear op and the decode step's op each switch their own copy of the hint and of the prefetch (the
-    GEMM's header gives its globals internal linkage: one shared symbol would let either op switch both)."""
+    """The linear op and the decode step's op each switch their own copy of the hint, the prefetch and the one
+    walk (the GEMM's header gives its globals internal linkage: one shared symbol would let either op switch
+    both)."""
     from etr.kernels import cpu_decode_step
     if not cpu_decode_step.available():
         pytest.skip(f"the decode-step op is not built here: {cpu_decode_step.load_error()}")

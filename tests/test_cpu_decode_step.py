@@ -244,9 +244,9 @@ def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, threads, watchd
     block: its hidden states and the KV it writes are the same bits as one op a linear, at 1-64 rows (the glue
     on the first thread at 1-4, split over the threads from 5), with the attention in the region (one short
     context) or between two regions, on 2 and 3 threads; with K pages packed
-    (head size 32), partial blocks of outputs (the awkward sizes: 272 q/k/v outputs) and neither. Three runs each,
+    (head size 32), partial blocks of outputs (the awkward sizes: 272 q/k/v outputs) and neither. Four runs each,
     since which thread takes which block changes from run to run, one of them with the tiles' prefetch of the
-    next block off."""
+    next block off and one with the GEMM's one walk of up to 12 rows off."""
     path = llama_awkward if name == "llama_awkward" else tiny_dir(name)
     r = runner(path, torch.bfloat16, "etr", monkeypatch, glue="raw", max_model_len=512, kv_blocks=256)
     assert r.kv_caches[0][0].dim() == (5 if packed_k(r, torch.bfloat16) else 4)
@@ -261,17 +261,23 @@ def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, threads, watchd
     threads(count)
     outs, pools = [], []
     from etr.kernels import cpu_decode_step
-    for on, fetch in ((False, True), (True, True), (True, False), (True, True)):  # the tiles' prefetch off once
+    from etr.kernels import cpu_bf16_linear
+    # the tiles' prefetch off once, and their one walk of up to 12 rows off once (in both ops)
+    for on, fetch, walk in ((False, True, True), (True, True, True), (True, False, True), (True, True, False),
+                            (True, True, True)):
         for (k, v), (k0, v0) in zip(r.kv_caches, before):
             k.copy_(k0)
             v.copy_(v0)
         region(on)
         steps = torch.ops.etr_cpu_step.region_steps()
-        was = cpu_decode_step.set_prefetch(fetch)
+        was = (cpu_decode_step.set_prefetch(fetch), cpu_decode_step.set_one_walk(walk),
+               cpu_bf16_linear.set_one_walk(walk))
         try:
             outs.append(r.native_step(ids, positions, meta, r.kv_caches))
         finally:
-            cpu_decode_step.set_prefetch(was)
+            cpu_decode_step.set_prefetch(was[0])
+            cpu_decode_step.set_one_walk(was[1])
+            cpu_bf16_linear.set_one_walk(was[2])
         assert torch.ops.etr_cpu_step.region_steps() == steps + on  # the path asked for is the one that ran
         pools.append([(k.clone(), v.clone()) for k, v in r.kv_caches])
     for out, pool in zip(outs[1:], pools[1:]):

@@ -13,10 +13,13 @@ def gemm():
         pytest.skip(f"the package's bf16 GEMM is not the one used here: {cpu_bf16_linear.load_error()}")
 
 
-def test_switching_the_prefetch_mid_generation_keeps_the_tokens(gemm, tiny_dir):
+@pytest.mark.parametrize("switch", ["set_gemm_prefetch", "set_one_walk"])
+def test_switching_the_prefetch_mid_generation_keeps_the_tokens(gemm, tiny_dir, switch):
+    """The GEMM's prefetch, or its one walk of up to 12 rows, switched at every step keeps the greedy tokens."""
     from etr import LLM, SamplingParams
     bench = load_bench("knob_ab")
-    prompts = [list(range(10 + i, 40 + i)) for i in range(6)]  # 6 rows: two row tiles, so the prefetch acts
+    knob = getattr(bench, switch)
+    prompts = [list(range(10 + i, 40 + i)) for i in range(6)]  # 6 rows: the prefetch and the one walk act
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     llm = LLM(str(tiny_dir("qwen2_tied_hd32")), dtype="bfloat16")
     want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -25,11 +28,11 @@ def test_switching_the_prefetch_mid_generation_keeps_the_tokens(gemm, tiny_dir):
     steps = 0
     try:
         while not all(s.is_finished for s in seqs):
-            bench.set_gemm_prefetch(steps % 2 == 0)
+            knob(steps % 2 == 0)
             engine.step()
             steps += 1
     finally:
-        bench.set_gemm_prefetch(True)
+        knob(True)
     assert [s.output_token_ids for s in seqs] == want
 
 
