@@ -20,9 +20,10 @@ Knobs (each changes timings only; the tests check the tokens):
 - ``huge_kv``: the KV pool on transparent huge pages (kernels/huge_pages.py, as with ``ETR_CPU_HUGE_KV=1``;
   off: a pool on torch's pages, the default). The whole pool is copied to the other side at each switch
   (outside the timing), so the process holds it twice, both resident. It acts most with long contexts.
-- ``stream_hint``: the GEMM's 1-4 row tiles prefetching the weights they stream with the non-temporal hint, in
-  the linear op and the decode step's op alike (``set_stream_hint`` of each; off: plain loads only, as with
-  ``ETR_CPU_GEMM_NTA=0``). It acts at batch 1-4.
+- ``stream_hint``: the GEMM's tiles that walk a block once prefetching the weights they stream 4 KB ahead with
+  the non-temporal hint, in the linear op and the decode step's op alike (``set_stream_hint`` of each; off, as
+  with ``ETR_CPU_GEMM_NTA=0``: plain loads only at 1-4 rows, the next block prefetched into L2 at 5-12). It acts
+  at batch 1-12 (1-4 with ``ETR_CPU_GEMM_ONE_WALK=0``).
 - ``v_stream``: the decode attention's values pass streaming its own V rows into L2 ahead of its loads
   (``cpu_paged_decode.set_values_stream``; off, as with ``ETR_CPU_ATTN_V_STREAM=0``: the values pass fetches
   its rows into L1 16 positions ahead, and with packed K, the engine's CPU default, the scores pass fetches the

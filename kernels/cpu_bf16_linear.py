@@ -7,8 +7,9 @@ decode step at batch 1, where it streams the weights at close to the read bandwi
 oneDNN's AMX GEMM stays (not measured against this one). Built on first use (kernels/cpp_op.py);
 ``ETR_CPU_LINEAR=0`` turns it off, ``ETR_CPU_GEMM_PREFETCH=0`` only its prefetch (``set_prefetch``; the env
 variable turns off the decode step op's copy too),
-``ETR_CPU_GEMM_NTA=0`` only its non-temporal hint at 1-4 rows (``set_stream_hint``), ``ETR_CPU_GEMM_ONE_WALK=0``
-only its one tile for 5-12 rows (``set_one_walk``; both ops, as the prefetch's variable).
+``ETR_CPU_GEMM_NTA=0`` only its non-temporal hint where a block is walked once, 1-12 rows (``set_stream_hint``),
+``ETR_CPU_GEMM_ONE_WALK=0`` only its one tile for 5-12 rows (``set_one_walk``; both ops, as the prefetch's
+variable).
 ``reference`` is the plain-torch computation it is tested against.
 """
 
@@ -72,11 +73,12 @@ def set_prefetch(on: bool) -> bool:
 
 
 def set_stream_hint(on: bool) -> bool:
-    """Turn the non-temporal hint of the GEMM's 1-4 row tiles on or off (process-wide, this op only: the decode
-    step's op has its own, ``cpu_decode_step.set_stream_hint``; on unless ``ETR_CPU_GEMM_NTA=0``) and return the
-    previous setting. It changes timings only, never a result: the tiles prefetch the weights they stream with
-    the non-temporal hint, so that a step's ~270 MB of weights do not evict from L2 and L3 what the glue and the
-    Python between steps use next (cpu_bf16_tile.h, bench/RESULTS.md)."""
+    """Turn the non-temporal hint of the GEMM's tiles that walk a block once (1-4 rows, and 5-12 with the one
+    walk) on or off (this op only: the decode step's op has its own, ``cpu_decode_step.set_stream_hint``; on
+    unless ``ETR_CPU_GEMM_NTA=0``) and return the previous setting. It changes timings only, never a result: the
+    tiles prefetch the weights they stream 4 KB ahead with the non-temporal hint, so that a step's ~270 MB of
+    weights do not evict from L2 and L3 what the glue and the Python between steps use next; off, tiles of 5-12
+    rows prefetch the next block into L2 instead, and 1-4 rows nothing (cpu_bf16_tile.h, bench/RESULTS.md)."""
     return bool(torch.ops.etr_cpu_linear.set_stream_hint(bool(on)))
 
 

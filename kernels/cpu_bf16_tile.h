@@ -21,7 +21,8 @@ namespace {  // each op's own copy of everything (see g_stream_hint)
 using bf16 = c10::BFloat16;
 constexpr int64_t kBlock = 32;  // outputs per packed block: two registers of 16 float32 accumulators
 
-// Whether 1-4 row tiles mark the weights they stream as non-temporal (see tile()): on unless ETR_CPU_GEMM_NTA=0.
+// Whether tiles that walk their block once (1-4 rows, and up to 12 with g_one_walk) mark the weights they stream as
+// non-temporal (see tile() and rows()): on unless ETR_CPU_GEMM_NTA=0.
 // Each op that includes this file has its own copy (everything here has internal linkage: an inline variable would
 // be one symbol, which the dynamic linker shares between the ops), switched by its own set_stream_hint. It
 // changes no result.
@@ -68,8 +69,8 @@ struct Ahead {
 // Tiles that fetch nothing ahead (kFetch false) are built without the fetch bookkeeping: at 1 to 4 rows a tile
 // waits on memory, and with fewer instructions a pair the out-of-order window holds more pairs' loads in flight
 // (bench/RESULTS.md: the weights of a batch-1 step read ~10 % faster).
-// Streaming tiles (kStream: 1-4 rows) prefetch their own block kStreamAhead bytes ahead with the non-temporal
-// hint. A batch-1 step reads ~270 MB of weights once each; through plain loads every line of them passes
+// Streaming tiles (kStream: a block's only walk, 1-12 rows) prefetch their own block kStreamAhead bytes ahead with
+// the non-temporal hint. A batch-1 step reads ~270 MB of weights once each; through plain loads every line of them passes
 // through L2 and L3 and evicts what the glue, the attention and the Python between two steps use next (the
 // activations, the KV pages, the interpreter's own data). Marked non-temporal, the weights leave the caches
 // to those (bench/RESULTS.md, bench/knob_ab.py --knob stream_hint).
@@ -143,15 +144,20 @@ inline void with_rows(int64_t n, const F& f) {
 // chains cannot fill its pipes). One walk was faster from memory and from L3 at every row count tried where the
 // plan changes (5, 6, 8, 10, 12, 13, 20; bench/RESULTS.md). With g_one_walk off, the plan before that: tiles of 8
 // rows, the rest as 4, 3, 2, 1, and 5 to 8 rows as 4 and the rest.
-// Where there are more than 4 rows the tiles prefetch the next block (the next in memory: the one this thread runs
-// next, as a rule), each a share in proportion to its rows, so the stream runs through the whole block's time, also
-// while a later tile reads the block from L2. With 4 rows or fewer the block is read at about the stream's rate in
-// one walk, and prefetching more did not pay (bench/RESULTS.md).
+// A block walked once (one tile) streams: the tile fetches its own block 4 KB ahead of its loads with the
+// non-temporal hint (tile()). From 5 to 12 rows that read the weights faster than fetching the next block into L2
+// over the walk, which it replaced (0.87-0.93 of the time from memory, 0.82-0.90 from L3; bench/RESULTS.md).
+// Where a block is walked by several tiles (more than 12 rows, or more than 4 with g_one_walk off), the tiles
+// prefetch the next block (the next in memory: the one this thread runs next, as a rule), each a share in
+// proportion to its rows, so the stream runs through the whole block's time, also while a later tile reads the
+// block from L2; a first tile streaming ahead instead, the later ones reading from the caches, was slower at 16
+// rows (1.07). With the stream hint off, one tile of 5-12 rows fetches the next block too, and 1-4 rows fetch
+// nothing: there the block is read at about the stream's rate in one walk, and prefetching more did not pay.
 inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
                  bf16* y, int64_t y_stride, int64_t count, bool prefetch) {
-  const bool fetch = rows_n > 4 && prefetch;
-  // 1-4 rows are one tile; should a later tile walk the block again, it reads it from the caches, unhinted.
-  const bool stream = rows_n <= 4 && g_stream_hint.load(std::memory_order_relaxed);
+  const bool once = rows_n <= 4 || (rows_n <= kOneWalkRows && g_one_walk.load(std::memory_order_relaxed));
+  const bool stream = once && g_stream_hint.load(std::memory_order_relaxed);
+  const bool fetch = rows_n > 4 && prefetch && !stream;
   const int64_t lines = fetch ? pairs * 2 * kBlock * static_cast<int64_t>(sizeof(bf16)) / 64 : 0;
   const char* next = reinterpret_cast<const char*>(w + pairs * 2 * kBlock);
   int64_t m = 0;
@@ -160,8 +166,8 @@ inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, c
     const Ahead ahead{next + 64 * (lines * m / rows_n), lines * (m + MT) / rows_n - lines * m / rows_n};
     if (ahead.lines)
       tile<MT, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
-    else if (stream && m == 0)
-      tile<MT, false, (MT <= 4)>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
+    else if (stream)  // the block's only tile
+      tile<MT, false, true>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     else
       tile<MT, false>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     m += MT;

@@ -53,7 +53,7 @@ GLUES = {"aten": 0, "raw": 1}  # the op's glue
 
 
 def set_stream_hint(on: bool) -> bool:
-    """The decode step's own copy of the GEMM tiles' non-temporal hint at 1-4 rows (see
+    """The decode step's own copy of the GEMM tiles' non-temporal hint at 1-12 rows (see
     ``cpu_bf16_linear.set_stream_hint``, which switches the linear op's); returns the previous setting."""
     return bool(torch.ops.etr_cpu_step.set_stream_hint(bool(on)))
 

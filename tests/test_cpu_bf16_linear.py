@@ -240,19 +240,21 @@ def test_a_header_is_looked_up_beside_the_file_that_includes_it(tmp_path, monkey
 
 @pytest.mark.parametrize("out, k", [(40, 576), (577, 1536), (3, 9)])
 def test_the_stream_hint_changes_no_bit(op, out, k):
-    """The 1-4 row tiles with and without their non-temporal prefetches (which reach past the weight's end on
-    its last block: a hint, never a fault) give the same bits; set_stream_hint returns the previous setting."""
+    """The tiles that walk a block once (1-12 rows) with and without their non-temporal prefetches (which reach
+    past the weight's end on its last block: a hint, never a fault; off, 5-12 rows fetch the next block instead)
+    give the same bits, and so do 13 rows (two tiles, never streaming); set_stream_hint returns the previous
+    setting."""
     if not torch.ops.etr_cpu_linear.native():
         pytest.skip("built without the bf16 dot instruction: no streaming tiles to switch")
     g = torch.Generator().manual_seed(out + k)
     w = torch.randn(out, k, generator=g).bfloat16()
     packed = L.pack(w)
-    x = torch.randn(4, k, generator=g).bfloat16()
+    x = torch.randn(13, k, generator=g).bfloat16()
     before = L.set_stream_hint(True)
     try:
-        on = [L.linear(x[:rows], packed, None, out) for rows in (1, 2, 3, 4)]
+        on = [L.linear(x[:rows], packed, None, out) for rows in range(1, 14)]
         assert L.set_stream_hint(False) is True
-        off = [L.linear(x[:rows], packed, None, out) for rows in (1, 2, 3, 4)]
+        off = [L.linear(x[:rows], packed, None, out) for rows in range(1, 14)]
         assert L.set_stream_hint(True) is False
     finally:
         L.set_stream_hint(before)

@@ -174,13 +174,14 @@ def test_switching_the_kv_pool_mid_generation_keeps_the_tokens(tiny_dir, capsys)
 
 
 def test_switching_the_stream_hint_mid_generation_keeps_the_tokens(gemm, tiny_dir, capsys):
-    """The non-temporal hint changes no bit: a greedy batch of 3 (the step's region and the linear op's 1-4 row
-    tiles) switched at every step keeps its tokens. Then the knob's table, and both ops left on."""
+    """The non-temporal hint changes no bit: a greedy batch of 7 (the step's region and the linear op's tiles
+    that walk a block once, streaming or fetching the next block) switched at every step keeps its tokens. Then
+    the knob's table, and both ops left on."""
     from etr import LLM, SamplingParams
     from etr.kernels import cpu_decode_step
     bench = load_bench("knob_ab")
     path = str(tiny_dir("llama_tied_gqa"))
-    prompts = [list(range(10 + i, 30 + 7 * i)) for i in range(3)]
+    prompts = [list(range(10 + i, 30 + 7 * i)) for i in range(7)]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     llm = LLM(path, dtype="bfloat16")
     want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
