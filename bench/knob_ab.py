@@ -8,10 +8,12 @@ Knobs (each changes timings only; the tests check the tokens):
   layout V has, as with ``ETR_CPU_PACK_K=0``). Every layer's K pool is converted between rounds.
 - ``gemm_prefetch``: the package's bf16 GEMM prefetching the next weight block while its later row tiles run
   (``set_prefetch`` of the linear op and of the decode step's op alike; off: as with
-  ``ETR_CPU_GEMM_PREFETCH=0``). It acts from 5 rows up.
+  ``ETR_CPU_GEMM_PREFETCH=0``). It acts where several tiles walk a block: from 13 rows up (from 5 with
+  ``ETR_CPU_GEMM_NTA=0`` or ``ETR_CPU_GEMM_ONE_WALK=0``), and at 5-12 rows with the stream hint off.
 - ``one_walk``: the package's bf16 GEMM running up to 12 rows as one row tile (``set_one_walk`` of the linear op
   and of the decode step's op alike; off: tiles of 8, 4 and less, 5-8 rows as 4 and the rest, as with
-  ``ETR_CPU_GEMM_ONE_WALK=0``). It acts at 5-12 rows, and at more unless they are a multiple of 8.
+  ``ETR_CPU_GEMM_ONE_WALK=0``). It acts at 5-12 rows, and at more unless they are a multiple of 8 (the linear
+  op cuts more than 48 rows into chunks of 48: there, unless the last chunk is).
 - ``step_region``: the CPU decode step's one parallel region a layer at 1-64 rows (kernels/cpu_decode_step.cpp,
   ``set_region``; off: one op a linear, as with ``ETR_CPU_STEP_REGION=0``). It acts at batch 1-64.
 - ``huge_pages``: the package's packed weights in one mapping on transparent huge pages (kernels/huge_pages.py;

@@ -66,9 +66,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
 def set_prefetch(on: bool) -> bool:
     """Turn the GEMM's prefetch of the next weight block on or off in this op (on unless
     ``ETR_CPU_GEMM_PREFETCH=0``; the decode step's op has its own copy, ``cpu_decode_step.set_prefetch``) and
-    return the previous setting. It changes timings only, never a result: with more than 4 rows the tiles fetch
-    the next block into L2 while they run, so that the weight stream does not idle while a block's later tiles
-    read it from the caches (bench/RESULTS.md)."""
+    return the previous setting. It changes timings only, never a result: where several row tiles walk a block
+    (13 rows and more; from 5 with the stream hint or the one walk off) they fetch the next block into L2 while
+    they run, so that the weight stream does not idle while the later tiles read the block from the caches
+    (bench/RESULTS.md)."""
     return bool(torch.ops.etr_cpu_linear.set_prefetch(bool(on)))
 
 
@@ -78,7 +79,8 @@ def set_stream_hint(on: bool) -> bool:
     unless ``ETR_CPU_GEMM_NTA=0``) and return the previous setting. It changes timings only, never a result: the
     tiles prefetch the weights they stream 4 KB ahead with the non-temporal hint, so that a step's ~270 MB of
     weights do not evict from L2 and L3 what the glue and the Python between steps use next; off, tiles of 5-12
-    rows prefetch the next block into L2 instead, and 1-4 rows nothing (cpu_bf16_tile.h, bench/RESULTS.md)."""
+    rows prefetch the next block into L2 instead (where ``set_prefetch`` is on), and 1-4 rows nothing
+    (cpu_bf16_tile.h, bench/RESULTS.md)."""
     return bool(torch.ops.etr_cpu_linear.set_stream_hint(bool(on)))
 
 

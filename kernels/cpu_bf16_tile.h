@@ -1,7 +1,7 @@
 // The package's bf16 GEMM tiles (see cpu_bf16_linear.cpp for the packed layout and why they are built so), in a
 // header so that the CPU decode step (cpu_decode_step.cpp) runs the very same code on its own threads. rows()
-// computes rows [0, rows_n) of x times one packed block of 32 outputs; `prefetch` lets tiles of more than 4 rows
-// fetch the next block while they run. kernels/cpp_op.py rebuilds every op that includes this file when it
+// computes rows [0, rows_n) of x times one packed block of 32 outputs; `prefetch` lets the tiles of a block that
+// several tiles walk (and one tile of 5-12 rows that does not stream) fetch the next block while they run. kernels/cpp_op.py rebuilds every op that includes this file when it
 // changes.
 #pragma once
 
@@ -33,7 +33,8 @@ std::atomic<bool> g_stream_hint{[] {
 
 bool set_stream_hint(bool on) { return g_stream_hint.exchange(on); }
 
-// Whether tiles of more than 4 rows prefetch the next block (rows()): on unless ETR_CPU_GEMM_PREFETCH=0; each op's
+// Whether tiles that do not stream (rows(): from 13 rows up, from 5 with the stream hint or the one walk off)
+// prefetch the next block: on unless ETR_CPU_GEMM_PREFETCH=0; each op's
 // own copy, as g_stream_hint, switched at run time by its set_prefetch, so that bench/knob_ab.py can time both in
 // one process. It changes no result, only the timing.
 std::atomic<bool> g_prefetch{[] {
@@ -66,8 +67,8 @@ struct Ahead {
 };
 
 // Rows [0, MT) of x (row stride `stride`, `pairs` pairs of inputs each) times one packed block `w`: out[m, :32].
-// Tiles that fetch nothing ahead (kFetch false) are built without the fetch bookkeeping: at 1 to 4 rows a tile
-// waits on memory, and with fewer instructions a pair the out-of-order window holds more pairs' loads in flight
+// Tiles that fetch nothing ahead (kFetch false) are built without the fetch bookkeeping: a block's only tile (1-12
+// rows) waits on memory, and with fewer instructions a pair the out-of-order window holds more pairs' loads in flight
 // (bench/RESULTS.md: the weights of a batch-1 step read ~10 % faster).
 // Streaming tiles (kStream: a block's only walk, 1-12 rows) prefetch their own block kStreamAhead bytes ahead with
 // the non-temporal hint. A batch-1 step reads ~270 MB of weights once each; through plain loads every line of them passes
@@ -134,15 +135,16 @@ inline void with_rows(int64_t n, const F& f) {
     case 9: f(std::integral_constant<int, 9>()); break;
     case 10: f(std::integral_constant<int, 10>()); break;
     case 11: f(std::integral_constant<int, 11>()); break;
-    default: f(std::integral_constant<int, 12>()); break;
+    case 12: f(std::integral_constant<int, 12>()); break;
+    default: break;  // rows() passes 1 .. kOneWalkRows only
   }
 }
 
 // Rows [0, rows_n) times one packed block. Up to kOneWalkRows rows are one tile; more run as tiles of 8 until at
 // most kOneWalkRows are left, which are one tile. Each tile walks the whole block, so a tile of its own for a
 // few rows (8 + 4, or 4 + 1) walked it again at a rate set by the dot instruction's latency (a 4-row tile's 8
-// chains cannot fill its pipes). One walk was faster from memory and from L3 at every row count tried where the
-// plan changes (5, 6, 8, 10, 12, 13, 20; bench/RESULTS.md). With g_one_walk off, the plan before that: tiles of 8
+// chains cannot fill its pipes). One walk was faster at every row count tried where the plan changes (from memory
+// 5, 6, 8, 10, 12, 13, 20; from L3 5, 8, 10, 12, 13, 20; bench/RESULTS.md). With g_one_walk off, the plan before that: tiles of 8
 // rows, the rest as 4, 3, 2, 1, and 5 to 8 rows as 4 and the rest.
 // A block walked once (one tile) streams: the tile fetches its own block 4 KB ahead of its loads with the
 // non-temporal hint (tile()). From 5 to 12 rows that read the weights faster than fetching the next block into L2
@@ -155,7 +157,8 @@ inline void with_rows(int64_t n, const F& f) {
 // nothing: there the block is read at about the stream's rate in one walk, and prefetching more did not pay.
 inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, const bf16* w, const float* bias,
                  bf16* y, int64_t y_stride, int64_t count, bool prefetch) {
-  const bool once = rows_n <= 4 || (rows_n <= kOneWalkRows && g_one_walk.load(std::memory_order_relaxed));
+  const bool one_walk = g_one_walk.load(std::memory_order_relaxed);  // read once: the plan and `once` agree
+  const bool once = rows_n <= 4 || (rows_n <= kOneWalkRows && one_walk);
   const bool stream = once && g_stream_hint.load(std::memory_order_relaxed);
   const bool fetch = rows_n > 4 && prefetch && !stream;
   const int64_t lines = fetch ? pairs * 2 * kBlock * static_cast<int64_t>(sizeof(bf16)) / 64 : 0;
@@ -172,7 +175,7 @@ inline void rows(const bf16* x, int64_t rows_n, int64_t stride, int64_t pairs, c
       tile<MT, false>(x + m * stride, stride, pairs, w, bias, y + m * y_stride, y_stride, count, ahead);
     m += MT;
   };
-  if (g_one_walk.load(std::memory_order_relaxed)) {
+  if (one_walk) {
     while (rows_n - m > kOneWalkRows) run(std::integral_constant<int, 8>());
     if (rows_n > m) with_rows(rows_n - m, run);
     return;

@@ -59,7 +59,8 @@ def set_stream_hint(on: bool) -> bool:
 
 
 def set_prefetch(on: bool) -> bool:
-    """The decode step's own copy of the GEMM tiles' prefetch of the next weight block from 5 rows up (see
+    """The decode step's own copy of the GEMM tiles' prefetch of the next weight block (13 rows and more; from 5
+    with the stream hint or the one walk off; see
     ``cpu_bf16_linear.set_prefetch``, which switches the linear op's); returns the previous setting."""
     return bool(torch.ops.etr_cpu_step.set_prefetch(bool(on)))
 

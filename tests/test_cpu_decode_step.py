@@ -235,9 +235,10 @@ def watchdog():
 @pytest.mark.parametrize("name", ["llama_untied_hd48", "llama3_rope", "llama_awkward"])
 @pytest.mark.parametrize("count", [2, 3])
 @pytest.mark.parametrize("lengths", [[23], [300], [9, 30], [1, 17, 5, 40], [3, 8, 1, 20, 7],
+                                     [4 + 5 * i for i in range(12)], [1 + 2 * i for i in range(13)],
                                      [2 + 3 * i for i in range(16)], [1 + (7 * i) % 45 for i in range(64)]],
                          ids=["batch1-attention-in-region", "batch1-attention-between", "batch2", "batch4",
-                              "batch5-glue-split", "batch16", "batch64"])
+                              "batch5-glue-split", "batch12-one-tile", "batch13-two-tiles", "batch16", "batch64"])
 def test_the_steps_region_is_one_op_a_linear_bit_for_bit(region, threads, watchdog, tiny_dir, llama_awkward,
                                                           monkeypatch, name, lengths, count):
     """The region runs the linear op's tiles over the same blocks and the same glue, whichever thread takes a

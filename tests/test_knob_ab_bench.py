@@ -19,7 +19,8 @@ def test_switching_the_prefetch_mid_generation_keeps_the_tokens(gemm, tiny_dir, 
     from etr import LLM, SamplingParams
     bench = load_bench("knob_ab")
     knob = getattr(bench, switch)
-    prompts = [list(range(10 + i, 40 + i)) for i in range(6)]  # 6 rows: the prefetch and the one walk act
+    # 14 rows: two tiles a block (8 + 6), so the next-block prefetch acts; the one walk changes the plan there
+    prompts = [list(range(10 + i, 40 + i)) for i in range(14)]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     llm = LLM(str(tiny_dir("qwen2_tied_hd32")), dtype="bfloat16")
     want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
