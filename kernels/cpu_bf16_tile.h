@@ -1,8 +1,8 @@
 // The package's bf16 GEMM tiles (see cpu_bf16_linear.cpp for the packed layout and why they are built so), in a
 // header so that the CPU decode step (cpu_decode_step.cpp) runs the very same code on its own threads. rows()
 // computes rows [0, rows_n) of x times one packed block of 32 outputs; `prefetch` lets the tiles of a block that
-// several tiles walk (and one tile of 5-12 rows that does not stream) fetch the next block while they run. kernels/cpp_op.py rebuilds every op that includes this file when it
-// changes.
+// several tiles walk (and one tile of 5-12 rows that does not stream) fetch the next block while they run.
+// kernels/cpp_op.py rebuilds every op that includes this file when it changes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -71,8 +71,8 @@ struct Ahead {
 // rows) waits on memory, and with fewer instructions a pair the out-of-order window holds more pairs' loads in flight
 // (bench/RESULTS.md: the weights of a batch-1 step read ~10 % faster).
 // Streaming tiles (kStream: a block's only walk, 1-12 rows) prefetch their own block kStreamAhead bytes ahead with
-// the non-temporal hint. A batch-1 step reads ~270 MB of weights once each; through plain loads every line of them passes
-// through L2 and L3 and evicts what the glue, the attention and the Python between two steps use next (the
+// the non-temporal hint. A batch-1 step reads ~270 MB of weights once each; through plain loads every line of them
+// passes through L2 and L3 and evicts what the glue, the attention and the Python between two steps use next (the
 // activations, the KV pages, the interpreter's own data). Marked non-temporal, the weights leave the caches
 // to those (bench/RESULTS.md, bench/knob_ab.py --knob stream_hint).
 template <int MT, bool kFetch, bool kStream = false>
@@ -144,8 +144,8 @@ inline void with_rows(int64_t n, const F& f) {
 // most kOneWalkRows are left, which are one tile. Each tile walks the whole block, so a tile of its own for a
 // few rows (8 + 4, or 4 + 1) walked it again at a rate set by the dot instruction's latency (a 4-row tile's 8
 // chains cannot fill its pipes). One walk was faster at every row count tried where the plan changes (from memory
-// 5, 6, 8, 10, 12, 13, 20; from L3 5, 8, 10, 12, 13, 20; bench/RESULTS.md). With g_one_walk off, the plan before that: tiles of 8
-// rows, the rest as 4, 3, 2, 1, and 5 to 8 rows as 4 and the rest.
+// 5, 6, 8, 10, 12, 13, 20; from L3 5, 8, 10, 12, 13, 20; bench/RESULTS.md). With g_one_walk off, the plan before
+// that: tiles of 8 rows, the rest as 4, 3, 2, 1, and 5 to 8 rows as 4 and the rest.
 // A block walked once (one tile) streams: the tile fetches its own block 4 KB ahead of its loads with the
 // non-temporal hint (tile()). From 5 to 12 rows that read the weights faster than fetching the next block into L2
 // over the walk, which it replaced (0.87-0.93 of the time from memory, 0.82-0.90 from L3; bench/RESULTS.md).
