@@ -1,6 +1,6 @@
 """The CPU decode-step op's two glues against each other, interleaved in one process: what the raw glue saves.
 
-    python bench/glue_ab.py [--model DIR] [--batch 1 16] [--context 32] [--rounds 20] [--steps 8]
+    python bench/glue_ab.py [--model DIR] [--batch 1 16] [--context 32] [--rounds 20] [--steps 8] [--no-region]
 
 The op (kernels/cpu_decode_step.cpp) runs the elementwise work between a bf16 model's linears either as ATen
 ops ("aten", the forward's bits) or as loops of its own ("raw"). This machine's speed drifts by tens of
@@ -10,6 +10,11 @@ alternates), and the figure is the median of the pairs' ratios with its quartile
 timed (scheduling and sampling included). Before timing, the two glues' greedy tokens are compared on the
 batch's prompts (the raw glue rounds to bf16 where ATen rounds; its norm sums in another order and its exp is
 not ATen's, so a token may differ): how many of the batch's generations differ, and from which token.
+
+Only the raw glue can take the op's one parallel region a layer (batch 1-64 on the package's GEMM; see
+kernels/cpu_decode_step.cpp), so by default the raw side runs as the engine runs it, with the region, and the
+figure is the raw glue and the region together. ``--no-region`` turns the region off for the whole run (as
+``ETR_CPU_STEP_REGION=0``), so that both sides run one op a linear and the figure is the glue alone.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="pairs of rounds per batch size")
     ap.add_argument("--steps", type=int, default=8, help="decode steps per round")
     ap.add_argument("--check-tokens", type=int, default=32, help="greedy tokens compared per prompt (0: skip)")
+    ap.add_argument("--no-region", action="store_true",
+                    help="the raw side without the op's one region a layer: the glue alone (see the module doc)")
     args = ap.parse_args(argv)
     import torch
     from etr import LLM
@@ -91,15 +98,21 @@ def main(argv=None) -> int:
     if step is None or step.glue != "raw":
         print(f"the raw glue is not in use here (step: {step and step.glue}); nothing to compare", file=sys.stderr)
         return 1
-    print("| batch | aten ms/step (q1 / median / q3) | raw ms/step | raw / aten (q1 / median / q3) | generations differing |")
-    print("| ---: | --- | --- | --- | ---: |")
-    for batch in args.batch:
-        differ = same_tokens(llm, batch, args.context, args.check_tokens) if args.check_tokens else "-"
-        r = interleaved(llm, batch, args.context, args.rounds, args.steps)
-        fmt = lambda q, d: " / ".join(f"{v:.{d}f}" for v in q)  # noqa: E731
-        print(f"| {batch} | {fmt(r['aten_ms'], 2)} | {fmt(r['raw_ms'], 2)} | {fmt(r['ratio'], 3)} | "
-              f"{differ} |", flush=True)
-    step.glue = "raw"
+    region_was = torch.ops.etr_cpu_step.set_region(not args.no_region)
+    try:
+        print(f"raw side {'without' if args.no_region else 'with'} the one region a layer where it applies")
+        print("| batch | aten ms/step (q1 / median / q3) | raw ms/step | raw / aten (q1 / median / q3) | "
+              "generations differing |")
+        print("| ---: | --- | --- | --- | ---: |")
+        for batch in args.batch:
+            differ = same_tokens(llm, batch, args.context, args.check_tokens) if args.check_tokens else "-"
+            r = interleaved(llm, batch, args.context, args.rounds, args.steps)
+            fmt = lambda q, d: " / ".join(f"{v:.{d}f}" for v in q)  # noqa: E731
+            print(f"| {batch} | {fmt(r['aten_ms'], 2)} | {fmt(r['raw_ms'], 2)} | {fmt(r['ratio'], 3)} | "
+                  f"{differ} |", flush=True)
+    finally:
+        torch.ops.etr_cpu_step.set_region(region_was)
+        step.glue = "raw"
     return 0
 
 
